@@ -1,0 +1,28 @@
+// The small pybind11 module pymeta._C: build facts only. Ops live in the dispatcher
+// (csrc/ops.cpp); loading this library registers them.
+#include <pybind11/pybind11.h>
+
+namespace {
+bool with_cuda() {
+#ifdef PYMETA_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pymeta compiled core: build information (ops are torch.ops.pymeta.*)";
+  m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled in.");
+  m.def("with_openmp", &with_openmp, "Whether the CPU kernels were compiled with OpenMP.");
+  m.attr("cxx_standard") = __cplusplus;
+}

@@ -1,3 +1,20 @@
-"""pymeta: gradient-based meta-learning (MAML) for PyTorch with a compiled core."""
+"""pymeta: gradient-based meta-learning (MAML) for PyTorch with a compiled core.
+
+Public API:
+    TaskBatch: a meta-batch of tasks, task dimension first.
+    MAML: model-agnostic MAML around any nn.Module.
+    tasks: task samplers (Sinusoid).
+    ops: the fused, task-batched functional ops (``torch.ops.pymeta.*``).
+"""
 
 from pymeta import _ops  # noqa: F401  (registers torch.ops.pymeta.*)
+from pymeta import ops, reference, tasks
+from pymeta._ops import HAS_COMPILED_CORE
+from pymeta.adapted import AdaptedModel
+from pymeta.learner import Learner
+from pymeta.maml import MAML
+from pymeta.task_batch import TaskBatch
+
+__version__ = "0.1.0"
+__all__ = ["MAML", "TaskBatch", "AdaptedModel", "Learner", "ops", "reference", "tasks",
+           "HAS_COMPILED_CORE", "__version__"]

@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from pymeta.reference import _lr_of, _reduce_to_lr
+
 try:
     from pymeta import _C  # noqa: F401  (loading the library registers torch.ops.pymeta.*)
 
@@ -24,27 +26,9 @@ except ImportError as _err:  # pragma: no cover - exercised only on broken insta
     )
 
 
-def _lr_of(lrs, i):
-    return lrs[0] if len(lrs) == 1 else lrs[i]
-
-
-def _reduce_to_lr(x: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """Sums a (T, ...) tensor down to the shape of its lr: (), (...) or (T, ...)."""
-    if lr.dim() == 0:
-        return x.sum()
-    if lr.dim() == x.dim():
-        return x
-    return x.sum(0)
-
-
 def _sum_per_lr(parts, lrs):
     """Adds per-param contributions into one gradient per lr tensor (shared or one each)."""
-    if len(lrs) == 1:
-        total = parts[0]
-        for p in parts[1:]:
-            total = total + p
-        return [total]
-    return list(parts)
+    return [sum(parts[1:], parts[0])] if len(lrs) == 1 else list(parts)
 
 
 if HAS_COMPILED_CORE:

@@ -1,0 +1,88 @@
+"""Benchmark workloads and the implementations under test, shared by the pytest-benchmark
+suite (``conftest.py``, ``test_*.py``) and the one-process comparison script (``compare.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from baselines import PerTaskLoopMAML, TorchFuncMAML
+from torch import nn
+
+import pymeta
+
+WORKLOADS = ("sinusoid", "wide-mlp")
+ORDERS = ("second", "first")
+# The two baselines share pymeta.MAML's constructor: (model, inner_lr, inner_steps, first_order, loss).
+IMPLEMENTATIONS = {
+    "pymeta": pymeta.MAML,
+    "per_task_loop": PerTaskLoopMAML,
+    "torch_func": TorchFuncMAML,
+}
+
+
+@dataclass
+class Workload:
+    """A model, a fixed meta-batch and the MAML settings to run on it."""
+
+    name: str
+    model: nn.Module
+    batch: pymeta.TaskBatch
+    maml_kwargs: dict = field(default_factory=dict)
+
+    def build(self, implementation: str, order: str):
+        """The named implementation wrapped around this workload's model."""
+        if order not in ORDERS:
+            raise ValueError(f"order: expected one of {ORDERS}, received {order!r}")
+        cls = IMPLEMENTATIONS[implementation]
+        return cls(self.model, first_order=order == "first", **self.maml_kwargs)
+
+    def meta_step(self, maml) -> torch.Tensor:
+        """One meta-step minus the optimizer update: zero grads, meta-loss, backward."""
+        self.model.zero_grad(set_to_none=True)
+        loss = maml.meta_loss(self.batch)
+        loss.backward()
+        return loss
+
+
+def mlp(*sizes: int) -> nn.Sequential:
+    """Linear layers of the given widths with ReLU between them."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+def make_workload(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  **maml_overrides) -> Workload:
+    """Builds a workload with a seeded model and meta-batch.
+
+    "sinusoid": MLP 1-40-40-1, 25 tasks, 10 support / 10 query, 1 inner step, lr 0.01, MSE
+    (the regression setting of the MAML paper).
+    "wide-mlp": MLP 64-256-256-10, 32 tasks, 25 support / 75 query, 5 inner steps, lr 0.1,
+    cross-entropy on Gaussian inputs with random labels (a 10-way, few-shot sized workload
+    where the matrix multiplies, not Python overhead, should dominate).
+
+    ``maml_overrides`` replace the MAML settings (e.g. ``inner_steps=2``).
+    """
+    torch.manual_seed(seed)  # model initialization
+    gen = torch.Generator().manual_seed(seed)  # data
+    if name == "sinusoid":
+        model = mlp(1, 40, 40, 1)
+        batch = pymeta.tasks.Sinusoid(k_support=10, k_query=10, dtype=dtype).sample(25, gen)
+        kwargs = dict(inner_lr=0.01, inner_steps=1, loss="mse")
+    elif name == "wide-mlp":
+        model = mlp(64, 256, 256, 10)
+        tasks, k_support, k_query = 32, 25, 75
+        x = torch.randn(tasks, k_support + k_query, 64, generator=gen, dtype=dtype)
+        y = torch.randint(0, 10, (tasks, k_support + k_query), generator=gen)
+        batch = pymeta.TaskBatch(x[:, :k_support], y[:, :k_support],
+                                 x[:, k_support:], y[:, k_support:])
+        kwargs = dict(inner_lr=0.1, inner_steps=5, loss="cross_entropy")
+    else:
+        raise ValueError(f"workload: expected one of {WORKLOADS}, received {name!r}")
+    kwargs.update(maml_overrides)
+    return Workload(name, model.to(dtype), batch, kwargs)

@@ -1,0 +1,46 @@
+"""Argument checks shared by the public API: each error names the argument and says what was
+expected versus what was received."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, received {type(value).__name__}")
+    return value
+
+
+def check_floating(name: str, value: torch.Tensor) -> None:
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, received dtype {value.dtype}")
+
+
+def check_min_dim(name: str, value: torch.Tensor, min_dim: int, layout: str) -> None:
+    if value.dim() < min_dim:
+        raise ValueError(
+            f"{name}: expected at least {min_dim} dimensions {layout}, "
+            f"received shape {tuple(value.shape)}"
+        )
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: expected finite values, received NaN or infinity")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, received {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, received {value}")
+    return value
+
+
+def check_same_device(name: str, value: torch.Tensor, device: torch.device, owner: str) -> None:
+    if value.device != device:
+        raise ValueError(
+            f"{name}: expected a tensor on {device} (the device of {owner}), "
+            f"received one on {value.device}"
+        )

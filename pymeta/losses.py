@@ -1,0 +1,71 @@
+"""Task losses: built-in names ("mse", "cross_entropy") or any callable(pred, target)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LossSpec = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSS_NAMES = ("mse", "cross_entropy")
+
+
+class TaskLoss:
+    """One task loss, computed for a single task or for a batch of tasks at once.
+
+    Args:
+        spec: "mse", "cross_entropy", or a callable ``loss(pred, target) -> scalar`` that
+            returns the mean loss of one task.
+    """
+
+    def __init__(self, spec: LossSpec):
+        if isinstance(spec, str):
+            if spec not in LOSS_NAMES:
+                raise ValueError(f"loss: expected one of {LOSS_NAMES} or a callable, received {spec!r}")
+            self.name = spec
+            self.fn = F.mse_loss if spec == "mse" else F.cross_entropy
+        elif callable(spec):
+            self.name = getattr(spec, "__name__", "custom")
+            self.fn = spec
+        else:
+            raise TypeError(f"loss: expected a str or a callable, received {type(spec).__name__}")
+        self.builtin = isinstance(spec, str)
+
+    def check_targets(self, name: str, target: torch.Tensor, batched: bool) -> None:
+        """Checks the dtype and layout of targets for this loss."""
+        if self.name == "cross_entropy" and self.builtin:
+            if target.dtype != torch.long:
+                raise TypeError(
+                    f"{name}: cross_entropy expects int64 class indices, received dtype {target.dtype}"
+                )
+            want = 2 if batched else 1
+            if target.dim() != want:
+                raise ValueError(
+                    f"{name}: cross_entropy expects class indices of shape "
+                    f"{'(T, K)' if batched else '(K,)'}, received {tuple(target.shape)}"
+                )
+        elif self.name == "mse" and self.builtin and not target.is_floating_point():
+            raise TypeError(f"{name}: mse expects floating-point targets, received dtype {target.dtype}")
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss of one task. pred: (K, ...), target: (K, ...) -> scalar."""
+        return self.fn(pred, target)
+
+    def per_task(self, pred: torch.Tensor, target: torch.Tensor, vectorize: bool) -> torch.Tensor:
+        """Mean loss of each task. pred: (T, K, ...), target: (T, K, ...) -> (T,)."""
+        tasks = pred.shape[0]
+        if self.builtin and self.name == "mse":
+            if pred.shape != target.shape:
+                raise ValueError(
+                    f"targets: mse expects the model's output shape {tuple(pred.shape)}, "
+                    f"received {tuple(target.shape)}"
+                )
+            return (pred - target).square().reshape(tasks, -1).mean(1)
+        if self.builtin:
+            k = target.shape[1]
+            flat = F.cross_entropy(pred.reshape(tasks * k, -1), target.reshape(-1), reduction="none")
+            return flat.view(tasks, k).mean(1)
+        if vectorize:
+            return torch.func.vmap(self.fn)(pred, target)
+        return torch.stack([self.fn(pred[t], target[t]) for t in range(tasks)])

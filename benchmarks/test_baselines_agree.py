@@ -29,10 +29,10 @@ def test_same_meta_loss_and_meta_gradients(workload_factory, workload_name, over
     for implementation in IMPLEMENTATIONS:
         loss, grads = _loss_and_grads(workload, implementation, order)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12,
-                                   msg=f"{implementation} meta-loss")
+                                   msg=lambda m: f"{implementation} meta-loss: {m}")
         for (name, _), g, ref in zip(workload.model.named_parameters(), grads, ref_grads):
             torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-12,
-                                       msg=f"{implementation} meta-gradient of {name}")
+                                       msg=lambda m: f"{implementation} meta-gradient of {name}: {m}")
 
 
 @pytest.mark.parametrize("workload_name", WORKLOADS)

@@ -1,0 +1,36 @@
+"""Time one meta-step (zero grads, meta-loss, backward) of pymeta.MAML against the baselines.
+
+Each (workload, order) is one pytest-benchmark group, so the report compares the three
+implementations side by side. Run with::
+
+    .venv/bin/python -m pytest benchmarks/test_meta_step.py
+    PYMETA_BENCH_THREADS=2 .venv/bin/python -m pytest benchmarks/test_meta_step.py
+
+``benchmarks/compare.py`` gives a noise-resistant one-table summary of the same matrix.
+"""
+
+from __future__ import annotations
+
+import pytest
+from workloads import IMPLEMENTATIONS, ORDERS, WORKLOADS
+
+# Fixed rounds rather than pytest-benchmark's calibration keep the whole file well under two
+# minutes on one thread. Sinusoid steps take milliseconds, so each round runs several to beat timer
+# and scheduling noise; wide-mlp steps take 0.1-0.3 s, so one per round is enough.
+PEDANTIC = {
+    "sinusoid": dict(rounds=40, iterations=5, warmup_rounds=2),
+    "wide-mlp": dict(rounds=25, iterations=1, warmup_rounds=2),
+}
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("workload_name", WORKLOADS)
+def test_meta_step(benchmark, workload_factory, workload_name, order, implementation):
+    workload = workload_factory(workload_name)
+    maml = workload.build(implementation, order)
+    benchmark.group = f"{workload_name} / {order} order"
+    benchmark.extra_info.update(workload=workload_name, order=order,
+                                implementation=implementation)
+    loss = benchmark.pedantic(workload.meta_step, args=(maml,), **PEDANTIC[workload_name])
+    assert loss.isfinite()

@@ -1,0 +1,33 @@
+"""Command line: ``python -m pymeta demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pymeta", description="pymeta command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="short sinusoid meta-training with before/after-adaptation MSE")
+    demo.add_argument("--iterations", type=int, default=3000)
+    demo.add_argument("--meta-batch", type=int, default=25)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=1,
+                      help="intra-op threads (1 is fastest for these small tensors)")
+    demo.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from pymeta.demo import run_demo
+
+    if args.iterations <= 0:
+        parser.error(f"--iterations: expected a positive int, received {args.iterations}")
+    torch.set_num_threads(args.threads)
+    run_demo(args.iterations, args.meta_batch, args.seed, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,7 +64,8 @@ class PerTaskLoopMAML(_BaselineMAML):
                 # Without create_graph the gradients are constants, so the update's derivative
                 # is the identity: exactly first-order MAML.
                 grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-                params = {n: p - self.inner_lr * g for (n, p), g in zip(params.items(), grads)}
+                params = {n: p - self.inner_lr * g
+                          for (n, p), g in zip(params.items(), grads, strict=True)}
             pred = functional_call(self.model, params, (batch.query_x[t],))
             query_losses.append(self.loss_fn(pred, batch.query_y[t]))
         return torch.stack(query_losses).mean()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import statistics
 import sys
 import time
@@ -37,10 +36,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Run as a script, this file's folder is sys.path[0]: the sibling modules import directly.
+from workloads import IMPLEMENTATIONS, ORDERS, WORKLOADS, make_workload
 
-import pymeta  # noqa: E402
-from workloads import IMPLEMENTATIONS, ORDERS, WORKLOADS, make_workload  # noqa: E402
+import pymeta
 
 BASELINES = ("torch_func", "per_task_loop")
 
@@ -121,7 +120,8 @@ def markdown_table(all_results: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=21, help="timed rounds per cell (default 21)")
+    parser.add_argument("--repeats", type=int, default=21,
+                        help="timed rounds per cell (default 21)")
     parser.add_argument("--min-sample-ms", type=float, default=20.0,
                         help="minimum duration of one timing sample (default 20)")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))

@@ -14,9 +14,7 @@ import pytest
 import torch
 
 # Make the sibling modules (baselines, workloads) importable whatever pytest's import mode.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from workloads import make_workload  # noqa: E402
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 THREADS = int(os.environ.get("PYMETA_BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
@@ -29,4 +27,6 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def workload_factory():
     """``workload_factory(name, dtype=..., **maml_overrides)`` -> a fresh, seeded Workload."""
+    from workloads import make_workload  # importable once the sys.path entry above exists
+
     return make_workload

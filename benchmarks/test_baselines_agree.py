@@ -11,6 +11,10 @@ import torch
 from workloads import IMPLEMENTATIONS, ORDERS, WORKLOADS
 
 
+def _assert_close(actual, expected, what: str, **tolerances):
+    torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}", **tolerances)
+
+
 def _loss_and_grads(workload, implementation, order):
     loss = workload.meta_step(workload.build(implementation, order))
     return loss.detach(), [p.grad.clone() for p in workload.model.parameters()]
@@ -28,11 +32,11 @@ def test_same_meta_loss_and_meta_gradients(workload_factory, workload_name, over
     assert all(g.abs().sum() > 0 for g in ref_grads)  # the comparison is not vacuous
     for implementation in IMPLEMENTATIONS:
         loss, grads = _loss_and_grads(workload, implementation, order)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12,
-                                   msg=lambda m: f"{implementation} meta-loss: {m}")
-        for (name, _), g, ref in zip(workload.model.named_parameters(), grads, ref_grads):
-            torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-12,
-                                       msg=lambda m: f"{implementation} meta-gradient of {name}: {m}")
+        _assert_close(loss, ref_loss, f"{implementation} meta-loss", rtol=1e-10, atol=1e-12)
+        for (name, _), g, ref in zip(workload.model.named_parameters(), grads, ref_grads,
+                                     strict=True):
+            _assert_close(g, ref, f"{implementation} meta-gradient of {name}", rtol=1e-9,
+                          atol=1e-12)
 
 
 @pytest.mark.parametrize("workload_name", WORKLOADS)
@@ -42,4 +46,5 @@ def test_first_and_second_order_differ(workload_factory, workload_name):
     for implementation in IMPLEMENTATIONS:
         _, second = _loss_and_grads(workload, implementation, "second")
         _, first = _loss_and_grads(workload, implementation, "first")
-        assert not all(torch.allclose(a, b) for a, b in zip(second, first)), implementation
+        same = all(torch.allclose(a, b) for a, b in zip(second, first, strict=True))
+        assert not same, implementation

@@ -18,8 +18,8 @@ from workloads import IMPLEMENTATIONS, ORDERS, WORKLOADS
 # minutes on one thread. Sinusoid steps take milliseconds, so each round runs several to beat timer
 # and scheduling noise; wide-mlp steps take 0.1-0.3 s, so one per round is enough.
 PEDANTIC = {
-    "sinusoid": dict(rounds=40, iterations=5, warmup_rounds=2),
-    "wide-mlp": dict(rounds=25, iterations=1, warmup_rounds=2),
+    "sinusoid": {"rounds": 40, "iterations": 5, "warmup_rounds": 2},
+    "wide-mlp": {"rounds": 25, "iterations": 1, "warmup_rounds": 2},
 }
 
 

@@ -4,6 +4,7 @@ suite (``conftest.py``, ``test_*.py``) and the one-process comparison script (``
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ import pymeta
 
 WORKLOADS = ("sinusoid", "wide-mlp")
 ORDERS = ("second", "first")
-# The two baselines share pymeta.MAML's constructor: (model, inner_lr, inner_steps, first_order, loss).
+# The baselines take pymeta.MAML's arguments: (model, inner_lr, inner_steps, first_order, loss).
 IMPLEMENTATIONS = {
     "pymeta": pymeta.MAML,
     "per_task_loop": PerTaskLoopMAML,
@@ -49,7 +50,7 @@ class Workload:
 def mlp(*sizes: int) -> nn.Sequential:
     """Linear layers of the given widths with ReLU between them."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         if i:
             layers.append(nn.ReLU())
         layers.append(nn.Linear(n_in, n_out))
@@ -73,7 +74,7 @@ def make_workload(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     if name == "sinusoid":
         model = mlp(1, 40, 40, 1)
         batch = pymeta.tasks.Sinusoid(k_support=10, k_query=10, dtype=dtype).sample(25, gen)
-        kwargs = dict(inner_lr=0.01, inner_steps=1, loss="mse")
+        kwargs = {"inner_lr": 0.01, "inner_steps": 1, "loss": "mse"}
     elif name == "wide-mlp":
         model = mlp(64, 256, 256, 10)
         tasks, k_support, k_query = 32, 25, 75
@@ -81,7 +82,7 @@ def make_workload(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
         y = torch.randint(0, 10, (tasks, k_support + k_query), generator=gen)
         batch = pymeta.TaskBatch(x[:, :k_support], y[:, :k_support],
                                  x[:, k_support:], y[:, k_support:])
-        kwargs = dict(inner_lr=0.1, inner_steps=5, loss="cross_entropy")
+        kwargs = {"inner_lr": 0.1, "inner_steps": 5, "loss": "cross_entropy"}
     else:
         raise ValueError(f"workload: expected one of {WORKLOADS}, received {name!r}")
     kwargs.update(maml_overrides)

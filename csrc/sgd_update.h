@@ -2,6 +2,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/neg.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -40,6 +43,20 @@ inline void check_sgd_lists(const char* op, size_t n_params, size_t n_grads, siz
               "), got ", n_grads);
   TORCH_CHECK(n_lrs == 1 || n_lrs == n_params, op, ": expected 1 lr or one per param (",
               n_params, "), got ", n_lrs);
+}
+
+// -sum(g * u) reduced to the shape of an lr with this layout: (), (...) or (T, ...). Shared by
+// every backend: the reduction is ATen's.
+inline at::Tensor sgd_lr_grad_reduce(const at::Tensor& g, const at::Tensor& u, LrLayout layout) {
+  at::Tensor prod = at::mul(g, u);
+  switch (layout) {
+    case LrLayout::kScalar:
+      return prod.sum().neg_();
+    case LrLayout::kPerElement:
+      return prod.sum(0).neg_();
+    default:
+      return prod.neg_();
+  }
 }
 
 }  // namespace pymeta

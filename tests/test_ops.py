@@ -6,7 +6,7 @@ import torch
 import pymeta
 from pymeta import reference
 
-from conftest import rel_err
+from parity import rel_err
 
 SHAPES = [(3, 4, 5), (3, 5), (3, 2, 3, 3)]
 
@@ -47,7 +47,7 @@ def test_shared_scalar_lr_and_t1(device):
     params, grads, lrs = make([(1, 7), (1, 2, 2)], torch.float64, device, "scalar", shared=True)
     out = torch.ops.pymeta.sgd_update(params, grads, lrs)
     for o, p, g in zip(out, params, grads):
-        torch.testing.assert_close(o, p - lrs[0] * g, rtol=0, atol=0)
+        torch.testing.assert_close(o, p - lrs[0] * g, rtol=1e-15, atol=1e-15)
 
 
 def test_non_contiguous_inputs(device):
@@ -117,7 +117,7 @@ def test_public_wrapper_accepts_float_lr_and_matches_op():
     params, grads, _ = make(SHAPES, torch.float64, "cpu", "scalar")
     out = pymeta.ops.sgd_update(params, grads, 0.5)
     for o, p, g in zip(out, params, grads):
-        torch.testing.assert_close(o, p - 0.5 * g, rtol=0, atol=0)
+        torch.testing.assert_close(o, p - 0.5 * g, rtol=1e-15, atol=1e-15)
 
 
 def test_torch_compile_traces_the_op():
@@ -163,3 +163,24 @@ def test_raw_op_checks_name_the_argument():
         torch.ops.pymeta.sgd_update(p + p, g + g, lr * 3)
     with pytest.raises(RuntimeError, match=r"lr for params\[0\] must have shape"):
         torch.ops.pymeta.sgd_update(p, g, [torch.zeros(7, dtype=torch.float64)])
+
+
+def test_output_keeps_the_gradient_layout_without_copies():
+    # Under vmap, autograd returns transposed weight gradients; the kernel walks them as they are.
+    p = torch.randn(5, 6, dtype=torch.float64).unsqueeze(0).expand(4, 5, 6)  # an expanded meta-param
+    g = torch.randn(4, 6, 5, dtype=torch.float64).transpose(1, 2)
+    (out,) = torch.ops.pymeta.sgd_update([p], [g], [torch.tensor(0.1, dtype=torch.float64)])
+    assert out.stride() == g.stride()
+    torch.testing.assert_close(out, p - 0.1 * g, rtol=1e-15, atol=1e-15)
+
+
+def test_backward_skips_what_is_not_needed():
+    """A fixed lr and first-order grads: the update's backward is the identity, no kernel runs."""
+    p = torch.randn(3, 4, requires_grad=True)
+    g = torch.randn(3, 4)
+    lr = torch.tensor(0.1)
+    with torch.profiler.profile() as prof:
+        torch.ops.pymeta.sgd_update([p], [g], [lr])[0].sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "pymeta::sgd_update_backward" not in names
+    torch.testing.assert_close(p.grad, torch.ones(3, 4))

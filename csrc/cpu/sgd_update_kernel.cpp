@@ -1,11 +1,12 @@
-// CPU kernels of sgd_update and sgd_update_backward: one pass over every param tensor,
-// tasks spread over threads with at::parallel_for.
+// CPU kernels of sgd_update and sgd_update_backward. TensorIterator walks each param in the
+// memory layout it already has (autograd under vmap hands back transposed weight gradients), so
+// nothing is copied to make it contiguous; it also vectorizes and spreads the work over threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/cpu/Loops.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -15,14 +16,77 @@
 namespace pymeta {
 namespace {
 
-// Below this many elements a thread is not worth waking.
-constexpr int64_t kGrainElements = 32768;
-
-int64_t task_grain(int64_t per_task) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_task, 1));
-}
+using at::vec::Vectorized;
 
 const at::Tensor& lr_of(at::TensorList lrs, size_t i) { return lrs.size() == 1 ? lrs[0] : lrs[i]; }
+
+// out = a - lr * b elementwise, lr a scalar or a tensor broadcast to a's shape. With
+// `b_only`, out = -lr * b (the backward with respect to the gradient).
+at::Tensor axpy_like(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lr,
+                     LrLayout layout, bool b_only) {
+  at::TensorIteratorConfig config;
+  at::Tensor out;  // allocated by the iterator in the inputs' memory layout
+  config.add_output(out);
+  // b (the gradient) leads so the output takes its layout: under vmap, weight gradients come
+  // back transposed, and the next step's params then match them.
+  config.add_const_input(b);
+  if (!b_only) config.add_const_input(a);
+  const bool scalar = layout == LrLayout::kScalar;
+  const at::Tensor lr_full = scalar ? lr : lr.expand(b.sizes());
+  if (!scalar) config.add_const_input(lr_full);
+  at::TensorIterator iter = config.build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "sgd_update_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    constexpr bool kVec = std::is_same_v<scalar_t, opmath_t>;  // float, double
+    if (scalar) {
+      const scalar_t rate = lr.item<scalar_t>();
+      if (b_only) {
+        if constexpr (kVec) {
+          at::native::cpu_kernel_vec(
+              iter, [=](scalar_t g) { return sgd_grad_wrt_grad<scalar_t>(rate, g); },
+              [=](Vectorized<scalar_t> g) { return Vectorized<scalar_t>(-rate) * g; });
+        } else {
+          at::native::cpu_kernel(iter, [=](scalar_t g) -> scalar_t {
+            return sgd_grad_wrt_grad<opmath_t>(rate, g);
+          });
+        }
+      } else {
+        if constexpr (kVec) {
+          at::native::cpu_kernel_vec(
+              iter, [=](scalar_t g, scalar_t p) { return sgd_step<scalar_t>(p, rate, g); },
+              [=](Vectorized<scalar_t> g, Vectorized<scalar_t> p) {
+                return p - Vectorized<scalar_t>(rate) * g;
+              });
+        } else {
+          at::native::cpu_kernel(iter, [=](scalar_t g, scalar_t p) -> scalar_t {
+            return sgd_step<opmath_t>(p, rate, g);
+          });
+        }
+      }
+    } else if (b_only) {
+      if constexpr (kVec) {
+        at::native::cpu_kernel_vec(
+            iter, [](scalar_t g, scalar_t r) { return sgd_grad_wrt_grad<scalar_t>(r, g); },
+            [](Vectorized<scalar_t> g, Vectorized<scalar_t> r) { return Vectorized<scalar_t>(0) - r * g; });
+      } else {
+        at::native::cpu_kernel(iter, [](scalar_t g, scalar_t r) -> scalar_t {
+          return sgd_grad_wrt_grad<opmath_t>(r, g);
+        });
+      }
+    } else {
+      if constexpr (kVec) {
+        at::native::cpu_kernel_vec(
+            iter, [](scalar_t g, scalar_t p, scalar_t r) { return sgd_step<scalar_t>(p, r, g); },
+            [](Vectorized<scalar_t> g, Vectorized<scalar_t> p, Vectorized<scalar_t> r) { return p - r * g; });
+      } else {
+        at::native::cpu_kernel(iter, [](scalar_t g, scalar_t p, scalar_t r) -> scalar_t {
+          return sgd_step<opmath_t>(p, r, g);
+        });
+      }
+    }
+  });
+  return iter.output();
+}
 
 std::vector<at::Tensor> sgd_update_cpu(at::TensorList params, at::TensorList grads,
                                        at::TensorList lrs) {
@@ -32,29 +96,7 @@ std::vector<at::Tensor> sgd_update_cpu(at::TensorList params, at::TensorList gra
   out.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const LrLayout layout = check_sgd_triple(op, i, params[i], grads[i], lr_of(lrs, i));
-    const at::Tensor p = params[i].contiguous();
-    const at::Tensor g = grads[i].contiguous();
-    const at::Tensor lr = lr_of(lrs, i).contiguous();
-    at::Tensor o = at::empty_like(p, at::MemoryFormat::Contiguous);
-    const int64_t tasks = p.size(0);
-    const int64_t n = tasks == 0 ? 0 : p.numel() / tasks;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sgd_update_cpu", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      const scalar_t* pp = p.const_data_ptr<scalar_t>();
-      const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      const scalar_t* lp = lr.const_data_ptr<scalar_t>();
-      scalar_t* op_ = o.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, tasks, task_grain(n), [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t base = t * n;
-          for (int64_t j = 0; j < n; ++j) {
-            const opmath_t rate = lp[lr_index(layout, t, j, n)];
-            op_[base + j] = sgd_step<opmath_t>(pp[base + j], rate, gp[base + j]);
-          }
-        }
-      });
-    });
-    out.push_back(std::move(o));
+    out.push_back(axpy_like(params[i], grads[i], lr_of(lrs, i), layout, false));
   }
   return out;
 }
@@ -65,70 +107,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_update_backward
   check_sgd_lists(op, grads.size(), grad_outputs.size(), lrs.size());
   std::vector<at::Tensor> grad_grads;
   grad_grads.reserve(grads.size());
-  std::vector<at::Tensor> grad_lrs;
-  if (compute_lr_grad) {
-    for (const auto& lr : lrs) grad_lrs.push_back(at::zeros_like(lr, at::MemoryFormat::Contiguous));
-  }
+  std::vector<at::Tensor> grad_lrs(compute_lr_grad ? lrs.size() : 0);
   for (size_t i = 0; i < grads.size(); ++i) {
-    const LrLayout layout = check_sgd_triple(op, i, grads[i], grad_outputs[i], lr_of(lrs, i));
-    const at::Tensor g = grads[i].contiguous();
-    const at::Tensor u = grad_outputs[i].contiguous();
-    const at::Tensor lr = lr_of(lrs, i).contiguous();
-    at::Tensor gg = at::empty_like(g, at::MemoryFormat::Contiguous);
-    const int64_t tasks = g.size(0);
-    const int64_t n = tasks == 0 ? 0 : g.numel() / tasks;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "sgd_update_backward_cpu", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      const scalar_t* up = u.const_data_ptr<scalar_t>();
-      const scalar_t* lp = lr.const_data_ptr<scalar_t>();
-      scalar_t* ggp = gg.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, tasks, task_grain(n), [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t base = t * n;
-          for (int64_t j = 0; j < n; ++j) {
-            const opmath_t rate = lp[lr_index(layout, t, j, n)];
-            ggp[base + j] = sgd_grad_wrt_grad<opmath_t>(rate, up[base + j]);
-          }
-        }
-      });
-      if (!compute_lr_grad) return;
-      scalar_t* dl = grad_lrs[lrs.size() == 1 ? 0 : i].mutable_data_ptr<scalar_t>();
-      switch (layout) {
-        case LrLayout::kScalar: {
-          // Sum in opmath; a param that shares the lr adds to what earlier params left.
-          const opmath_t total = at::parallel_reduce(
-              0, tasks * n, kGrainElements, opmath_t(0),
-              [&](int64_t b, int64_t e, opmath_t acc) {
-                for (int64_t k = b; k < e; ++k) acc += sgd_grad_wrt_lr<opmath_t>(gp[k], up[k]);
-                return acc;
-              },
-              std::plus<opmath_t>());
-          dl[0] = static_cast<opmath_t>(dl[0]) + total;
-          break;
-        }
-        case LrLayout::kPerElement:
-          at::parallel_for(0, n, kGrainElements / std::max<int64_t>(tasks, 1) + 1,
-                           [&](int64_t j0, int64_t j1) {
-                             for (int64_t j = j0; j < j1; ++j) {
-                               opmath_t acc = dl[j];
-                               for (int64_t t = 0; t < tasks; ++t) {
-                                 acc += sgd_grad_wrt_lr<opmath_t>(gp[t * n + j], up[t * n + j]);
-                               }
-                               dl[j] = acc;
-                             }
-                           });
-          break;
-        case LrLayout::kPerTaskElement:
-          at::parallel_for(0, tasks * n, kGrainElements, [&](int64_t b, int64_t e) {
-            for (int64_t k = b; k < e; ++k) {
-              dl[k] = static_cast<opmath_t>(dl[k]) + sgd_grad_wrt_lr<opmath_t>(gp[k], up[k]);
-            }
-          });
-          break;
-      }
-    });
-    grad_grads.push_back(std::move(gg));
+    const at::Tensor& lr = lr_of(lrs, i);
+    const LrLayout layout = check_sgd_triple(op, i, grads[i], grad_outputs[i], lr);
+    grad_grads.push_back(axpy_like(grad_outputs[i], grad_outputs[i], lr, layout, true));
+    if (!compute_lr_grad) continue;
+    // d/d lr = -sum(g * u) over the dimensions the lr is broadcast along.
+    at::Tensor part = sgd_lr_grad_reduce(grads[i], grad_outputs[i], layout);
+    at::Tensor& acc = grad_lrs[lrs.size() == 1 ? 0 : i];
+    acc = acc.defined() ? acc.add(part) : part;
   }
   return {std::move(grad_grads), std::move(grad_lrs)};
 }

@@ -1,13 +1,10 @@
 // CUDA kernels of sgd_update and sgd_update_backward: one elementwise launch per param tensor on
-// the current stream; the lr-gradient reductions go through ATen.
+// the current stream (inputs made contiguous); the lr-gradient reductions go through ATen.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -83,10 +80,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_update_backward
   constexpr const char* op = "pymeta::sgd_update_backward";
   check_sgd_lists(op, grads.size(), grad_outputs.size(), lrs.size());
   std::vector<at::Tensor> grad_grads;
-  std::vector<at::Tensor> grad_lrs;
-  if (compute_lr_grad) {
-    for (const auto& lr : lrs) grad_lrs.push_back(at::zeros_like(lr, at::MemoryFormat::Contiguous));
-  }
+  std::vector<at::Tensor> grad_lrs(compute_lr_grad ? lrs.size() : 0);
   for (size_t i = 0; i < grads.size(); ++i) {
     const LrLayout layout = check_sgd_triple(op, i, grads[i], grad_outputs[i], lr_of(lrs, i));
     const c10::cuda::OptionalCUDAGuard guard(grads[i].device());
@@ -104,16 +98,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_update_backward
       });
     }
     if (compute_lr_grad) {
-      // d/d lr = -sum(g * u), reduced over the dims the lr is broadcast along.
-      at::Tensor prod = at::mul(grads[i], u);
-      at::Tensor& dl = grad_lrs[lrs.size() == 1 ? 0 : i];
-      if (layout == LrLayout::kScalar) {
-        dl.sub_(prod.sum());
-      } else if (layout == LrLayout::kPerElement) {
-        dl.sub_(prod.sum(0));
-      } else {
-        dl.sub_(prod);
-      }
+      at::Tensor part = sgd_lr_grad_reduce(grads[i], u, layout);
+      at::Tensor& acc = grad_lrs[lrs.size() == 1 ? 0 : i];
+      acc = acc.defined() ? acc.add(part) : part;
     }
     grad_grads.push_back(std::move(gg));
   }

@@ -1,4 +1,4 @@
-"""A plain per-task autograd MAML: the ground truth for pymeta.MAML's losses and gradients."""
+"""Ground truth for the parity tests: a plain per-task autograd MAML and a relative error."""
 
 import torch
 from torch.func import functional_call
@@ -20,3 +20,10 @@ def reference_meta_loss(model, batch, lrs, steps, first_order, loss_fn):
             }
         losses.append(loss_fn(functional_call(model, params, (batch.query_x[t],)), batch.query_y[t]))
     return torch.stack(losses).mean()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max(|b|, tiny): the relative error used by the parity tests."""
+    a, b = a.detach(), b.detach()
+    scale = b.abs().max().clamp_min(1e-30)
+    return float((a - b).abs().max() / scale)

@@ -29,8 +29,14 @@ _LOSSES = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
 class _BaselineMAML:
     """Shared constructor and argument handling of the two baselines."""
 
-    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
-                 first_order: bool = False, loss: str = "mse"):
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        loss: str = "mse",
+    ):
         if loss not in _LOSSES:
             raise ValueError(f"loss: expected one of {tuple(_LOSSES)}, received {loss!r}")
         self.model = model
@@ -64,8 +70,10 @@ class PerTaskLoopMAML(_BaselineMAML):
                 # Without create_graph the gradients are constants, so the update's derivative
                 # is the identity: exactly first-order MAML.
                 grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-                params = {n: p - self.inner_lr * g
-                          for (n, p), g in zip(params.items(), grads, strict=True)}
+                params = {
+                    n: p - self.inner_lr * g
+                    for (n, p), g in zip(params.items(), grads, strict=True)
+                }
             pred = functional_call(self.model, params, (batch.query_x[t],))
             query_losses.append(self.loss_fn(pred, batch.query_y[t]))
         return torch.stack(query_losses).mean()

@@ -84,7 +84,7 @@ def measure(workload_name: str, order: str, repeats: int, min_sample_s: float) -
         results[name] = {"loss": loss.item(), "samples": []}
     names = list(impls)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
             results[name]["samples"].append(time_steps(workload, impls[name], steps[name]))
     for name, maml in impls.items():
         q1, median, q3 = quartiles(results[name]["samples"])
@@ -98,13 +98,17 @@ def check_losses(workload_name: str, order: str, results: dict) -> None:
     ref = results["torch_func"]["loss"]
     for name, res in results.items():
         if not math.isclose(res["loss"], ref, rel_tol=1e-4, abs_tol=1e-6):
-            log(f"WARNING: {workload_name}/{order}: {name} meta-loss {res['loss']:.6g} "
-                f"differs from torch_func's {ref:.6g}")
+            log(
+                f"WARNING: {workload_name}/{order}: {name} meta-loss {res['loss']:.6g} "
+                f"differs from torch_func's {ref:.6g}"
+            )
 
 
 def markdown_table(all_results: dict) -> str:
-    header = ("| workload | order | implementation | median ms | IQR ms | x faster vs torch_func "
-              "| x faster vs per_task_loop | peak MB |")
+    header = (
+        "| workload | order | implementation | median ms | IQR ms | x faster vs torch_func "
+        "| x faster vs per_task_loop | peak MB |"
+    )
     lines = [header, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for (workload_name, order), results in all_results.items():
         for name, res in results.items():
@@ -120,10 +124,15 @@ def markdown_table(all_results: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=21,
-                        help="timed rounds per cell (default 21)")
-    parser.add_argument("--min-sample-ms", type=float, default=20.0,
-                        help="minimum duration of one timing sample (default 20)")
+    parser.add_argument(
+        "--repeats", type=int, default=21, help="timed rounds per cell (default 21)"
+    )
+    parser.add_argument(
+        "--min-sample-ms",
+        type=float,
+        default=20.0,
+        help="minimum duration of one timing sample (default 20)",
+    )
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
     args = parser.parse_args(argv)
@@ -139,9 +148,11 @@ def main(argv=None) -> None:
             check_losses(workload_name, order, results)
             all_results[workload_name, order] = results
 
-    print(f"torch {torch.__version__}, pymeta {pymeta.__version__} "
-          f"(compiled core: {pymeta.HAS_COMPILED_CORE}), {torch.get_num_threads()} thread(s), "
-          f"{args.repeats} rounds, samples >= {args.min_sample_ms:g} ms\n")
+    print(
+        f"torch {torch.__version__}, pymeta {pymeta.__version__} "
+        f"(compiled core: {pymeta.HAS_COMPILED_CORE}), {torch.get_num_threads()} thread(s), "
+        f"{args.repeats} rounds, samples >= {args.min_sample_ms:g} ms\n"
+    )
     print(markdown_table(all_results))
 
 

@@ -21,11 +21,14 @@ def _loss_and_grads(workload, implementation, order):
 
 
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("workload_name,overrides", [
-    ("sinusoid", {}),
-    ("sinusoid", {"inner_steps": 3}),  # several steps: second-order terms compound
-    ("wide-mlp", {"inner_steps": 2}),  # 2 steps instead of 5 keeps the float64 loop quick
-])
+@pytest.mark.parametrize(
+    "workload_name,overrides",
+    [
+        ("sinusoid", {}),
+        ("sinusoid", {"inner_steps": 3}),  # several steps: second-order terms compound
+        ("wide-mlp", {"inner_steps": 2}),  # 2 steps instead of 5 keeps the float64 loop quick
+    ],
+)
 def test_same_meta_loss_and_meta_gradients(workload_factory, workload_name, overrides, order):
     workload = workload_factory(workload_name, dtype=torch.float64, **overrides)
     ref_loss, ref_grads = _loss_and_grads(workload, "per_task_loop", order)
@@ -33,10 +36,12 @@ def test_same_meta_loss_and_meta_gradients(workload_factory, workload_name, over
     for implementation in IMPLEMENTATIONS:
         loss, grads = _loss_and_grads(workload, implementation, order)
         _assert_close(loss, ref_loss, f"{implementation} meta-loss", rtol=1e-10, atol=1e-12)
-        for (name, _), g, ref in zip(workload.model.named_parameters(), grads, ref_grads,
-                                     strict=True):
-            _assert_close(g, ref, f"{implementation} meta-gradient of {name}", rtol=1e-9,
-                          atol=1e-12)
+        for (name, _), g, ref in zip(
+            workload.model.named_parameters(), grads, ref_grads, strict=True
+        ):
+            _assert_close(
+                g, ref, f"{implementation} meta-gradient of {name}", rtol=1e-9, atol=1e-12
+            )
 
 
 @pytest.mark.parametrize("workload_name", WORKLOADS)

@@ -30,7 +30,6 @@ def test_meta_step(benchmark, workload_factory, workload_name, order, implementa
     workload = workload_factory(workload_name)
     maml = workload.build(implementation, order)
     benchmark.group = f"{workload_name} / {order} order"
-    benchmark.extra_info.update(workload=workload_name, order=order,
-                                implementation=implementation)
+    benchmark.extra_info.update(workload=workload_name, order=order, implementation=implementation)
     loss = benchmark.pedantic(workload.meta_step, args=(maml,), **PEDANTIC[workload_name])
     assert loss.isfinite()

@@ -57,8 +57,9 @@ def mlp(*sizes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_workload(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-                  **maml_overrides) -> Workload:
+def make_workload(
+    name: str, dtype: torch.dtype = torch.float32, seed: int = 0, **maml_overrides
+) -> Workload:
     """Builds a workload with a seeded model and meta-batch.
 
     "sinusoid": MLP 1-40-40-1, 25 tasks, 10 support / 10 query, 1 inner step, lr 0.01, MSE
@@ -80,8 +81,9 @@ def make_workload(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
         tasks, k_support, k_query = 32, 25, 75
         x = torch.randn(tasks, k_support + k_query, 64, generator=gen, dtype=dtype)
         y = torch.randint(0, 10, (tasks, k_support + k_query), generator=gen)
-        batch = pymeta.TaskBatch(x[:, :k_support], y[:, :k_support],
-                                 x[:, k_support:], y[:, k_support:])
+        batch = pymeta.TaskBatch(
+            x[:, :k_support], y[:, :k_support], x[:, k_support:], y[:, k_support:]
+        )
         kwargs = {"inner_lr": 0.1, "inner_steps": 5, "loss": "cross_entropy"}
     else:
         raise ValueError(f"workload: expected one of {WORKLOADS}, received {name!r}")

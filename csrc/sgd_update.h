@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <vector>
 
 #include "sgd_update_math.h"
 
@@ -57,6 +58,17 @@ inline at::Tensor sgd_lr_grad_reduce(const at::Tensor& g, const at::Tensor& u, L
     default:
       return prod.neg_();
   }
+}
+
+// The lr of params[i]: one shared tensor or one per param.
+inline const at::Tensor& lr_of(at::TensorList lrs, size_t i) { return lrs.size() == 1 ? lrs[0] : lrs[i]; }
+
+// Adds params[i]'s share of d/d lr into grad_lrs (one entry shared by all params, or one each).
+inline void add_lr_grad(std::vector<at::Tensor>& grad_lrs, size_t i, const at::Tensor& g,
+                        const at::Tensor& u, LrLayout layout) {
+  at::Tensor part = sgd_lr_grad_reduce(g, u, layout);
+  at::Tensor& acc = grad_lrs[grad_lrs.size() == 1 ? 0 : i];
+  acc = acc.defined() ? acc.add(part) : part;
 }
 
 }  // namespace pymeta

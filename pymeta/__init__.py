@@ -7,8 +7,12 @@ Public API:
     ops: the fused, task-batched functional ops (``torch.ops.pymeta.*``).
 """
 
-from pymeta import _ops  # noqa: F401  (registers torch.ops.pymeta.*)
-from pymeta import ops, reference, tasks
+from pymeta import (
+    _ops,  # noqa: F401  (registers torch.ops.pymeta.*)
+    ops,
+    reference,
+    tasks,
+)
 from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.learner import Learner
@@ -16,5 +20,14 @@ from pymeta.maml import MAML
 from pymeta.task_batch import TaskBatch
 
 __version__ = "0.1.0"
-__all__ = ["MAML", "TaskBatch", "AdaptedModel", "Learner", "ops", "reference", "tasks",
-           "HAS_COMPILED_CORE", "__version__"]
+__all__ = [
+    "MAML",
+    "TaskBatch",
+    "AdaptedModel",
+    "Learner",
+    "ops",
+    "reference",
+    "tasks",
+    "HAS_COMPILED_CORE",
+    "__version__",
+]

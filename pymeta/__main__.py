@@ -9,12 +9,18 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pymeta", description="pymeta command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="short sinusoid meta-training with before/after-adaptation MSE")
+    demo = sub.add_parser(
+        "demo", help="short sinusoid meta-training with before/after-adaptation MSE"
+    )
     demo.add_argument("--iterations", type=int, default=3000)
     demo.add_argument("--meta-batch", type=int, default=25)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=1,
-                      help="intra-op threads (1 is fastest for these small tensors)")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (1 is fastest for these small tensors)",
+    )
     demo.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 

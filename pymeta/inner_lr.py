@@ -22,18 +22,27 @@ class InnerLR(nn.Module):
 
     def __init__(self, init: float, mode, params: list[torch.Tensor]):
         super().__init__()
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init) or init < 0:
+        if (
+            isinstance(init, bool)
+            or not isinstance(init, (int, float))
+            or not math.isfinite(init)
+            or init < 0
+        ):
             raise ValueError(f"inner_lr: expected a finite number >= 0, received {init!r}")
         if mode not in LR_MODES:
             raise ValueError(f"learn_inner_lr: expected one of {LR_MODES}, received {mode!r}")
         ref = params[0]
         self.mode = "scalar" if mode is True else mode
         if self.mode is False:
-            self.register_buffer("lr", torch.tensor(float(init), dtype=ref.dtype, device=ref.device))
+            self.register_buffer(
+                "lr", torch.tensor(float(init), dtype=ref.dtype, device=ref.device)
+            )
         elif self.mode == "scalar":
             self.lr = nn.Parameter(torch.tensor(float(init), dtype=ref.dtype, device=ref.device))
         else:
-            self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(p, float(init))) for p in params])
+            self.lrs = nn.ParameterList(
+                [nn.Parameter(torch.full_like(p, float(init))) for p in params]
+            )
 
     @property
     def learned(self) -> bool:

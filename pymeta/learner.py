@@ -48,6 +48,8 @@ class Learner:
         grads = torch.autograd.grad(loss, values, create_graph=not first_order, allow_unused=True)
         grads = [torch.zeros_like(v) if g is None else g for v, g in zip(values, grads)]
         lrs = [lr.unsqueeze(0) if lr.dim() else lr for lr in self._maml.inner_lr.as_list()]
-        new = sgd_update_unchecked([v.unsqueeze(0) for v in values], [g.unsqueeze(0) for g in grads], lrs)
+        new = sgd_update_unchecked(
+            [v.unsqueeze(0) for v in values], [g.unsqueeze(0) for g in grads], lrs
+        )
         self.params = {n: v.squeeze(0) for n, v in zip(names, new)}
         return self

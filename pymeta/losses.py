@@ -22,7 +22,9 @@ class TaskLoss:
     def __init__(self, spec: LossSpec):
         if isinstance(spec, str):
             if spec not in LOSS_NAMES:
-                raise ValueError(f"loss: expected one of {LOSS_NAMES} or a callable, received {spec!r}")
+                raise ValueError(
+                    f"loss: expected one of {LOSS_NAMES} or a callable, received {spec!r}"
+                )
             self.name = spec
             self.fn = F.mse_loss if spec == "mse" else F.cross_entropy
         elif callable(spec):
@@ -37,7 +39,8 @@ class TaskLoss:
         if self.name == "cross_entropy" and self.builtin:
             if target.dtype != torch.long:
                 raise TypeError(
-                    f"{name}: cross_entropy expects int64 class indices, received dtype {target.dtype}"
+                    f"{name}: cross_entropy expects int64 class indices, "
+                    f"received dtype {target.dtype}"
                 )
             want = 2 if batched else 1
             if target.dim() != want:
@@ -46,7 +49,9 @@ class TaskLoss:
                     f"{'(T, K)' if batched else '(K,)'}, received {tuple(target.shape)}"
                 )
         elif self.name == "mse" and self.builtin and not target.is_floating_point():
-            raise TypeError(f"{name}: mse expects floating-point targets, received dtype {target.dtype}")
+            raise TypeError(
+                f"{name}: mse expects floating-point targets, received dtype {target.dtype}"
+            )
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss of one task. pred: (K, ...), target: (K, ...) -> scalar."""
@@ -64,7 +69,9 @@ class TaskLoss:
             return (pred - target).square().reshape(tasks, -1).mean(1)
         if self.builtin:
             k = target.shape[1]
-            flat = F.cross_entropy(pred.reshape(tasks * k, -1), target.reshape(-1), reduction="none")
+            flat = F.cross_entropy(
+                pred.reshape(tasks * k, -1), target.reshape(-1), reduction="none"
+            )
             return flat.view(tasks, k).mean(1)
         if vectorize:
             return torch.func.vmap(self.fn)(pred, target)

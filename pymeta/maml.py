@@ -59,7 +59,9 @@ class MAML(nn.Module):
         self.loss = TaskLoss(loss)
         self._adapted_names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not self._adapted_names:
-            raise ValueError("model: expected at least one parameter with requires_grad=True, received none")
+            raise ValueError(
+                "model: expected at least one parameter with requires_grad=True, received none"
+            )
         params = dict(model.named_parameters())
         self.inner_lr = InnerLR(inner_lr, learn_inner_lr, [params[n] for n in self._adapted_names])
         self._forward = TaskForward(model, vectorize)
@@ -82,15 +84,22 @@ class MAML(nn.Module):
         """
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch: expected a pymeta.TaskBatch, received {type(batch).__name__}")
-        self._check_data("batch.support_x", batch.support_x, "batch.support_y", batch.support_y, True)
+        self._check_data(
+            "batch.support_x", batch.support_x, "batch.support_y", batch.support_y, True
+        )
         self._check_data("batch.query_x", batch.query_x, "batch.query_y", batch.query_y, True)
         self._example_ndim = batch.support_x.dim() - 2
         params = self._expand(batch.num_tasks)
         params = self._inner_loop(params, batch.support_x, batch.support_y, self.inner_steps, True)
         return self._task_losses(params, batch.query_x, batch.query_y).mean()
 
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
-              batched: bool | None = None) -> AdaptedModel:
+    def adapt(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        steps: int | None = None,
+        batched: bool | None = None,
+    ) -> AdaptedModel:
         """Fast adaptation for inference: runs the inner loop without building a graph.
 
         Args:
@@ -111,12 +120,19 @@ class MAML(nn.Module):
             batched = self._infer_batched(support_x, support_y)
         if not batched:
             support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
-        TaskBatch(support_x, support_y, support_x[:, :1], support_y[:, :1])  # shape/dtype/finite checks
+        TaskBatch(
+            support_x, support_y, support_x[:, :1], support_y[:, :1]
+        )  # shape/dtype/finite checks
         self._check_data("support_x", support_x, "support_y", support_y, True)
         params = [p.detach() for p in self._expand(support_x.shape[0])]
         params = self._inner_loop(params, support_x, support_y, steps, False)
-        return AdaptedModel(self._forward, dict(zip(self._adapted_names, params)), self._fixed(),
-                            batched, self._example_ndim)
+        return AdaptedModel(
+            self._forward,
+            dict(zip(self._adapted_names, params)),
+            self._fixed(),
+            batched,
+            self._example_ndim,
+        )
 
     def clone(self) -> Learner:
         """A learn2learn-style learner: ``learner.adapt(loss)`` then ``learner(x)``."""
@@ -130,7 +146,9 @@ class MAML(nn.Module):
 
     def _expand(self, tasks: int) -> list[torch.Tensor]:
         current = dict(self.module.named_parameters())
-        return [current[n].unsqueeze(0).expand(tasks, *current[n].shape) for n in self._adapted_names]
+        return [
+            current[n].unsqueeze(0).expand(tasks, *current[n].shape) for n in self._adapted_names
+        ]
 
     def _task_losses(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor):
         """Per-task mean losses (T,) of per-task params (T, ...) on x (T, K, ...)."""
@@ -153,8 +171,9 @@ class MAML(nn.Module):
                 if not differentiable:
                     params = [p.detach().requires_grad_() for p in params]
                 losses = self._task_losses(params, x, y)
-                grads = torch.autograd.grad(losses.sum(), params, create_graph=create_graph,
-                                            allow_unused=True)
+                grads = torch.autograd.grad(
+                    losses.sum(), params, create_graph=create_graph, allow_unused=True
+                )
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             params = sgd_update_unchecked(params, grads, lrs)
         if not differentiable:
@@ -187,6 +206,8 @@ class MAML(nn.Module):
         check_same_device(x_name, x, ref.device, "the model's parameters")
         check_same_device(y_name, y, ref.device, "the model's parameters")
         if x.dtype != ref.dtype:
-            raise TypeError(f"{x_name}: expected dtype {ref.dtype} like the model's parameters, "
-                            f"received {x.dtype}")
+            raise TypeError(
+                f"{x_name}: expected dtype {ref.dtype} like the model's parameters, "
+                f"received {x.dtype}"
+            )
         self.loss.check_targets(y_name, y, batched)

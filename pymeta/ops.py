@@ -51,7 +51,9 @@ def sgd_update(
     if not params:
         raise ValueError("params: expected at least one tensor, received an empty sequence")
     if len(grads) != len(params):
-        raise ValueError(f"grads: expected {len(params)} tensors like params, received {len(grads)}")
+        raise ValueError(
+            f"grads: expected {len(params)} tensors like params, received {len(grads)}"
+        )
     lrs = _as_lr_list(lr, params)
     if len(lrs) not in (1, len(params)):
         raise ValueError(f"lr: expected 1 or {len(params)} tensors, received {len(lrs)}")
@@ -62,12 +64,18 @@ def sgd_update(
         if p.dim() < 1:
             raise ValueError(f"params[{i}]: expected shape (T, ...), received a 0-dim tensor")
         if g.shape != p.shape:
-            raise ValueError(f"grads[{i}]: expected shape {tuple(p.shape)}, received {tuple(g.shape)}")
+            raise ValueError(
+                f"grads[{i}]: expected shape {tuple(p.shape)}, received {tuple(g.shape)}"
+            )
         for name, t in ((f"grads[{i}]", g), ("lr", lr_i)):
             if t.dtype != p.dtype:
-                raise TypeError(f"{name}: expected dtype {p.dtype} like params[{i}], received {t.dtype}")
+                raise TypeError(
+                    f"{name}: expected dtype {p.dtype} like params[{i}], received {t.dtype}"
+                )
             if t.device != p.device:
-                raise ValueError(f"{name}: expected device {p.device} like params[{i}], received {t.device}")
+                raise ValueError(
+                    f"{name}: expected device {p.device} like params[{i}], received {t.device}"
+                )
         if lr_i.shape not in ((), p.shape[1:], p.shape):
             raise ValueError(
                 f"lr: expected shape (), {tuple(p.shape[1:])} or {tuple(p.shape)} for params[{i}], "

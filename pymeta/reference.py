@@ -29,7 +29,9 @@ def sgd_update_backward(grads, grad_outputs, lrs, compute_lr_grad: bool):
     grad_grads = [-_lr_of(lrs, i) * u for i, u in enumerate(grad_outputs)]
     if not compute_lr_grad:
         return grad_grads, []
-    parts = [-_reduce_to_lr(g * u, _lr_of(lrs, i)) for i, (g, u) in enumerate(zip(grads, grad_outputs))]
+    parts = [
+        -_reduce_to_lr(g * u, _lr_of(lrs, i)) for i, (g, u) in enumerate(zip(grads, grad_outputs))
+    ]
     if len(lrs) == 1:
         return grad_grads, [sum(parts[1:], parts[0])]
     return grad_grads, parts

@@ -55,8 +55,10 @@ class TaskBatch:
                     f"{y}: expected {kx} examples per task like {x} (dimension 1), received {ky}"
                 )
             if kx == 0:
-                raise ValueError(f"{x}: expected a non-empty set (K > 0), received shape "
-                                 f"{tuple(getattr(self, x).shape)}")
+                raise ValueError(
+                    f"{x}: expected a non-empty set (K > 0), received shape "
+                    f"{tuple(getattr(self, x).shape)}"
+                )
         if self.support_x.shape[2:] != self.query_x.shape[2:]:
             raise ValueError(
                 f"query_x: expected per-example shape {tuple(self.support_x.shape[2:])} like "

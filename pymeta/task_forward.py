@@ -34,7 +34,9 @@ class TaskForward:
 
     def __init__(self, module: nn.Module, vectorize="auto"):
         if vectorize not in VECTORIZE_CHOICES:
-            raise ValueError(f"vectorize: expected one of {VECTORIZE_CHOICES}, received {vectorize!r}")
+            raise ValueError(
+                f"vectorize: expected one of {VECTORIZE_CHOICES}, received {vectorize!r}"
+            )
         self.module = module
         self.can_fall_back = vectorize == "auto"
         self.vectorized = vectorize is True or (vectorize == "auto" and not has_batch_norm(module))

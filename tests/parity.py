@@ -12,13 +12,18 @@ def reference_meta_loss(model, batch, lrs, steps, first_order, loss_fn):
     for t in range(batch.num_tasks):
         params = dict(model.named_parameters())
         for _ in range(steps):
-            loss = loss_fn(functional_call(model, params, (batch.support_x[t],)), batch.support_y[t])
+            loss = loss_fn(
+                functional_call(model, params, (batch.support_x[t],)), batch.support_y[t]
+            )
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order)
             params = {
-                n: params[n] - (lrs[0] if len(lrs) == 1 else lrs[i]) * (g.detach() if first_order else g)
+                n: params[n]
+                - (lrs[0] if len(lrs) == 1 else lrs[i]) * (g.detach() if first_order else g)
                 for i, (n, g) in enumerate(zip(names, grads))
             }
-        losses.append(loss_fn(functional_call(model, params, (batch.query_x[t],)), batch.query_y[t]))
+        losses.append(
+            loss_fn(functional_call(model, params, (batch.query_x[t],)), batch.query_y[t])
+        )
     return torch.stack(losses).mean()
 
 

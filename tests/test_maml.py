@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from parity import reference_meta_loss, rel_err
 from torch import nn
 
 import pymeta
-from parity import reference_meta_loss, rel_err
 
 TOL = 1e-10
 
@@ -24,23 +24,34 @@ def mlp(widths=(1, 40, 40, 1), act=nn.ReLU):
 
 def conv_bn_net(n_way=3):
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, n_way),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, n_way),
     ).double()
 
 
 def regression_batch(tasks=4, k=5, q=6, seed=0, features=1):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return pymeta.TaskBatch(r(tasks, k, features), r(tasks, k, 1), r(tasks, q, features), r(tasks, q, 1))
+    return pymeta.TaskBatch(
+        r(tasks, k, features), r(tasks, k, 1), r(tasks, q, features), r(tasks, q, 1)
+    )
 
 
 def image_batch(tasks=3, n_way=3, k=2, q=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     labels = lambda n: torch.arange(n_way).repeat_interleave(n).expand(tasks, -1).contiguous()  # noqa: E731
-    return pymeta.TaskBatch(r(tasks, n_way * k, 1, 8, 8), labels(k), r(tasks, n_way * q, 1, 8, 8), labels(q))
+    return pymeta.TaskBatch(
+        r(tasks, n_way * k, 1, 8, 8), labels(k), r(tasks, n_way * q, 1, 8, 8), labels(q)
+    )
 
 
 def assert_parity(maml, batch, steps, first_order, loss_fn):
@@ -48,13 +59,18 @@ def assert_parity(maml, batch, steps, first_order, loss_fn):
     meta_params = list(maml.parameters())
     loss = maml.meta_loss(batch)
     grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
-    ref_loss = reference_meta_loss(maml.module, batch, maml.inner_lr.as_list(), steps, first_order, loss_fn)
+    ref_loss = reference_meta_loss(
+        maml.module, batch, maml.inner_lr.as_list(), steps, first_order, loss_fn
+    )
     ref_grads = torch.autograd.grad(ref_loss, meta_params, allow_unused=True)
     assert rel_err(loss, ref_loss) < TOL
     for p, g, r in zip(meta_params, grads, ref_grads):
         g = torch.zeros_like(p) if g is None else g
         r = torch.zeros_like(p) if r is None else r
-        assert rel_err(g, r) < TOL or float((g - r).abs().max()) < 1e-14, (tuple(p.shape), rel_err(g, r))
+        assert rel_err(g, r) < TOL or float((g - r).abs().max()) < 1e-14, (
+            tuple(p.shape),
+            rel_err(g, r),
+        )
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -63,8 +79,14 @@ def assert_parity(maml, batch, steps, first_order, loss_fn):
 @pytest.mark.parametrize("vectorize", ["auto", False])
 def test_mlp_parity(steps, first_order, learn_inner_lr, vectorize):
     torch.manual_seed(1)
-    maml = pymeta.MAML(mlp(), inner_lr=0.05, inner_steps=steps, first_order=first_order,
-                       learn_inner_lr=learn_inner_lr, vectorize=vectorize)
+    maml = pymeta.MAML(
+        mlp(),
+        inner_lr=0.05,
+        inner_steps=steps,
+        first_order=first_order,
+        learn_inner_lr=learn_inner_lr,
+        vectorize=vectorize,
+    )
     assert maml._forward.vectorized is (vectorize == "auto")
     assert_parity(maml, regression_batch(), steps, first_order, F.mse_loss)
 
@@ -72,8 +94,13 @@ def test_mlp_parity(steps, first_order, learn_inner_lr, vectorize):
 @pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid, nn.LeakyReLU])
 def test_mlp_parity_cross_entropy_activations(act):
     torch.manual_seed(2)
-    maml = pymeta.MAML(mlp((6, 16, 16, 4), act), inner_lr=0.3, inner_steps=3, loss="cross_entropy",
-                       learn_inner_lr="per_parameter")
+    maml = pymeta.MAML(
+        mlp((6, 16, 16, 4), act),
+        inner_lr=0.3,
+        inner_steps=3,
+        loss="cross_entropy",
+        learn_inner_lr="per_parameter",
+    )
     g = torch.Generator().manual_seed(3)
     x = lambda k: torch.randn(5, k, 6, generator=g, dtype=torch.float64)  # noqa: E731
     y = lambda k: torch.randint(0, 4, (5, k), generator=g)  # noqa: E731
@@ -85,8 +112,14 @@ def test_mlp_parity_cross_entropy_activations(act):
 @pytest.mark.parametrize("learn_inner_lr", [False, "scalar", "per_parameter"])
 def test_conv_batchnorm_parity(steps, first_order, learn_inner_lr):
     torch.manual_seed(4)
-    maml = pymeta.MAML(conv_bn_net(), inner_lr=0.2, inner_steps=steps, first_order=first_order,
-                       loss="cross_entropy", learn_inner_lr=learn_inner_lr)
+    maml = pymeta.MAML(
+        conv_bn_net(),
+        inner_lr=0.2,
+        inner_steps=steps,
+        first_order=first_order,
+        loss="cross_entropy",
+        learn_inner_lr=learn_inner_lr,
+    )
     # Second order through training-mode batch norm is wrong under vmap in torch 2.13: the
     # module must run task by task.
     assert maml._forward.vectorized is False
@@ -190,7 +223,9 @@ def test_state_dict_round_trip_includes_learned_lrs():
 def test_sinusoid_meta_training_learns_to_adapt():
     """A short run: post-adaptation MSE ends well below pre-adaptation MSE."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    model = nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
     maml = pymeta.MAML(model, inner_lr=0.01, inner_steps=1)
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
     tasks = pymeta.tasks.Sinusoid(k_support=10, k_query=10)
@@ -201,5 +236,7 @@ def test_sinusoid_meta_training_learns_to_adapt():
         opt.step()
     test = tasks.sample(200, torch.Generator().manual_seed(123))
     before = F.mse_loss(maml(test.query_x), test.query_y).item()
-    after = F.mse_loss(maml.adapt(test.support_x, test.support_y, steps=10)(test.query_x), test.query_y).item()
+    after = F.mse_loss(
+        maml.adapt(test.support_x, test.support_y, steps=10)(test.query_x), test.query_y
+    ).item()
     assert after < 0.6 * before, (before, after)

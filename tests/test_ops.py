@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from parity import rel_err
 
 import pymeta
 from pymeta import reference
-
-from parity import rel_err
 
 SHAPES = [(3, 4, 5), (3, 5), (3, 2, 3, 3)]
 
@@ -15,7 +14,11 @@ def make(shapes, dtype, device, layout, requires_grad=False, shared=False, seed=
     g = torch.Generator().manual_seed(seed)
 
     def rnd(shape):
-        return torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(requires_grad)
+        return (
+            torch.randn(shape, generator=g, dtype=torch.float64)
+            .to(device, dtype)
+            .requires_grad_(requires_grad)
+        )
 
     params = [rnd(s) for s in shapes]
     grads = [rnd(s) for s in shapes]
@@ -64,18 +67,24 @@ def test_empty_tensors(device):
     p = torch.zeros(0, 3, dtype=torch.float64, device=device)
     (out,) = torch.ops.pymeta.sgd_update([p], [p.clone()], [torch.tensor(0.1, dtype=torch.float64)])
     assert out.shape == (0, 3)
-    (out,) = torch.ops.pymeta.sgd_update([torch.zeros(2, 0)], [torch.zeros(2, 0)], [torch.tensor(1.0)])
+    (out,) = torch.ops.pymeta.sgd_update(
+        [torch.zeros(2, 0)], [torch.zeros(2, 0)], [torch.tensor(1.0)]
+    )
     assert out.shape == (2, 0)
 
 
 def _flat_op(n, n_lrs):
     def f(*args):
-        return tuple(torch.ops.pymeta.sgd_update(list(args[:n]), list(args[n : 2 * n]), list(args[2 * n :])))
+        return tuple(
+            torch.ops.pymeta.sgd_update(list(args[:n]), list(args[n : 2 * n]), list(args[2 * n :]))
+        )
 
     return f
 
 
-@pytest.mark.parametrize("layout, shared", [(layout, False) for layout in LAYOUTS] + [("scalar", True)])
+@pytest.mark.parametrize(
+    "layout, shared", [(layout, False) for layout in LAYOUTS] + [("scalar", True)]
+)
 def test_gradcheck_and_gradgradcheck(layout, shared):
     params, grads, lrs = make([(2, 3, 2), (2, 3)], torch.float64, "cpu", layout, True, shared)
     inputs = (*params, *grads, *lrs)
@@ -95,7 +104,9 @@ def test_backward_op_matches_reference_and_is_twice_differentiable():
     assert no_lr == []
 
     def f(*args):
-        gg, gl = torch.ops.pymeta.sgd_update_backward(list(args[0:2]), list(args[2:4]), list(args[4:6]), True)
+        gg, gl = torch.ops.pymeta.sgd_update_backward(
+            list(args[0:2]), list(args[2:4]), list(args[4:6]), True
+        )
         return (*gg, *gl)
 
     inputs = (*grads, *outs, *lrs)
@@ -109,7 +120,12 @@ def test_opcheck(layout):
     torch.library.opcheck(torch.ops.pymeta.sgd_update.default, (params, grads, lrs))
     torch.library.opcheck(
         torch.ops.pymeta.sgd_update_backward.default,
-        ([g.detach() for g in grads], [p.detach() for p in params], [lr.detach() for lr in lrs], True),
+        (
+            [g.detach() for g in grads],
+            [p.detach() for p in params],
+            [lr.detach() for lr in lrs],
+            True,
+        ),
     )
 
 
@@ -141,11 +157,35 @@ def _ok():
     [
         (lambda p, g, lr: ([], g, lr), ValueError, r"params: expected at least one"),
         (lambda p, g, lr: (p, g + g, lr), ValueError, r"grads: expected 1 tensors"),
-        (lambda p, g, lr: (p, [torch.zeros(2, 4, dtype=torch.float64)], lr), ValueError, r"grads\[0\]: expected shape \(2, 3\)"),
-        (lambda p, g, lr: (p, [g[0].float()], lr), TypeError, r"grads\[0\]: expected dtype torch.float64"),
-        (lambda p, g, lr: (p, g, [torch.zeros(5, dtype=torch.float64)]), ValueError, r"lr: expected shape \(\), \(3,\)"),
-        (lambda p, g, lr: ([p[0].long()], g, lr), TypeError, r"params\[0\]: expected a floating-point"),
-        (lambda p, g, lr: ([torch.tensor(1.0, dtype=torch.float64)], [torch.tensor(1.0, dtype=torch.float64)], lr), ValueError, r"params\[0\]: expected shape \(T, \.\.\.\)"),
+        (
+            lambda p, g, lr: (p, [torch.zeros(2, 4, dtype=torch.float64)], lr),
+            ValueError,
+            r"grads\[0\]: expected shape \(2, 3\)",
+        ),
+        (
+            lambda p, g, lr: (p, [g[0].float()], lr),
+            TypeError,
+            r"grads\[0\]: expected dtype torch.float64",
+        ),
+        (
+            lambda p, g, lr: (p, g, [torch.zeros(5, dtype=torch.float64)]),
+            ValueError,
+            r"lr: expected shape \(\), \(3,\)",
+        ),
+        (
+            lambda p, g, lr: ([p[0].long()], g, lr),
+            TypeError,
+            r"params\[0\]: expected a floating-point",
+        ),
+        (
+            lambda p, g, lr: (
+                [torch.tensor(1.0, dtype=torch.float64)],
+                [torch.tensor(1.0, dtype=torch.float64)],
+                lr,
+            ),
+            ValueError,
+            r"params\[0\]: expected shape \(T, \.\.\.\)",
+        ),
         (lambda p, g, lr: (p, g, "fast"), TypeError, r"lr: expected a float"),
     ],
 )
@@ -157,7 +197,9 @@ def test_public_wrapper_bad_input(mutate, exc, match):
 
 def test_raw_op_checks_name_the_argument():
     p, g, lr = _ok()
-    with pytest.raises(RuntimeError, match=r"pymeta::sgd_update: grads\[0\] must have shape \[2, 3\]"):
+    with pytest.raises(
+        RuntimeError, match=r"pymeta::sgd_update: grads\[0\] must have shape \[2, 3\]"
+    ):
         torch.ops.pymeta.sgd_update(p, [torch.zeros(3, 2, dtype=torch.float64)], lr)
     with pytest.raises(RuntimeError, match=r"expected 1 lr or one per param"):
         torch.ops.pymeta.sgd_update(p + p, g + g, lr * 3)
@@ -167,7 +209,9 @@ def test_raw_op_checks_name_the_argument():
 
 def test_output_keeps_the_gradient_layout_without_copies():
     # Under vmap, autograd returns transposed weight gradients; the kernel walks them as they are.
-    p = torch.randn(5, 6, dtype=torch.float64).unsqueeze(0).expand(4, 5, 6)  # an expanded meta-param
+    p = (
+        torch.randn(5, 6, dtype=torch.float64).unsqueeze(0).expand(4, 5, 6)
+    )  # an expanded meta-param
     g = torch.randn(4, 6, 5, dtype=torch.float64).transpose(1, 2)
     (out,) = torch.ops.pymeta.sgd_update([p], [g], [torch.tensor(0.1, dtype=torch.float64)])
     assert out.stride() == g.stride()

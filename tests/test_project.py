@@ -15,7 +15,9 @@ def test_compiled_core_is_loaded_with_openmp():
     assert pymeta.HAS_COMPILED_CORE
     assert _C.with_openmp(), "built without -fopenmp: at::parallel_for would run on one thread"
     assert _C.with_cuda() == (torch.version.cuda is not None and _C.with_cuda())
-    assert hasattr(torch.ops.pymeta, "sgd_update") and hasattr(torch.ops.pymeta, "sgd_update_backward")
+    assert hasattr(torch.ops.pymeta, "sgd_update") and hasattr(
+        torch.ops.pymeta, "sgd_update_backward"
+    )
 
 
 def test_ci_runs_the_readme_test_command():

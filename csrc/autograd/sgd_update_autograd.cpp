@@ -55,8 +55,6 @@ bool any_requires_grad(at::TensorList tensors) {
   return false;
 }
 
-const at::Tensor& lr_of(const variable_list& lrs, size_t i) { return lrs.size() == 1 ? lrs[0] : lrs[i]; }
-
 // Sums x (T, ...) down to lr's shape: (), (...) or (T, ...).
 at::Tensor reduce_to_lr(const at::Tensor& x, const at::Tensor& lr) {
   if (lr.dim() == 0) return x.sum();

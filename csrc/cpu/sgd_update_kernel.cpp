@@ -18,8 +18,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-const at::Tensor& lr_of(at::TensorList lrs, size_t i) { return lrs.size() == 1 ? lrs[0] : lrs[i]; }
-
 // out = a - lr * b elementwise, lr a scalar or a tensor broadcast to a's shape. With
 // `b_only`, out = -lr * b (the backward with respect to the gradient).
 at::Tensor axpy_like(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lr,
@@ -113,10 +111,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_update_backward
     const LrLayout layout = check_sgd_triple(op, i, grads[i], grad_outputs[i], lr);
     grad_grads.push_back(axpy_like(grad_outputs[i], grad_outputs[i], lr, layout, true));
     if (!compute_lr_grad) continue;
-    // d/d lr = -sum(g * u) over the dimensions the lr is broadcast along.
-    at::Tensor part = sgd_lr_grad_reduce(grads[i], grad_outputs[i], layout);
-    at::Tensor& acc = grad_lrs[lrs.size() == 1 ? 0 : i];
-    acc = acc.defined() ? acc.add(part) : part;
+    add_lr_grad(grad_lrs, i, grads[i], grad_outputs[i], layout);
   }
   return {std::move(grad_grads), std::move(grad_lrs)};
 }

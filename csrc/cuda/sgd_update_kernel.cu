@@ -45,8 +45,6 @@ __global__ void sgd_grad_wrt_grad_kernel(const scalar_t* __restrict__ u,
   }
 }
 
-const at::Tensor& lr_of(at::TensorList lrs, size_t i) { return lrs.size() == 1 ? lrs[0] : lrs[i]; }
-
 std::vector<at::Tensor> sgd_update_cuda(at::TensorList params, at::TensorList grads,
                                         at::TensorList lrs) {
   constexpr const char* op = "pymeta::sgd_update";
@@ -97,11 +95,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_update_backward
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
-    if (compute_lr_grad) {
-      at::Tensor part = sgd_lr_grad_reduce(grads[i], u, layout);
-      at::Tensor& acc = grad_lrs[lrs.size() == 1 ? 0 : i];
-      acc = acc.defined() ? acc.add(part) : part;
-    }
+    if (compute_lr_grad) add_lr_grad(grad_lrs, i, grads[i], u, layout);
     grad_grads.push_back(std::move(gg));
   }
   return {std::move(grad_grads), std::move(grad_lrs)};

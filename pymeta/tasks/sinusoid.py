@@ -20,13 +20,23 @@ class Sinusoid:
         dtype, device: of the sampled tensors.
     """
 
-    def __init__(self, k_support: int = 10, k_query: int = 10, amplitude=(0.1, 5.0),
-                 phase=(0.0, math.pi), x_range=(-5.0, 5.0), dtype=torch.float32, device="cpu"):
+    def __init__(
+        self,
+        k_support: int = 10,
+        k_query: int = 10,
+        amplitude=(0.1, 5.0),
+        phase=(0.0, math.pi),
+        x_range=(-5.0, 5.0),
+        dtype=torch.float32,
+        device="cpu",
+    ):
         self.k_support = check_positive_int("k_support", k_support)
         self.k_query = check_positive_int("k_query", k_query)
         for name, (low, high) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
             if not low <= high:
-                raise ValueError(f"{name}: expected (low, high) with low <= high, received {(low, high)}")
+                raise ValueError(
+                    f"{name}: expected (low, high) with low <= high, received {(low, high)}"
+                )
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
         self.dtype, self.device = dtype, torch.device(device)
 

@@ -240,3 +240,28 @@ def test_sinusoid_meta_training_learns_to_adapt():
         maml.adapt(test.support_x, test.support_y, steps=10)(test.query_x), test.query_y
     ).item()
     assert after < 0.6 * before, (before, after)
+
+
+class DataDependent(nn.Module):
+    """Control flow on a tensor's value: vmap cannot batch it, the loop can."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out * 2 if float(out.detach().sum()) > 0 else out
+
+
+def test_auto_falls_back_to_the_task_loop_when_vmap_fails():
+    torch.manual_seed(10)
+    auto = pymeta.MAML(DataDependent().double(), inner_steps=2)
+    batch = regression_batch()
+    with pytest.warns(UserWarning, match="cannot be vmapped"):
+        loss = auto.meta_loss(batch)
+    assert auto._forward.vectorized is False
+    loop = pymeta.MAML(auto.module, inner_steps=2, vectorize=False)
+    torch.testing.assert_close(loss, loop.meta_loss(batch), rtol=1e-14, atol=0)
+    with pytest.raises(RuntimeError, match="vmap"):
+        pymeta.MAML(auto.module, vectorize=True).meta_loss(batch)

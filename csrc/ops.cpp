@@ -15,4 +15,27 @@ TORCH_LIBRARY(pymeta, m) {
   m.def(
       "sgd_update_backward(Tensor[] grads, Tensor[] grad_outputs, Tensor[] lrs, "
       "bool compute_lr_grad) -> (Tensor[] grad_grads, Tensor[] grad_lrs)");
+
+  // Model-aware MAML on an MLP, the whole meta-step in one call: for every task, the inner loop
+  // on the support set, the weighted query losses, and (compute_grads) the exact meta-gradient
+  // by a reverse sweep over the inner steps with Hessian-vector products (R-operator).
+  //   params: W_1, [b_1], W_2, [b_2], ... with W_l (out_l, in_l), b_l (out_l); shared by tasks.
+  //   lrs: lr_mode 0: [()]; 1: [(steps, n_adapted_layers)]; 2: one per adapted param, its shape.
+  //   support_x (T, K, in_1), query_x (T, Q, in_1); targets (T, K, out_L) floats for MSE
+  //   (loss 0) or (T, K) int64 classes for cross-entropy (loss 1).
+  //   layers: per layer [activation, has_bias, adapted]; activation_args: per layer (slope).
+  //   step_weights (steps,): weight of the query loss after each inner step.
+  // Returns the weighted query loss averaged over tasks, its gradient for each param (empty
+  // unless compute_grads) and each lr (empty unless compute_lr_grads), and the per-task
+  // weighted query losses (T,).
+  m.def(
+      "mlp_maml_loss(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
+      "Tensor query_x, Tensor query_y, int[] layers, float[] activation_args, "
+      "float[] step_weights, int lr_mode, int loss, bool first_order, bool compute_grads, "
+      "bool compute_lr_grads) "
+      "-> (Tensor loss, Tensor[] grad_params, Tensor[] grad_lrs, Tensor task_losses)");
+  // The inner loop alone (fast adaptation): per-task adapted params, each (T, *param.shape).
+  m.def(
+      "mlp_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
+      "int[] layers, float[] activation_args, int steps, int lr_mode, int loss) -> Tensor[]");
 }

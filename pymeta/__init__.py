@@ -3,6 +3,7 @@
 Public API:
     TaskBatch: a meta-batch of tasks, task dimension first.
     MAML: model-agnostic MAML around any nn.Module.
+    ModelAwareMAML: MLP MAML with the inner loop and exact meta-gradient in the compiled core.
     tasks: task samplers (Sinusoid).
     ops: the fused, task-batched functional ops (``torch.ops.pymeta.*``).
 """
@@ -17,11 +18,13 @@ from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.learner import Learner
 from pymeta.maml import MAML
+from pymeta.model_aware import ModelAwareMAML
 from pymeta.task_batch import TaskBatch
 
 __version__ = "0.1.0"
 __all__ = [
     "MAML",
+    "ModelAwareMAML",
     "TaskBatch",
     "AdaptedModel",
     "Learner",

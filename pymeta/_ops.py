@@ -36,3 +36,33 @@ if HAS_COMPILED_CORE:
         grad_grads = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
         grad_lrs = [torch.empty_like(lr) for lr in lrs] if compute_lr_grad else []
         return grad_grads, grad_lrs
+
+    @torch.library.register_fake("pymeta::mlp_maml_loss")
+    def _mlp_maml_loss_fake(
+        params,
+        lrs,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        layers,
+        activation_args,
+        step_weights,
+        lr_mode,
+        loss,
+        first_order,
+        compute_grads,
+        compute_lr_grads,
+    ):
+        ref = params[0]
+        grads = [torch.empty_like(p) for p in params] if compute_grads else []
+        lr_grads = (
+            [torch.empty_like(lr) for lr in lrs] if compute_grads and compute_lr_grads else []
+        )
+        return ref.new_empty(()), grads, lr_grads, ref.new_empty(support_x.shape[0])
+
+    @torch.library.register_fake("pymeta::mlp_adapt")
+    def _mlp_adapt_fake(
+        params, lrs, support_x, support_y, layers, activation_args, steps, lr_mode, loss
+    ):
+        return [p.new_empty((support_x.shape[0], *p.shape)) for p in params]

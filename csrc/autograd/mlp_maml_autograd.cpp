@@ -1,0 +1,121 @@
+// Autograd of the model-aware MLP core. mlp_maml_loss computes the exact meta-gradient in the
+// same call as the loss, so its backward only scales the stored gradients by the incoming one.
+// That gradient is exact but not differentiable again: create_graph=True through it is refused.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace pymeta {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using MlpMamlLossResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+using MlpMamlLossFn = MlpMamlLossResult(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                        at::ArrayRef<double>, at::ArrayRef<double>, int64_t, int64_t, bool,
+                                        bool, bool);
+using MlpAdaptFn = std::vector<at::Tensor>(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
+                                           at::IntArrayRef, at::ArrayRef<double>, int64_t, int64_t, int64_t);
+
+// The op's non-tensor arguments, passed to the autograd Function as one value.
+struct MlpOptions {
+  at::IntArrayRef layers;
+  at::ArrayRef<double> activation_args, step_weights;
+  int64_t lr_mode, loss;
+  bool first_order, compute_grads, compute_lr_grads;
+};
+
+bool any_requires_grad(at::TensorList tensors) {
+  for (const auto& t : tensors) {
+    if (t.requires_grad()) return true;
+  }
+  return false;
+}
+
+class MlpMamlLoss : public torch::autograd::Function<MlpMamlLoss> {
+ public:
+  // Returns loss, task_losses, grad_params..., grad_lrs...
+  static variable_list forward(AutogradContext* ctx, at::TensorList params, at::TensorList lrs,
+                               const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& qx,
+                               const at::Tensor& qy, const MlpOptions& o) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pymeta::mlp_maml_loss", "")
+                         .typed<MlpMamlLossFn>();
+    const bool need_params = any_requires_grad(params);
+    const bool need_lrs = any_requires_grad(lrs);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, grad_params, grad_lrs, task_losses] =
+        op.call(params, lrs, sx, sy, qx, qy, o.layers, o.activation_args, o.step_weights, o.lr_mode, o.loss,
+                o.first_order, o.compute_grads || need_params || need_lrs, o.compute_lr_grads || need_lrs);
+    ctx->saved_data["n_params"] = static_cast<int64_t>(params.size());
+    ctx->saved_data["n_lrs"] = static_cast<int64_t>(lrs.size());
+    ctx->saved_data["grad_params"] = grad_params;
+    ctx->saved_data["grad_lrs"] = grad_lrs;
+    variable_list out{loss, task_losses};
+    out.insert(out.end(), grad_params.begin(), grad_params.end());
+    out.insert(out.end(), grad_lrs.begin(), grad_lrs.end());
+    ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "pymeta::mlp_maml_loss: the model-aware meta-gradient is exact but ",
+                "cannot be differentiated again (create_graph=True); use pymeta.MAML for higher-order gradients");
+    const int64_t n_params = ctx->saved_data["n_params"].toInt();
+    const int64_t n_lrs = ctx->saved_data["n_lrs"].toInt();
+    const auto grad_params = ctx->saved_data["grad_params"].toTensorVector();
+    const auto grad_lrs = ctx->saved_data["grad_lrs"].toTensorVector();
+    const at::Tensor& scale = grad_outputs[0];
+    // One slot per forward input: params, lrs, the four data tensors, the options.
+    variable_list result(n_params + n_lrs + 5);
+    for (int64_t i = 0; i < n_params && i < static_cast<int64_t>(grad_params.size()); ++i) {
+      result[i] = grad_params[i] * scale;
+    }
+    for (int64_t i = 0; i < n_lrs && i < static_cast<int64_t>(grad_lrs.size()); ++i) {
+      result[n_params + i] = grad_lrs[i] * scale;
+    }
+    return result;
+  }
+};
+
+MlpMamlLossResult mlp_maml_loss_autograd(at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
+                                         const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy,
+                                         at::IntArrayRef layers, at::ArrayRef<double> activation_args,
+                                         at::ArrayRef<double> step_weights, int64_t lr_mode, int64_t loss,
+                                         bool first_order, bool compute_grads, bool compute_lr_grads) {
+  const MlpOptions o{layers, activation_args, step_weights, lr_mode, loss, first_order, compute_grads,
+                     compute_lr_grads};
+  variable_list out = MlpMamlLoss::apply(params, lrs, sx, sy, qx, qy, o);
+  std::vector<at::Tensor> grad_params, grad_lrs;
+  // out = [loss, task_losses, grad_params..., grad_lrs...] with the gradients present when they
+  // were computed (asked for, or needed by autograd); return them only when asked for.
+  const auto grads_begin = out.begin() + 2, lrs_begin = grads_begin + params.size();
+  if (compute_grads && out.size() > 2) grad_params.assign(grads_begin, lrs_begin);
+  if (compute_grads && compute_lr_grads && out.end() > lrs_begin) grad_lrs.assign(lrs_begin, out.end());
+  return {out[0], grad_params, grad_lrs, out[1]};
+}
+
+// Fast adaptation builds no graph: the adapted params are plain tensors.
+std::vector<at::Tensor> mlp_adapt_autograd(at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
+                                           const at::Tensor& sy, at::IntArrayRef layers,
+                                           at::ArrayRef<double> activation_args, int64_t steps, int64_t lr_mode,
+                                           int64_t loss) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pymeta::mlp_adapt", "").typed<MlpAdaptFn>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(params, lrs, sx, sy, layers, activation_args, steps, lr_mode, loss);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pymeta, Autograd, m) {
+  m.impl("mlp_maml_loss", &mlp_maml_loss_autograd);
+  m.impl("mlp_adapt", &mlp_adapt_autograd);
+}
+
+}  // namespace pymeta

@@ -1,0 +1,578 @@
+// CPU kernels of the model-aware MLP core (mlp_maml_loss, mlp_adapt). Tasks are spread over
+// threads with at::parallel_for; each thread runs its tasks one at a time through the whole
+// meta-step with its own workspace, so there is no per-op dispatch inside the inner loop and
+// memory is one task's worth per thread: the inner-step parameter iterates, and activations
+// that the reverse sweep recomputes instead of keeping.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "mlp_net.h"
+#include "small_gemm.h"
+
+namespace pymeta {
+namespace {
+
+// One task's targets: floats (rows, out) for MSE, class indices (rows) for cross-entropy.
+template <typename T>
+struct Targets {
+  const T* values = nullptr;
+  const int64_t* labels = nullptr;
+};
+
+// Forward, backward and R-operator (Hessian-vector) passes of one task's MLP, on a flat
+// parameter vector theta laid out as MlpNet describes. Buffers are sized once for max_rows.
+template <typename T>
+class MlpTask {
+ public:
+  MlpTask(const MlpNet& net, int64_t max_rows, LossKind loss) : net_(net), loss_(loss) {
+    const size_t n = net.layers.size();
+    for (auto* buf : {&a_, &h_, &e_, &d_, &ra_, &rh_, &re_, &rd_}) buf->resize(n);
+    for (size_t l = 0; l < n; ++l) {
+      const size_t size = static_cast<size_t>(max_rows * net.layers[l].out);
+      for (auto* buf : {&a_, &h_, &e_, &d_, &ra_, &rh_, &re_, &rd_}) (*buf)[l].assign(size, T(0));
+    }
+    softmax_.assign(static_cast<size_t>(max_rows * net.out_features()), T(0));
+    r_zero_.assign(n, true);
+  }
+
+  // Activations of every layer at theta for x (rows, in).
+  void forward(const T* theta, const T* x, int64_t rows) {
+    x_ = x;
+    for (size_t l = 0; l < net_.layers.size(); ++l) {
+      const MlpLayer& L = net_.layers[l];
+      T* a = a_[l].data();
+      gemm<T>(false, true, rows, L.out, L.in, input(l), theta + L.w_off, T(0), a);
+      if (L.bias) add_rows(a, theta + L.b_off, rows, L.out);
+      T* h = h_[l].data();
+      const T slope = static_cast<T>(L.slope);
+      for (int64_t k = 0; k < rows * L.out; ++k) h[k] = activate<T>(L.act, a[k], slope);
+    }
+  }
+
+  // Mean loss of the last forward; with `grad`, also dL/dh of the output layer.
+  T loss(const Targets<T>& tgt, int64_t rows, bool grad) {
+    const int64_t c = net_.out_features();
+    const T* h = h_.back().data();
+    T* d = d_.back().data();
+    T total = T(0);
+    if (loss_ == LossKind::kMse) {
+      const T n = static_cast<T>(rows * c);
+      for (int64_t k = 0; k < rows * c; ++k) {
+        const T diff = h[k] - tgt.values[k];
+        total += diff * diff;
+        if (grad) d[k] = T(2) * diff / n;
+      }
+      return total / n;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* hi = h + i * c;
+      T m = hi[0];
+      for (int64_t j = 1; j < c; ++j) m = std::max(m, hi[j]);
+      T sum = T(0);
+      for (int64_t j = 0; j < c; ++j) sum += std::exp(hi[j] - m);
+      const T lse = m + std::log(sum);
+      const int64_t y = tgt.labels[i];
+      total += lse - hi[y];
+      if (grad) {
+        T* si = softmax_.data() + i * c;
+        T* di = d + i * c;
+        for (int64_t j = 0; j < c; ++j) {
+          si[j] = std::exp(hi[j] - lse);
+          di[j] = si[j] / static_cast<T>(rows);
+        }
+        di[y] -= T(1) / static_cast<T>(rows);
+      }
+    }
+    return total / static_cast<T>(rows);
+  }
+
+  // Gradients of layers >= lowest into g (flat); keeps dL/da and dL/dh for hvp().
+  void backward(const T* theta, int64_t rows, int64_t lowest, T* g) {
+    for (int64_t l = static_cast<int64_t>(net_.layers.size()) - 1; l >= lowest; --l) {
+      const MlpLayer& L = net_.layers[l];
+      const T* a = a_[l].data();
+      const T* h = h_[l].data();
+      const T* d = d_[l].data();
+      T* e = e_[l].data();
+      const T slope = static_cast<T>(L.slope);
+      for (int64_t k = 0; k < rows * L.out; ++k) e[k] = d[k] * activation_d1<T>(L.act, a[k], h[k], slope);
+      gemm<T>(true, false, L.out, L.in, rows, e, input(l), T(0), g + L.w_off);
+      if (L.bias) column_sums(e, rows, L.out, g + L.b_off, false);
+      if (l > lowest) gemm<T>(false, false, rows, L.in, L.out, e, theta + L.w_off, T(0), d_[l - 1].data());
+    }
+  }
+
+  // hu = H u, the Hessian of the last loss at theta applied to u (zero outside adapted
+  // layers), by forward-over-reverse differentiation (Pearlmutter's R-operator). Needs
+  // forward(), loss(grad=true) and backward(lowest=0) at the same theta and inputs.
+  void hvp(const T* theta, const T* u, int64_t rows, T* hu) {
+    const size_t n = net_.layers.size();
+    // R-forward: R{a_l} = R{h_{l-1}} W^T + h_{l-1} dW^T + db, R{h_l} = act'(a_l) R{a_l}.
+    for (size_t l = 0; l < n; ++l) {
+      const MlpLayer& L = net_.layers[l];
+      const bool from_below = l > 0 && !r_zero_[l - 1];
+      r_zero_[l] = !from_below && !L.adapted;
+      if (r_zero_[l]) continue;
+      T* ra = ra_[l].data();
+      if (from_below) {
+        gemm<T>(false, true, rows, L.out, L.in, rh_[l - 1].data(), theta + L.w_off, T(0), ra);
+      } else {
+        std::fill(ra, ra + rows * L.out, T(0));
+      }
+      if (L.adapted) {
+        gemm<T>(false, true, rows, L.out, L.in, input(l), u + L.w_off, T(1), ra);
+        if (L.bias) add_rows(ra, u + L.b_off, rows, L.out);
+      }
+      const T* a = a_[l].data();
+      const T* h = h_[l].data();
+      T* rh = rh_[l].data();
+      const T slope = static_cast<T>(L.slope);
+      for (int64_t k = 0; k < rows * L.out; ++k) rh[k] = activation_d1<T>(L.act, a[k], h[k], slope) * ra[k];
+    }
+    // R{dL/dh} at the output: the loss Hessian applied to R{h}.
+    const int64_t c = net_.out_features();
+    const T* rh_out = rh_.back().data();
+    T* rd = rd_.back().data();
+    if (loss_ == LossKind::kMse) {
+      const T scale = T(2) / static_cast<T>(rows * c);
+      for (int64_t k = 0; k < rows * c; ++k) rd[k] = scale * rh_out[k];
+    } else {
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* si = softmax_.data() + i * c;
+        const T* ri = rh_out + i * c;
+        T dot = T(0);
+        for (int64_t j = 0; j < c; ++j) dot += si[j] * ri[j];
+        for (int64_t j = 0; j < c; ++j) rd[i * c + j] = si[j] * (ri[j] - dot) / static_cast<T>(rows);
+      }
+    }
+    // R-backward: R{e_l} = R{d_l} act' + d_l act'' R{a_l}; H u for W_l = R{e_l}^T h_{l-1} +
+    // e_l^T R{h_{l-1}}, for b_l = sum R{e_l}; R{d_{l-1}} = R{e_l} W_l + e_l dW_l.
+    for (int64_t l = static_cast<int64_t>(n) - 1; l >= 0; --l) {
+      const MlpLayer& L = net_.layers[l];
+      const T* a = a_[l].data();
+      const T* h = h_[l].data();
+      const T* d = d_[l].data();
+      const T* rdl = rd_[l].data();
+      T* re = re_[l].data();
+      const T slope = static_cast<T>(L.slope);
+      const bool curved = !activation_is_piecewise_linear(L.act) && !r_zero_[l];
+      const T* ra = ra_[l].data();
+      for (int64_t k = 0; k < rows * L.out; ++k) {
+        T r = rdl[k] * activation_d1<T>(L.act, a[k], h[k], slope);
+        if (curved) r += d[k] * activation_d2<T>(L.act, a[k], h[k]) * ra[k];
+        re[k] = r;
+      }
+      gemm<T>(true, false, L.out, L.in, rows, re, input(l), T(0), hu + L.w_off);
+      if (l > 0 && !r_zero_[l - 1]) {
+        gemm<T>(true, false, L.out, L.in, rows, e_[l].data(), rh_[l - 1].data(), T(1), hu + L.w_off);
+      }
+      if (L.bias) column_sums(re, rows, L.out, hu + L.b_off, false);
+      if (l > 0) {
+        T* rd_below = rd_[l - 1].data();
+        gemm<T>(false, false, rows, L.in, L.out, re, theta + L.w_off, T(0), rd_below);
+        if (L.adapted) gemm<T>(false, false, rows, L.in, L.out, e_[l].data(), u + L.w_off, T(1), rd_below);
+      }
+    }
+  }
+
+ private:
+  const T* input(size_t l) const { return l == 0 ? x_ : h_[l - 1].data(); }
+
+  static void add_rows(T* m, const T* row, int64_t rows, int64_t cols) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) m[i * cols + j] += row[j];
+  }
+
+  static void column_sums(const T* m, int64_t rows, int64_t cols, T* out, bool accumulate) {
+    if (!accumulate) std::fill(out, out + cols, T(0));
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) out[j] += m[i * cols + j];
+  }
+
+  const MlpNet& net_;
+  LossKind loss_;
+  const T* x_ = nullptr;
+  // Per layer, (rows, out): pre-activation, output, dL/da, dL/dh and their R{.} tangents.
+  std::vector<std::vector<T>> a_, h_, e_, d_, ra_, rh_, re_, rd_;
+  std::vector<T> softmax_;
+  std::vector<bool> r_zero_;  // R{h_l} is identically zero (below the first adapted layer)
+};
+
+// Everything the per-task pipeline reads, checked and made contiguous once.
+struct Problem {
+  MlpNet net;
+  LossKind loss;
+  LrMode lr_mode;
+  int64_t steps, tasks, k_support, k_query;
+  at::Tensor support_x, support_y, query_x, query_y;
+  std::vector<at::Tensor> params;
+};
+
+void check_targets(const char* op, const char* name, const at::Tensor& y, const at::Tensor& x,
+                   const MlpNet& net, LossKind loss) {
+  TORCH_CHECK(y.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", y.device());
+  if (loss == LossKind::kMse) {
+    TORCH_CHECK(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.size(2) == net.out_features(),
+                op, ": ", name, " must have shape [", x.size(0), ", ", x.size(1), ", ",
+                net.out_features(), "] for MSE, got ", y.sizes());
+    TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ",
+                x.scalar_type(), ", got ", y.scalar_type());
+  } else {
+    TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name,
+                " must have shape [", x.size(0), ", ", x.size(1), "] for cross-entropy, got ", y.sizes());
+    TORCH_CHECK(y.scalar_type() == at::kLong, op, ": ", name, " must hold int64 class indices, got ",
+                y.scalar_type());
+    if (y.numel() > 0) {
+      const int64_t lo = y.min().item<int64_t>(), hi = y.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < net.out_features(), op, ": ", name, " must hold classes in [0, ",
+                  net.out_features(), "), got values in [", lo, ", ", hi, "]");
+    }
+  }
+}
+
+void check_inputs(const char* op, const char* name, const at::Tensor& x, const at::Tensor& ref,
+                  const MlpNet& net) {
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == net.in_features() && x.size(1) > 0, op, ": ", name,
+              " must have shape [T, K>0, ", net.in_features(), "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
+              ref.scalar_type(), " like the params, got ", x.scalar_type());
+  TORCH_CHECK(x.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ",
+              x.device());
+}
+
+Problem make_problem(const char* op, at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
+                     const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy,
+                     at::IntArrayRef layers, at::ArrayRef<double> act_args, int64_t steps,
+                     int64_t lr_mode, int64_t loss) {
+  Problem pb{parse_mlp(op, params, layers, act_args)};
+  TORCH_CHECK(loss == 0 || loss == 1, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
+  TORCH_CHECK(lr_mode >= 0 && lr_mode <= 2, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
+  TORCH_CHECK(steps >= 1, op, ": expected at least one inner step, got ", steps);
+  pb.loss = static_cast<LossKind>(loss);
+  pb.lr_mode = static_cast<LrMode>(lr_mode);
+  pb.steps = steps;
+  const at::Tensor& ref = params[0];
+  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, op,
+              ": params must be float32 or float64, got ", ref.scalar_type());
+  check_inputs(op, "support_x", sx, ref, pb.net);
+  check_targets(op, "support_y", sy, sx, pb.net, pb.loss);
+  pb.tasks = sx.size(0);
+  pb.k_support = sx.size(1);
+  pb.support_x = sx.contiguous();
+  pb.support_y = sy.contiguous();
+  if (qx != nullptr) {
+    check_inputs(op, "query_x", *qx, ref, pb.net);
+    TORCH_CHECK(qx->size(0) == pb.tasks, op, ": query_x has ", qx->size(0), " tasks, support_x has ", pb.tasks);
+    check_targets(op, "query_y", *qy, *qx, pb.net, pb.loss);
+    pb.k_query = qx->size(1);
+    pb.query_x = qx->contiguous();
+    pb.query_y = qy->contiguous();
+  }
+  // Learning-rate layout.
+  if (pb.lr_mode == LrMode::kScalar) {
+    TORCH_CHECK(lrs.size() == 1 && lrs[0].dim() == 0, op, ": lr_mode 0 takes one 0-dim lr");
+  } else if (pb.lr_mode == LrMode::kPerLayerStep) {
+    TORCH_CHECK(lrs.size() == 1 && lrs[0].dim() == 2 && lrs[0].size(0) == steps &&
+                    lrs[0].size(1) == pb.net.num_adapted,
+                op, ": lr_mode 1 takes one lr of shape [", steps, ", ", pb.net.num_adapted, "], got ",
+                lrs.empty() ? at::IntArrayRef{} : lrs[0].sizes());
+  } else {
+    size_t k = 0;
+    for (const MlpLayer& L : pb.net.layers) {
+      if (!L.adapted) continue;
+      for (int64_t p : {L.w_param, L.b_param}) {
+        if (p < 0) continue;
+        TORCH_CHECK(k < lrs.size() && lrs[k].sizes() == params[p].sizes(), op, ": lr_mode 2 takes one lr per adapted param; lrs[",
+                    k, "] must have shape ", params[p].sizes());
+        ++k;
+      }
+    }
+    TORCH_CHECK(k == lrs.size(), op, ": lr_mode 2 expects ", k, " lrs, got ", lrs.size());
+  }
+  for (const auto& lr : lrs) {
+    TORCH_CHECK(lr.scalar_type() == ref.scalar_type() && lr.device() == ref.device(), op,
+                ": lrs must match the params' dtype and device");
+  }
+  for (const auto& p : params) pb.params.push_back(p.contiguous());
+  return pb;
+}
+
+// Copies the params into one flat vector (the layout of MlpNet).
+template <typename T>
+std::vector<T> flatten_params(const Problem& pb) {
+  std::vector<T> flat(pb.net.num_params);
+  int64_t off = 0;
+  for (const auto& p : pb.params) {
+    std::memcpy(flat.data() + off, p.const_data_ptr<T>(), sizeof(T) * p.numel());
+    off += p.numel();
+  }
+  return flat;
+}
+
+// The per-element learning rate of every param element at every step: (steps, P); zero for
+// layers that do not adapt.
+template <typename T>
+std::vector<T> expand_lrs(const Problem& pb, at::TensorList lrs) {
+  const int64_t P = pb.net.num_params;
+  std::vector<T> flat(static_cast<size_t>(pb.steps * P), T(0));
+  size_t k = 0;
+  for (const MlpLayer& L : pb.net.layers) {
+    if (!L.adapted) continue;
+    const int64_t begin = L.w_off, count = L.in * L.out + (L.bias ? L.out : 0);
+    for (int64_t j = 0; j < pb.steps; ++j) {
+      T* dst = flat.data() + j * P + begin;
+      if (pb.lr_mode == LrMode::kScalar) {
+        std::fill(dst, dst + count, lrs[0].item<T>());
+      } else if (pb.lr_mode == LrMode::kPerLayerStep) {
+        std::fill(dst, dst + count, lrs[0].contiguous().const_data_ptr<T>()[j * pb.net.num_adapted + L.adapted_index]);
+      } else {
+        const at::Tensor w = lrs[k].contiguous();
+        std::memcpy(dst, w.const_data_ptr<T>(), sizeof(T) * w.numel());
+        if (L.bias) {
+          const at::Tensor b = lrs[k + 1].contiguous();
+          std::memcpy(dst + L.in * L.out, b.const_data_ptr<T>(), sizeof(T) * b.numel());
+        }
+      }
+    }
+    k += L.bias ? 2 : 1;
+  }
+  return flat;
+}
+
+// Runs one task's inner loop; iterates[j - 1] (P each) holds theta after step j.
+template <typename T>
+void inner_loop(const Problem& pb, MlpTask<T>& work, const T* theta0, const T* lr_flat,
+                const T* sx, const Targets<T>& sy, T* iterates, T* g) {
+  const int64_t P = pb.net.num_params;
+  for (int64_t j = 0; j < pb.steps; ++j) {
+    const T* cur = j == 0 ? theta0 : iterates + (j - 1) * P;
+    T* next = iterates + j * P;
+    work.forward(cur, sx, pb.k_support);
+    work.loss(sy, pb.k_support, true);
+    work.backward(cur, pb.k_support, pb.net.lowest_adapted, g);
+    std::memcpy(next, cur, sizeof(T) * P);
+    const T* lr = lr_flat + j * P;
+    for (const MlpLayer& L : pb.net.layers) {
+      if (!L.adapted) continue;
+      const int64_t end = L.w_off + L.in * L.out + (L.bias ? L.out : 0);
+      for (int64_t p = L.w_off; p < end; ++p) next[p] -= lr[p] * g[p];
+    }
+  }
+}
+
+template <typename T>
+Targets<T> targets_of(const at::Tensor& y, int64_t t, int64_t rows, int64_t width, LossKind loss) {
+  Targets<T> out;
+  if (loss == LossKind::kMse) {
+    out.values = y.const_data_ptr<T>() + t * rows * width;
+  } else {
+    out.labels = y.const_data_ptr<int64_t>() + t * rows;
+  }
+  return out;
+}
+
+// Splits a flat (P) vector into tensors shaped like the params.
+template <typename T>
+std::vector<at::Tensor> unflatten(const Problem& pb, const std::vector<T>& flat, T scale) {
+  std::vector<at::Tensor> out;
+  int64_t off = 0;
+  for (const auto& p : pb.params) {
+    at::Tensor t = at::empty(p.sizes(), p.options());
+    T* dst = t.mutable_data_ptr<T>();
+    for (int64_t i = 0; i < p.numel(); ++i) dst[i] = flat[off + i] * scale;
+    off += p.numel();
+    out.push_back(t);
+  }
+  return out;
+}
+
+// Reduces d loss / d (per-element lr at each step), (steps, P), to the lrs' layout.
+template <typename T>
+std::vector<at::Tensor> reduce_lr_grads(const Problem& pb, at::TensorList lrs, const std::vector<T>& dflat, T scale) {
+  const int64_t P = pb.net.num_params;
+  std::vector<at::Tensor> out;
+  for (const auto& lr : lrs) out.push_back(at::zeros(lr.sizes(), lr.options()));
+  size_t k = 0;
+  for (const MlpLayer& L : pb.net.layers) {
+    if (!L.adapted) continue;
+    const int64_t nw = L.in * L.out, count = nw + (L.bias ? L.out : 0);
+    for (int64_t j = 0; j < pb.steps; ++j) {
+      const T* src = dflat.data() + j * P + L.w_off;
+      if (pb.lr_mode == LrMode::kPerParameter) {
+        T* w = out[k].mutable_data_ptr<T>();
+        for (int64_t i = 0; i < nw; ++i) w[i] += src[i] * scale;
+        if (L.bias) {
+          T* b = out[k + 1].mutable_data_ptr<T>();
+          for (int64_t i = 0; i < L.out; ++i) b[i] += src[nw + i] * scale;
+        }
+      } else {
+        T sum = T(0);
+        for (int64_t i = 0; i < count; ++i) sum += src[i];
+        T* dst = out[0].mutable_data_ptr<T>();
+        dst[pb.lr_mode == LrMode::kScalar ? 0 : j * pb.net.num_adapted + L.adapted_index] += sum * scale;
+      }
+    }
+    k += L.bias ? 2 : 1;
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> mlp_maml_loss_cpu(
+    at::TensorList params, at::TensorList lrs, const at::Tensor& support_x, const at::Tensor& support_y,
+    const at::Tensor& query_x, const at::Tensor& query_y, at::IntArrayRef layers,
+    at::ArrayRef<double> activation_args, at::ArrayRef<double> step_weights, int64_t lr_mode,
+    int64_t loss, bool first_order, bool compute_grads, bool compute_lr_grads) {
+  constexpr const char* op = "pymeta::mlp_maml_loss";
+  const Problem pb = make_problem(op, params, lrs, support_x, support_y, &query_x, &query_y, layers,
+                                  activation_args, static_cast<int64_t>(step_weights.size()), lr_mode, loss);
+  compute_lr_grads = compute_lr_grads && compute_grads;
+  at::Tensor task_losses = at::empty({pb.tasks}, params[0].options());
+  at::Tensor mean_loss;
+  std::vector<at::Tensor> grad_params, grad_lrs;
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "mlp_maml_loss_cpu", [&] {
+    using T = scalar_t;
+    const int64_t P = pb.net.num_params, J = pb.steps;
+    const std::vector<T> theta0 = flatten_params<T>(pb);
+    const std::vector<T> lr_flat = expand_lrs<T>(pb, lrs);
+    const int threads = at::get_num_threads();
+    std::vector<std::vector<T>> grad_acc(threads), lr_acc(threads);
+    T* losses = task_losses.mutable_data_ptr<T>();
+    const int64_t in = pb.net.in_features(), out = pb.net.out_features();
+    at::parallel_for(0, pb.tasks, 1, [&](int64_t t0, int64_t t1) {
+      const int tid = at::get_thread_num();
+      MlpTask<T> work(pb.net, std::max(pb.k_support, pb.k_query), pb.loss);
+      std::vector<T> iterates(J * P), g(P, T(0)), gq(P), v(P), u(P), hu(P);
+      std::vector<T>& gacc = grad_acc[tid];
+      std::vector<T>& lacc = lr_acc[tid];
+      if (compute_grads) gacc.assign(P, T(0));
+      if (compute_lr_grads) lacc.assign(J * P, T(0));
+      auto theta_at = [&](int64_t j) { return j == 0 ? theta0.data() : iterates.data() + (j - 1) * P; };
+      for (int64_t t = t0; t < t1; ++t) {
+        const T* sx = pb.support_x.const_data_ptr<T>() + t * pb.k_support * in;
+        const T* qx = pb.query_x.const_data_ptr<T>() + t * pb.k_query * in;
+        const Targets<T> sy = targets_of<T>(pb.support_y, t, pb.k_support, out, pb.loss);
+        const Targets<T> qy = targets_of<T>(pb.query_y, t, pb.k_query, out, pb.loss);
+        inner_loop<T>(pb, work, theta0.data(), lr_flat.data(), sx, sy, iterates.data(), g.data());
+        T task_loss = T(0);
+        if (!compute_grads) {
+          for (int64_t j = 1; j <= J; ++j) {
+            const T w = static_cast<T>(step_weights[j - 1]);
+            if (w == T(0)) continue;
+            work.forward(theta_at(j), qx, pb.k_query);
+            task_loss += w * work.loss(qy, pb.k_query, false);
+          }
+          losses[t] = task_loss;
+          continue;
+        }
+        // Reverse sweep: v is d(task loss)/d theta_j, from j = J down to 0.
+        std::fill(v.begin(), v.end(), T(0));
+        auto add_query_term = [&](int64_t j) {
+          const T w = static_cast<T>(step_weights[j - 1]);
+          if (w == T(0)) return;
+          work.forward(theta_at(j), qx, pb.k_query);
+          task_loss += w * work.loss(qy, pb.k_query, true);
+          work.backward(theta_at(j), pb.k_query, 0, gq.data());
+          for (int64_t p = 0; p < P; ++p) v[p] += w * gq[p];
+        };
+        add_query_term(J);
+        for (int64_t j = J - 1; j >= 0; --j) {
+          if (!first_order || compute_lr_grads) {
+            const T* theta = theta_at(j);
+            work.forward(theta, sx, pb.k_support);
+            work.loss(sy, pb.k_support, true);
+            work.backward(theta, pb.k_support, first_order ? pb.net.lowest_adapted : 0, g.data());
+            const T* lr = lr_flat.data() + j * P;
+            if (compute_lr_grads) {
+              T* dl = lacc.data() + j * P;
+              for (const MlpLayer& L : pb.net.layers) {
+                if (!L.adapted) continue;
+                const int64_t end = L.w_off + L.in * L.out + (L.bias ? L.out : 0);
+                for (int64_t p = L.w_off; p < end; ++p) dl[p] -= v[p] * g[p];
+              }
+            }
+            if (!first_order) {
+              // v_j = v_{j+1} - H_j (lr_j * v_{j+1}); lr is zero outside adapted layers.
+              for (int64_t p = 0; p < P; ++p) u[p] = lr[p] * v[p];
+              work.hvp(theta, u.data(), pb.k_support, hu.data());
+              for (int64_t p = 0; p < P; ++p) v[p] -= hu[p];
+            }
+          }
+          if (j >= 1) add_query_term(j);
+        }
+        for (int64_t p = 0; p < P; ++p) gacc[p] += v[p];
+        losses[t] = task_loss;
+      }
+    });
+    const T inv_tasks = T(1) / static_cast<T>(pb.tasks);
+    mean_loss = task_losses.sum().mul_(inv_tasks);
+    if (compute_grads) {
+      std::vector<T> total(P, T(0));
+      for (const auto& acc : grad_acc)
+        for (size_t p = 0; p < acc.size(); ++p) total[p] += acc[p];
+      grad_params = unflatten<T>(pb, total, inv_tasks);
+    }
+    if (compute_lr_grads) {
+      std::vector<T> total(J * P, T(0));
+      for (const auto& acc : lr_acc)
+        for (size_t p = 0; p < acc.size(); ++p) total[p] += acc[p];
+      grad_lrs = reduce_lr_grads<T>(pb, lrs, total, inv_tasks);
+    }
+  });
+  return {mean_loss, grad_params, grad_lrs, task_losses};
+}
+
+std::vector<at::Tensor> mlp_adapt_cpu(at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,
+                                      const at::Tensor& support_y, at::IntArrayRef layers,
+                                      at::ArrayRef<double> activation_args, int64_t steps, int64_t lr_mode,
+                                      int64_t loss) {
+  constexpr const char* op = "pymeta::mlp_adapt";
+  const Problem pb = make_problem(op, params, lrs, support_x, support_y, nullptr, nullptr, layers,
+                                  activation_args, steps, lr_mode, loss);
+  std::vector<at::Tensor> adapted;
+  for (const auto& p : pb.params) {
+    std::vector<int64_t> shape{pb.tasks};
+    shape.insert(shape.end(), p.sizes().begin(), p.sizes().end());
+    adapted.push_back(at::empty(shape, p.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "mlp_adapt_cpu", [&] {
+    using T = scalar_t;
+    const int64_t P = pb.net.num_params;
+    const std::vector<T> theta0 = flatten_params<T>(pb);
+    const std::vector<T> lr_flat = expand_lrs<T>(pb, lrs);
+    const int64_t in = pb.net.in_features(), out = pb.net.out_features();
+    at::parallel_for(0, pb.tasks, 1, [&](int64_t t0, int64_t t1) {
+      MlpTask<T> work(pb.net, pb.k_support, pb.loss);
+      std::vector<T> iterates(pb.steps * P), g(P, T(0));
+      for (int64_t t = t0; t < t1; ++t) {
+        const T* sx = pb.support_x.const_data_ptr<T>() + t * pb.k_support * in;
+        const Targets<T> sy = targets_of<T>(pb.support_y, t, pb.k_support, out, pb.loss);
+        inner_loop<T>(pb, work, theta0.data(), lr_flat.data(), sx, sy, iterates.data(), g.data());
+        const T* final_theta = iterates.data() + (pb.steps - 1) * P;
+        int64_t off = 0;
+        for (auto& a : adapted) {
+          const int64_t n = a.numel() / pb.tasks;
+          std::memcpy(a.mutable_data_ptr<T>() + t * n, final_theta + off, sizeof(T) * n);
+          off += n;
+        }
+      }
+    });
+  });
+  return adapted;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pymeta, CPU, m) {
+  m.impl("mlp_maml_loss", &mlp_maml_loss_cpu);
+  m.impl("mlp_adapt", &mlp_adapt_cpu);
+}
+
+}  // namespace pymeta

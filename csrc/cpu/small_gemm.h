@@ -1,0 +1,92 @@
+// Row-major GEMM for the per-task matrices of the model-aware core: BLAS (the sgemm_/dgemm_
+// that torch's CPU library carries) for real work, plain loops for the tiny products where a
+// BLAS call costs more than the arithmetic. Called from inside at::parallel_for, one task per
+// thread, so BLAS runs single-threaded there.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
+
+namespace pymeta {
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const float* alpha, const float* a, const int* lda, const float* b,
+                      const int* ldb, const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const double* alpha, const double* a, const int* lda, const double* b,
+                      const int* ldb, const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Below this many multiply-adds, loops beat a BLAS call.
+constexpr int64_t kSmallGemm = 8192;
+
+// C (m x n) = op(A) (m x k) * op(B) (k x n) + beta * C, all row-major and contiguous.
+// A is stored (m x k), or (k x m) when ta; B is stored (k x n), or (n x k) when tb.
+// beta is 0 (overwrite) or 1 (accumulate).
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, const T* B, T beta, T* C) {
+  if (m == 0 || n == 0) return;
+  if (m * n * k > kSmallGemm) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+    const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+    const int lda = std::max(1, static_cast<int>(ta ? m : k));
+    const int ldb = std::max(1, static_cast<int>(tb ? k : n));
+    const int ldc = std::max(1, in);
+    const T one = T(1);
+    blas_gemm(tb ? "T" : "N", ta ? "T" : "N", &in, &im, &ik, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+    return;
+  }
+  if (beta == T(0)) std::fill(C, C + m * n, T(0));
+  if (!ta && !tb) {
+    for (int64_t i = 0; i < m; ++i) {
+      T* c = C + i * n;
+      for (int64_t p = 0; p < k; ++p) {
+        const T a = A[i * k + p];
+        const T* b = B + p * n;
+        for (int64_t j = 0; j < n; ++j) c[j] += a * b[j];
+      }
+    }
+  } else if (!ta && tb) {
+    for (int64_t i = 0; i < m; ++i) {
+      const T* a = A + i * k;
+      for (int64_t j = 0; j < n; ++j) {
+        const T* b = B + j * k;
+        T acc = T(0);
+        for (int64_t p = 0; p < k; ++p) acc += a[p] * b[p];
+        C[i * n + j] += acc;
+      }
+    }
+  } else if (ta && !tb) {
+    for (int64_t p = 0; p < k; ++p) {
+      const T* a = A + p * m;
+      const T* b = B + p * n;
+      for (int64_t i = 0; i < m; ++i) {
+        const T ai = a[i];
+        T* c = C + i * n;
+        for (int64_t j = 0; j < n; ++j) c[j] += ai * b[j];
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        T acc = T(0);
+        for (int64_t p = 0; p < k; ++p) acc += A[p * m + i] * B[j * k + p];
+        C[i * n + j] += acc;
+      }
+    }
+  }
+}
+
+}  // namespace pymeta

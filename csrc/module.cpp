@@ -2,6 +2,8 @@
 // (csrc/ops.cpp); loading this library registers them.
 #include <pybind11/pybind11.h>
 
+#include "core_settings.h"
+
 namespace {
 bool with_cuda() {
 #ifdef PYMETA_WITH_CUDA
@@ -25,4 +27,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("with_openmp", &with_openmp, "Whether the CPU kernels were compiled with OpenMP.");
   m.attr("cxx_standard") = __cplusplus;
+  m.def("activation_cache_limit", [] { return pymeta::activation_cache_limit().load(); },
+        "Most bytes of inner-loop activations one thread keeps for the model-aware reverse sweep.");
+  m.def("set_activation_cache_limit",
+        [](int64_t bytes) { pymeta::activation_cache_limit().store(bytes < 0 ? 0 : bytes); },
+        "Sets that cap; 0 makes the sweep recompute every activation (least memory).");
 }

@@ -9,8 +9,22 @@ from torch import nn
 from torch.func import functional_call
 
 import pymeta
+from pymeta import _C
 
 TOL = 1e-10
+
+
+@pytest.fixture(params=["cached", "recomputed"])
+def sweep(request):
+    """Runs a test with the inner loop's activations kept for the reverse sweep (the default
+    under the memory cap) and with the sweep recomputing them (cap 0)."""
+    default = _C.activation_cache_limit()
+    if request.param == "recomputed":
+        _C.set_activation_cache_limit(0)
+    yield request.param
+    _C.set_activation_cache_limit(default)
+
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "leaky": lambda: nn.LeakyReLU(0.1),
@@ -54,7 +68,7 @@ def assert_close_grads(got, want):
 @pytest.mark.parametrize("steps", [1, 3, 5])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-def test_equals_model_agnostic_maml(steps, first_order, loss):
+def test_equals_model_agnostic_maml(steps, first_order, loss, sweep):
     widths = (3, 16, 12, 4)
     model = mlp(widths, "tanh")
     aware = pymeta.ModelAwareMAML(
@@ -170,7 +184,7 @@ def randomize_lrs(maml, seed=0):
 @pytest.mark.parametrize("adapt_layers", [None, "head", [0], [2, 4], [-1]])
 @pytest.mark.parametrize("lr_mode", ["scalar", "per_layer_step", "per_parameter"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_spec_options_match_autograd_reference(adapt_layers, lr_mode, first_order):
+def test_spec_options_match_autograd_reference(adapt_layers, lr_mode, first_order, sweep):
     widths = (3, 12, 10, 4)
     model = mlp(widths, "sigmoid", seed=3)
     maml = pymeta.ModelAwareMAML(
@@ -193,7 +207,7 @@ def test_spec_options_match_autograd_reference(adapt_layers, lr_mode, first_orde
 
 @pytest.mark.parametrize("multi_step_loss", [True, [0.1, 0.0, 0.3, 0.6]])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_multi_step_loss_matches_autograd_reference(multi_step_loss, first_order):
+def test_multi_step_loss_matches_autograd_reference(multi_step_loss, first_order, sweep):
     widths = (2, 16, 16, 1)
     model = mlp(widths, "leaky", seed=4)
     maml = pymeta.ModelAwareMAML(

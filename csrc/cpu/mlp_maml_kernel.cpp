@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core_settings.h"
 #include "mlp_net.h"
 #include "small_gemm.h"
 
@@ -28,40 +29,59 @@ struct Targets {
 };
 
 // Forward, backward and R-operator (Hessian-vector) passes of one task's MLP, on a flat
-// parameter vector theta laid out as MlpNet describes. Buffers are sized once for max_rows.
+// parameter vector theta laid out as MlpNet describes. Activations live in numbered slots, so
+// the inner loop can leave each step's activations for the reverse sweep (one slot per step)
+// or, under a memory cap, share one slot and let the sweep recompute them.
 template <typename T>
 class MlpTask {
  public:
-  MlpTask(const MlpNet& net, int64_t max_rows, LossKind loss) : net_(net), loss_(loss) {
+  MlpTask(const MlpNet& net, int64_t max_rows, LossKind loss, int64_t num_slots)
+      : net_(net), loss_(loss), slots_(num_slots) {
     const size_t n = net.layers.size();
-    for (auto* buf : {&a_, &h_, &e_, &d_, &ra_, &rh_, &re_, &rd_}) buf->resize(n);
+    for (Slot& slot : slots_) {
+      for (auto* buf : {&slot.a, &slot.h, &slot.e, &slot.d}) buf->resize(n);
+      for (size_t l = 0; l < n; ++l) {
+        const size_t size = static_cast<size_t>(max_rows * net.layers[l].out);
+        for (auto* buf : {&slot.a, &slot.h, &slot.e, &slot.d}) (*buf)[l].assign(size, T(0));
+      }
+      slot.softmax.assign(static_cast<size_t>(max_rows * net.out_features()), T(0));
+    }
+    for (auto* buf : {&ra_, &rh_, &re_, &rd_}) buf->resize(n);
     for (size_t l = 0; l < n; ++l) {
       const size_t size = static_cast<size_t>(max_rows * net.layers[l].out);
-      for (auto* buf : {&a_, &h_, &e_, &d_, &ra_, &rh_, &re_, &rd_}) (*buf)[l].assign(size, T(0));
+      for (auto* buf : {&ra_, &rh_, &re_, &rd_}) (*buf)[l].assign(size, T(0));
     }
-    softmax_.assign(static_cast<size_t>(max_rows * net.out_features()), T(0));
     r_zero_.assign(n, true);
   }
 
-  // Activations of every layer at theta for x (rows, in).
-  void forward(const T* theta, const T* x, int64_t rows) {
-    x_ = x;
+  // Bytes of activations one slot holds for max_rows rows.
+  static int64_t slot_bytes(const MlpNet& net, int64_t max_rows) {
+    int64_t elems = max_rows * net.out_features();
+    for (const MlpLayer& L : net.layers) elems += 4 * max_rows * L.out;
+    return elems * static_cast<int64_t>(sizeof(T));
+  }
+
+  // Activations of every layer at theta for x (rows, in), into a slot.
+  void forward(int64_t slot, const T* theta, const T* x, int64_t rows) {
+    Slot& S = slots_[slot];
+    S.x = x;
     for (size_t l = 0; l < net_.layers.size(); ++l) {
       const MlpLayer& L = net_.layers[l];
-      T* a = a_[l].data();
-      gemm<T>(false, true, rows, L.out, L.in, input(l), theta + L.w_off, T(0), a);
+      T* a = S.a[l].data();
+      gemm<T>(false, true, rows, L.out, L.in, input(S, l), theta + L.w_off, T(0), a);
       if (L.bias) add_rows(a, theta + L.b_off, rows, L.out);
-      T* h = h_[l].data();
+      T* h = S.h[l].data();
       const T slope = static_cast<T>(L.slope);
       for (int64_t k = 0; k < rows * L.out; ++k) h[k] = activate<T>(L.act, a[k], slope);
     }
   }
 
-  // Mean loss of the last forward; with `grad`, also dL/dh of the output layer.
-  T loss(const Targets<T>& tgt, int64_t rows, bool grad) {
+  // Mean loss of the slot's forward; with `grad`, also dL/dh of the output layer.
+  T loss(int64_t slot, const Targets<T>& tgt, int64_t rows, bool grad) {
+    Slot& S = slots_[slot];
     const int64_t c = net_.out_features();
-    const T* h = h_.back().data();
-    T* d = d_.back().data();
+    const T* h = S.h.back().data();
+    T* d = S.d.back().data();
     T total = T(0);
     if (loss_ == LossKind::kMse) {
       const T n = static_cast<T>(rows * c);
@@ -82,7 +102,7 @@ class MlpTask {
       const int64_t y = tgt.labels[i];
       total += lse - hi[y];
       if (grad) {
-        T* si = softmax_.data() + i * c;
+        T* si = S.softmax.data() + i * c;
         T* di = d + i * c;
         for (int64_t j = 0; j < c; ++j) {
           si[j] = std::exp(hi[j] - lse);
@@ -94,26 +114,28 @@ class MlpTask {
     return total / static_cast<T>(rows);
   }
 
-  // Gradients of layers >= lowest into g (flat); keeps dL/da and dL/dh for hvp().
-  void backward(const T* theta, int64_t rows, int64_t lowest, T* g) {
+  // Gradients of layers >= lowest into g (flat); keeps dL/da and dL/dh in the slot for hvp().
+  void backward(int64_t slot, const T* theta, int64_t rows, int64_t lowest, T* g) {
+    Slot& S = slots_[slot];
     for (int64_t l = static_cast<int64_t>(net_.layers.size()) - 1; l >= lowest; --l) {
       const MlpLayer& L = net_.layers[l];
-      const T* a = a_[l].data();
-      const T* h = h_[l].data();
-      const T* d = d_[l].data();
-      T* e = e_[l].data();
+      const T* a = S.a[l].data();
+      const T* h = S.h[l].data();
+      const T* d = S.d[l].data();
+      T* e = S.e[l].data();
       const T slope = static_cast<T>(L.slope);
       for (int64_t k = 0; k < rows * L.out; ++k) e[k] = d[k] * activation_d1<T>(L.act, a[k], h[k], slope);
-      gemm<T>(true, false, L.out, L.in, rows, e, input(l), T(0), g + L.w_off);
-      if (L.bias) column_sums(e, rows, L.out, g + L.b_off, false);
-      if (l > lowest) gemm<T>(false, false, rows, L.in, L.out, e, theta + L.w_off, T(0), d_[l - 1].data());
+      gemm<T>(true, false, L.out, L.in, rows, e, input(S, l), T(0), g + L.w_off);
+      if (L.bias) column_sums(e, rows, L.out, g + L.b_off);
+      if (l > lowest) gemm<T>(false, false, rows, L.in, L.out, e, theta + L.w_off, T(0), S.d[l - 1].data());
     }
   }
 
-  // hu = H u, the Hessian of the last loss at theta applied to u (zero outside adapted
+  // hu = H u, the Hessian of the slot's loss at theta applied to u (zero outside adapted
   // layers), by forward-over-reverse differentiation (Pearlmutter's R-operator). Needs
-  // forward(), loss(grad=true) and backward(lowest=0) at the same theta and inputs.
-  void hvp(const T* theta, const T* u, int64_t rows, T* hu) {
+  // forward(), loss(grad=true) and backward(lowest=0) in that slot at the same theta.
+  void hvp(int64_t slot, const T* theta, const T* u, int64_t rows, T* hu) {
+    const Slot& S = slots_[slot];
     const size_t n = net_.layers.size();
     // R-forward: R{a_l} = R{h_{l-1}} W^T + h_{l-1} dW^T + db, R{h_l} = act'(a_l) R{a_l}.
     for (size_t l = 0; l < n; ++l) {
@@ -128,11 +150,11 @@ class MlpTask {
         std::fill(ra, ra + rows * L.out, T(0));
       }
       if (L.adapted) {
-        gemm<T>(false, true, rows, L.out, L.in, input(l), u + L.w_off, T(1), ra);
+        gemm<T>(false, true, rows, L.out, L.in, input(S, l), u + L.w_off, T(1), ra);
         if (L.bias) add_rows(ra, u + L.b_off, rows, L.out);
       }
-      const T* a = a_[l].data();
-      const T* h = h_[l].data();
+      const T* a = S.a[l].data();
+      const T* h = S.h[l].data();
       T* rh = rh_[l].data();
       const T slope = static_cast<T>(L.slope);
       for (int64_t k = 0; k < rows * L.out; ++k) rh[k] = activation_d1<T>(L.act, a[k], h[k], slope) * ra[k];
@@ -146,7 +168,7 @@ class MlpTask {
       for (int64_t k = 0; k < rows * c; ++k) rd[k] = scale * rh_out[k];
     } else {
       for (int64_t i = 0; i < rows; ++i) {
-        const T* si = softmax_.data() + i * c;
+        const T* si = S.softmax.data() + i * c;
         const T* ri = rh_out + i * c;
         T dot = T(0);
         for (int64_t j = 0; j < c; ++j) dot += si[j] * ri[j];
@@ -157,9 +179,9 @@ class MlpTask {
     // e_l^T R{h_{l-1}}, for b_l = sum R{e_l}; R{d_{l-1}} = R{e_l} W_l + e_l dW_l.
     for (int64_t l = static_cast<int64_t>(n) - 1; l >= 0; --l) {
       const MlpLayer& L = net_.layers[l];
-      const T* a = a_[l].data();
-      const T* h = h_[l].data();
-      const T* d = d_[l].data();
+      const T* a = S.a[l].data();
+      const T* h = S.h[l].data();
+      const T* d = S.d[l].data();
       const T* rdl = rd_[l].data();
       T* re = re_[l].data();
       const T slope = static_cast<T>(L.slope);
@@ -170,39 +192,45 @@ class MlpTask {
         if (curved) r += d[k] * activation_d2<T>(L.act, a[k], h[k]) * ra[k];
         re[k] = r;
       }
-      gemm<T>(true, false, L.out, L.in, rows, re, input(l), T(0), hu + L.w_off);
+      gemm<T>(true, false, L.out, L.in, rows, re, input(S, l), T(0), hu + L.w_off);
       if (l > 0 && !r_zero_[l - 1]) {
-        gemm<T>(true, false, L.out, L.in, rows, e_[l].data(), rh_[l - 1].data(), T(1), hu + L.w_off);
+        gemm<T>(true, false, L.out, L.in, rows, S.e[l].data(), rh_[l - 1].data(), T(1), hu + L.w_off);
       }
-      if (L.bias) column_sums(re, rows, L.out, hu + L.b_off, false);
+      if (L.bias) column_sums(re, rows, L.out, hu + L.b_off);
       if (l > 0) {
         T* rd_below = rd_[l - 1].data();
         gemm<T>(false, false, rows, L.in, L.out, re, theta + L.w_off, T(0), rd_below);
-        if (L.adapted) gemm<T>(false, false, rows, L.in, L.out, e_[l].data(), u + L.w_off, T(1), rd_below);
+        if (L.adapted) gemm<T>(false, false, rows, L.in, L.out, S.e[l].data(), u + L.w_off, T(1), rd_below);
       }
     }
   }
 
  private:
-  const T* input(size_t l) const { return l == 0 ? x_ : h_[l - 1].data(); }
+  // Per layer, (rows, out): pre-activation, output, dL/da and dL/dh; the input and softmax.
+  struct Slot {
+    const T* x = nullptr;
+    std::vector<std::vector<T>> a, h, e, d;
+    std::vector<T> softmax;
+  };
+
+  const T* input(const Slot& S, size_t l) const { return l == 0 ? S.x : S.h[l - 1].data(); }
 
   static void add_rows(T* m, const T* row, int64_t rows, int64_t cols) {
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j) m[i * cols + j] += row[j];
   }
 
-  static void column_sums(const T* m, int64_t rows, int64_t cols, T* out, bool accumulate) {
-    if (!accumulate) std::fill(out, out + cols, T(0));
+  static void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
+    std::fill(out, out + cols, T(0));
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j) out[j] += m[i * cols + j];
   }
 
   const MlpNet& net_;
   LossKind loss_;
-  const T* x_ = nullptr;
-  // Per layer, (rows, out): pre-activation, output, dL/da, dL/dh and their R{.} tangents.
-  std::vector<std::vector<T>> a_, h_, e_, d_, ra_, rh_, re_, rd_;
-  std::vector<T> softmax_;
+  std::vector<Slot> slots_;
+  // Tangents R{a}, R{h}, R{dL/da}, R{dL/dh} per layer, shared by every slot.
+  std::vector<std::vector<T>> ra_, rh_, re_, rd_;
   std::vector<bool> r_zero_;  // R{h_l} is identically zero (below the first adapted layer)
 };
 
@@ -347,17 +375,43 @@ std::vector<T> expand_lrs(const Problem& pb, at::TensorList lrs) {
   return flat;
 }
 
-// Runs one task's inner loop; iterates[j - 1] (P each) holds theta after step j.
+// How one thread runs its tasks: whether each inner step's activations (and support gradient)
+// stay in their own slot for the reverse sweep, and which layers the inner loop differentiates.
+struct SweepPlan {
+  bool cache = false;
+  int64_t lowest = 0;  // lowest layer the inner loop's backward reaches
+  int64_t slots = 2;
+  int64_t query_slot() const { return slots - 1; }
+  int64_t support_slot(int64_t j) const { return cache ? j : 0; }
+};
+
 template <typename T>
-void inner_loop(const Problem& pb, MlpTask<T>& work, const T* theta0, const T* lr_flat,
-                const T* sx, const Targets<T>& sy, T* iterates, T* g) {
+SweepPlan plan_sweep(const Problem& pb, bool second_order_grads) {
+  SweepPlan plan;
+  const int64_t rows = std::max(pb.k_support, pb.k_query);
+  const int64_t per_step = MlpTask<T>::slot_bytes(pb.net, rows) + pb.net.num_params * int64_t(sizeof(T));
+  plan.cache = pb.steps * per_step <= activation_cache_limit().load();
+  plan.slots = plan.cache ? pb.steps + 1 : 2;
+  // The HVP needs every layer's backward quantities; kept from the inner loop, they must be
+  // complete there. Otherwise the inner loop stops at the lowest adapted layer (cheap ANIL).
+  plan.lowest = plan.cache && second_order_grads ? 0 : pb.net.lowest_adapted;
+  return plan;
+}
+
+// Runs one task's inner loop; iterates[j - 1] (P each) holds theta after step j, grads[j]
+// (or grads[0] without a cache) the support gradient at step j.
+template <typename T>
+void inner_loop(const Problem& pb, const SweepPlan& plan, MlpTask<T>& work, const T* theta0,
+                const T* lr_flat, const T* sx, const Targets<T>& sy, T* iterates, T* grads) {
   const int64_t P = pb.net.num_params;
   for (int64_t j = 0; j < pb.steps; ++j) {
     const T* cur = j == 0 ? theta0 : iterates + (j - 1) * P;
     T* next = iterates + j * P;
-    work.forward(cur, sx, pb.k_support);
-    work.loss(sy, pb.k_support, true);
-    work.backward(cur, pb.k_support, pb.net.lowest_adapted, g);
+    T* g = grads + (plan.cache ? j * P : 0);
+    const int64_t slot = plan.support_slot(j);
+    work.forward(slot, cur, sx, pb.k_support);
+    work.loss(slot, sy, pb.k_support, true);
+    work.backward(slot, cur, pb.k_support, plan.lowest, g);
     std::memcpy(next, cur, sizeof(T) * P);
     const T* lr = lr_flat + j * P;
     for (const MlpLayer& L : pb.net.layers) {
@@ -365,6 +419,28 @@ void inner_loop(const Problem& pb, MlpTask<T>& work, const T* theta0, const T* l
       const int64_t end = L.w_off + L.in * L.out + (L.bias ? L.out : 0);
       for (int64_t p = L.w_off; p < end; ++p) next[p] -= lr[p] * g[p];
     }
+  }
+}
+
+// Multiply-adds of one task's meta-step, roughly: forward and backward passes over the support
+// and query rows, with the sweep's R-passes. Used only to decide whether threads are worth it.
+int64_t task_macs(const Problem& pb) {
+  int64_t weights = 0;
+  for (const MlpLayer& L : pb.net.layers) weights += L.in * L.out;
+  return weights * (pb.steps * pb.k_support * 9 + pb.k_query * 3);
+}
+
+// Runs body(t0, t1) over the tasks: on threads when the meta-step is big enough, otherwise on
+// the calling thread. A small meta-step (sinusoid: a fraction of a millisecond) gains little
+// from a second thread and loses a lot when another process holds a core and the OpenMP
+// team waits for it.
+template <typename F>
+void for_each_task_chunk(const Problem& pb, const F& body) {
+  constexpr int64_t kParallelMacs = int64_t{50} << 20;
+  if (pb.tasks * task_macs(pb) < kParallelMacs) {
+    body(int64_t{0}, pb.tasks);
+  } else {
+    at::parallel_for(0, pb.tasks, 1, body);
   }
 }
 
@@ -446,28 +522,30 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     std::vector<std::vector<T>> grad_acc(threads), lr_acc(threads);
     T* losses = task_losses.mutable_data_ptr<T>();
     const int64_t in = pb.net.in_features(), out = pb.net.out_features();
-    at::parallel_for(0, pb.tasks, 1, [&](int64_t t0, int64_t t1) {
+    const SweepPlan plan = plan_sweep<T>(pb, compute_grads && !first_order);
+    for_each_task_chunk(pb, [&](int64_t t0, int64_t t1) {
       const int tid = at::get_thread_num();
-      MlpTask<T> work(pb.net, std::max(pb.k_support, pb.k_query), pb.loss);
-      std::vector<T> iterates(J * P), g(P, T(0)), gq(P), v(P), u(P), hu(P);
+      MlpTask<T> work(pb.net, std::max(pb.k_support, pb.k_query), pb.loss, plan.slots);
+      std::vector<T> iterates(J * P), grads((plan.cache ? J : 1) * P, T(0)), gq(P), v(P), u(P), hu(P);
       std::vector<T>& gacc = grad_acc[tid];
       std::vector<T>& lacc = lr_acc[tid];
       if (compute_grads) gacc.assign(P, T(0));
       if (compute_lr_grads) lacc.assign(J * P, T(0));
+      const int64_t qs = plan.query_slot();
       auto theta_at = [&](int64_t j) { return j == 0 ? theta0.data() : iterates.data() + (j - 1) * P; };
       for (int64_t t = t0; t < t1; ++t) {
         const T* sx = pb.support_x.const_data_ptr<T>() + t * pb.k_support * in;
         const T* qx = pb.query_x.const_data_ptr<T>() + t * pb.k_query * in;
         const Targets<T> sy = targets_of<T>(pb.support_y, t, pb.k_support, out, pb.loss);
         const Targets<T> qy = targets_of<T>(pb.query_y, t, pb.k_query, out, pb.loss);
-        inner_loop<T>(pb, work, theta0.data(), lr_flat.data(), sx, sy, iterates.data(), g.data());
+        inner_loop<T>(pb, plan, work, theta0.data(), lr_flat.data(), sx, sy, iterates.data(), grads.data());
         T task_loss = T(0);
         if (!compute_grads) {
           for (int64_t j = 1; j <= J; ++j) {
             const T w = static_cast<T>(step_weights[j - 1]);
             if (w == T(0)) continue;
-            work.forward(theta_at(j), qx, pb.k_query);
-            task_loss += w * work.loss(qy, pb.k_query, false);
+            work.forward(qs, theta_at(j), qx, pb.k_query);
+            task_loss += w * work.loss(qs, qy, pb.k_query, false);
           }
           losses[t] = task_loss;
           continue;
@@ -477,18 +555,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
         auto add_query_term = [&](int64_t j) {
           const T w = static_cast<T>(step_weights[j - 1]);
           if (w == T(0)) return;
-          work.forward(theta_at(j), qx, pb.k_query);
-          task_loss += w * work.loss(qy, pb.k_query, true);
-          work.backward(theta_at(j), pb.k_query, 0, gq.data());
+          work.forward(qs, theta_at(j), qx, pb.k_query);
+          task_loss += w * work.loss(qs, qy, pb.k_query, true);
+          work.backward(qs, theta_at(j), pb.k_query, 0, gq.data());
           for (int64_t p = 0; p < P; ++p) v[p] += w * gq[p];
         };
         add_query_term(J);
         for (int64_t j = J - 1; j >= 0; --j) {
           if (!first_order || compute_lr_grads) {
             const T* theta = theta_at(j);
-            work.forward(theta, sx, pb.k_support);
-            work.loss(sy, pb.k_support, true);
-            work.backward(theta, pb.k_support, first_order ? pb.net.lowest_adapted : 0, g.data());
+            const int64_t slot = plan.support_slot(j);
+            const T* g = grads.data() + (plan.cache ? j * P : 0);
+            if (!plan.cache) {  // recompute step j's activations and support gradient
+              work.forward(slot, theta, sx, pb.k_support);
+              work.loss(slot, sy, pb.k_support, true);
+              work.backward(slot, theta, pb.k_support, first_order ? pb.net.lowest_adapted : 0, grads.data());
+            }
             const T* lr = lr_flat.data() + j * P;
             if (compute_lr_grads) {
               T* dl = lacc.data() + j * P;
@@ -501,7 +583,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
             if (!first_order) {
               // v_j = v_{j+1} - H_j (lr_j * v_{j+1}); lr is zero outside adapted layers.
               for (int64_t p = 0; p < P; ++p) u[p] = lr[p] * v[p];
-              work.hvp(theta, u.data(), pb.k_support, hu.data());
+              work.hvp(slot, theta, u.data(), pb.k_support, hu.data());
               for (int64_t p = 0; p < P; ++p) v[p] -= hu[p];
             }
           }
@@ -548,13 +630,15 @@ std::vector<at::Tensor> mlp_adapt_cpu(at::TensorList params, at::TensorList lrs,
     const std::vector<T> theta0 = flatten_params<T>(pb);
     const std::vector<T> lr_flat = expand_lrs<T>(pb, lrs);
     const int64_t in = pb.net.in_features(), out = pb.net.out_features();
-    at::parallel_for(0, pb.tasks, 1, [&](int64_t t0, int64_t t1) {
-      MlpTask<T> work(pb.net, pb.k_support, pb.loss);
+    SweepPlan plan;  // no sweep: one slot, gradients down to the lowest adapted layer only
+    plan.lowest = pb.net.lowest_adapted;
+    for_each_task_chunk(pb, [&](int64_t t0, int64_t t1) {
+      MlpTask<T> work(pb.net, pb.k_support, pb.loss, plan.slots);
       std::vector<T> iterates(pb.steps * P), g(P, T(0));
       for (int64_t t = t0; t < t1; ++t) {
         const T* sx = pb.support_x.const_data_ptr<T>() + t * pb.k_support * in;
         const Targets<T> sy = targets_of<T>(pb.support_y, t, pb.k_support, out, pb.loss);
-        inner_loop<T>(pb, work, theta0.data(), lr_flat.data(), sx, sy, iterates.data(), g.data());
+        inner_loop<T>(pb, plan, work, theta0.data(), lr_flat.data(), sx, sy, iterates.data(), g.data());
         const T* final_theta = iterates.data() + (pb.steps - 1) * P;
         int64_t off = 0;
         for (auto& a : adapted) {

@@ -1,6 +1,6 @@
 // Row-major GEMM for the per-task matrices of the model-aware core: BLAS (the sgemm_/dgemm_
-// that torch's CPU library carries) for real work, plain loops for the tiny products where a
-// BLAS call costs more than the arithmetic. Called from inside at::parallel_for, one task per
+// that torch's CPU library carries) for real work, our own loops (small_gemm.cpp) for the tiny
+// products where a BLAS call costs more than the arithmetic. Called from inside at::parallel_for, one task per
 // thread, so BLAS runs single-threaded there.
 #pragma once
 
@@ -29,8 +29,15 @@ inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// Below this many multiply-adds, loops beat a BLAS call.
-constexpr int64_t kSmallGemm = 8192;
+// Below this many multiply-adds, our loops beat a BLAS call (measured on the sinusoid and
+// wide-mlp shapes: a BLAS call costs about a microsecond before any arithmetic).
+constexpr int64_t kSmallGemm = 4096;
+
+// The loop kernels (small_gemm.cpp), compiled for several instruction sets.
+void small_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, const float* B,
+                float beta, float* C);
+void small_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* A, const double* B,
+                double beta, double* C);
 
 // C (m x n) = op(A) (m x k) * op(B) (k x n) + beta * C, all row-major and contiguous.
 // A is stored (m x k), or (k x m) when ta; B is stored (k x n), or (n x k) when tb.
@@ -48,45 +55,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, const T
     blas_gemm(tb ? "T" : "N", ta ? "T" : "N", &in, &im, &ik, &one, B, &ldb, A, &lda, &beta, C, &ldc);
     return;
   }
-  if (beta == T(0)) std::fill(C, C + m * n, T(0));
-  if (!ta && !tb) {
-    for (int64_t i = 0; i < m; ++i) {
-      T* c = C + i * n;
-      for (int64_t p = 0; p < k; ++p) {
-        const T a = A[i * k + p];
-        const T* b = B + p * n;
-        for (int64_t j = 0; j < n; ++j) c[j] += a * b[j];
-      }
-    }
-  } else if (!ta && tb) {
-    for (int64_t i = 0; i < m; ++i) {
-      const T* a = A + i * k;
-      for (int64_t j = 0; j < n; ++j) {
-        const T* b = B + j * k;
-        T acc = T(0);
-        for (int64_t p = 0; p < k; ++p) acc += a[p] * b[p];
-        C[i * n + j] += acc;
-      }
-    }
-  } else if (ta && !tb) {
-    for (int64_t p = 0; p < k; ++p) {
-      const T* a = A + p * m;
-      const T* b = B + p * n;
-      for (int64_t i = 0; i < m; ++i) {
-        const T ai = a[i];
-        T* c = C + i * n;
-        for (int64_t j = 0; j < n; ++j) c[j] += ai * b[j];
-      }
-    }
-  } else {
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t j = 0; j < n; ++j) {
-        T acc = T(0);
-        for (int64_t p = 0; p < k; ++p) acc += A[p * m + i] * B[j * k + p];
-        C[i * n + j] += acc;
-      }
-    }
-  }
+  small_gemm(ta, tb, m, n, k, A, B, beta, C);
 }
 
 }  // namespace pymeta

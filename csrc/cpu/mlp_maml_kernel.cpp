@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core_settings.h"
+#include "mlp_elementwise.h"
 #include "mlp_net.h"
 #include "small_gemm.h"
 
@@ -69,10 +70,8 @@ class MlpTask {
       const MlpLayer& L = net_.layers[l];
       T* a = S.a[l].data();
       gemm<T>(false, true, rows, L.out, L.in, input(S, l), theta + L.w_off, T(0), a);
-      if (L.bias) add_rows(a, theta + L.b_off, rows, L.out);
-      T* h = S.h[l].data();
-      const T slope = static_cast<T>(L.slope);
-      for (int64_t k = 0; k < rows * L.out; ++k) h[k] = activate<T>(L.act, a[k], slope);
+      if (L.bias) add_row(rows, L.out, theta + L.b_off, a);
+      act_forward(L.act, static_cast<T>(L.slope), rows * L.out, a, S.h[l].data());
     }
   }
 
@@ -123,10 +122,9 @@ class MlpTask {
       const T* h = S.h[l].data();
       const T* d = S.d[l].data();
       T* e = S.e[l].data();
-      const T slope = static_cast<T>(L.slope);
-      for (int64_t k = 0; k < rows * L.out; ++k) e[k] = d[k] * activation_d1<T>(L.act, a[k], h[k], slope);
+      act_times_d1(L.act, static_cast<T>(L.slope), rows * L.out, a, h, d, e);
       gemm<T>(true, false, L.out, L.in, rows, e, input(S, l), T(0), g + L.w_off);
-      if (L.bias) column_sums(e, rows, L.out, g + L.b_off);
+      if (L.bias) column_sums(rows, L.out, e, g + L.b_off);
       if (l > lowest) gemm<T>(false, false, rows, L.in, L.out, e, theta + L.w_off, T(0), S.d[l - 1].data());
     }
   }
@@ -151,13 +149,9 @@ class MlpTask {
       }
       if (L.adapted) {
         gemm<T>(false, true, rows, L.out, L.in, input(S, l), u + L.w_off, T(1), ra);
-        if (L.bias) add_rows(ra, u + L.b_off, rows, L.out);
+        if (L.bias) add_row(rows, L.out, u + L.b_off, ra);
       }
-      const T* a = S.a[l].data();
-      const T* h = S.h[l].data();
-      T* rh = rh_[l].data();
-      const T slope = static_cast<T>(L.slope);
-      for (int64_t k = 0; k < rows * L.out; ++k) rh[k] = activation_d1<T>(L.act, a[k], h[k], slope) * ra[k];
+      act_times_d1(L.act, static_cast<T>(L.slope), rows * L.out, S.a[l].data(), S.h[l].data(), ra, rh_[l].data());
     }
     // R{dL/dh} at the output: the loss Hessian applied to R{h}.
     const int64_t c = net_.out_features();
@@ -184,19 +178,13 @@ class MlpTask {
       const T* d = S.d[l].data();
       const T* rdl = rd_[l].data();
       T* re = re_[l].data();
-      const T slope = static_cast<T>(L.slope);
       const bool curved = !activation_is_piecewise_linear(L.act) && !r_zero_[l];
-      const T* ra = ra_[l].data();
-      for (int64_t k = 0; k < rows * L.out; ++k) {
-        T r = rdl[k] * activation_d1<T>(L.act, a[k], h[k], slope);
-        if (curved) r += d[k] * activation_d2<T>(L.act, a[k], h[k]) * ra[k];
-        re[k] = r;
-      }
+      act_r_backward(L.act, static_cast<T>(L.slope), rows * L.out, a, h, rdl, d, ra_[l].data(), curved, re);
       gemm<T>(true, false, L.out, L.in, rows, re, input(S, l), T(0), hu + L.w_off);
       if (l > 0 && !r_zero_[l - 1]) {
         gemm<T>(true, false, L.out, L.in, rows, S.e[l].data(), rh_[l - 1].data(), T(1), hu + L.w_off);
       }
-      if (L.bias) column_sums(re, rows, L.out, hu + L.b_off);
+      if (L.bias) column_sums(rows, L.out, re, hu + L.b_off);
       if (l > 0) {
         T* rd_below = rd_[l - 1].data();
         gemm<T>(false, false, rows, L.in, L.out, re, theta + L.w_off, T(0), rd_below);
@@ -214,17 +202,6 @@ class MlpTask {
   };
 
   const T* input(const Slot& S, size_t l) const { return l == 0 ? S.x : S.h[l - 1].data(); }
-
-  static void add_rows(T* m, const T* row, int64_t rows, int64_t cols) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) m[i * cols + j] += row[j];
-  }
-
-  static void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
-    std::fill(out, out + cols, T(0));
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) out[j] += m[i * cols + j];
-  }
 
   const MlpNet& net_;
   LossKind loss_;
@@ -415,9 +392,7 @@ void inner_loop(const Problem& pb, const SweepPlan& plan, MlpTask<T>& work, cons
     std::memcpy(next, cur, sizeof(T) * P);
     const T* lr = lr_flat + j * P;
     for (const MlpLayer& L : pb.net.layers) {
-      if (!L.adapted) continue;
-      const int64_t end = L.w_off + L.in * L.out + (L.bias ? L.out : 0);
-      for (int64_t p = L.w_off; p < end; ++p) next[p] -= lr[p] * g[p];
+      if (L.adapted) sub_product(L.in * L.out + (L.bias ? L.out : 0), lr + L.w_off, g + L.w_off, next + L.w_off);
     }
   }
 }
@@ -558,7 +533,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
           work.forward(qs, theta_at(j), qx, pb.k_query);
           task_loss += w * work.loss(qs, qy, pb.k_query, true);
           work.backward(qs, theta_at(j), pb.k_query, 0, gq.data());
-          for (int64_t p = 0; p < P; ++p) v[p] += w * gq[p];
+          axpy(P, w, gq.data(), v.data());
         };
         add_query_term(J);
         for (int64_t j = J - 1; j >= 0; --j) {
@@ -575,21 +550,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
             if (compute_lr_grads) {
               T* dl = lacc.data() + j * P;
               for (const MlpLayer& L : pb.net.layers) {
-                if (!L.adapted) continue;
-                const int64_t end = L.w_off + L.in * L.out + (L.bias ? L.out : 0);
-                for (int64_t p = L.w_off; p < end; ++p) dl[p] -= v[p] * g[p];
+                if (L.adapted) sub_product(L.in * L.out + (L.bias ? L.out : 0), v.data() + L.w_off, g + L.w_off, dl + L.w_off);
               }
             }
             if (!first_order) {
               // v_j = v_{j+1} - H_j (lr_j * v_{j+1}); lr is zero outside adapted layers.
-              for (int64_t p = 0; p < P; ++p) u[p] = lr[p] * v[p];
+              multiply(P, lr, v.data(), u.data());
               work.hvp(slot, theta, u.data(), pb.k_support, hu.data());
-              for (int64_t p = 0; p < P; ++p) v[p] -= hu[p];
+              axpy(P, T(-1), hu.data(), v.data());
             }
           }
           if (j >= 1) add_query_term(j);
         }
-        for (int64_t p = 0; p < P; ++p) gacc[p] += v[p];
+        axpy(P, T(1), v.data(), gacc.data());
         losses[t] = task_loss;
       }
     });

@@ -21,7 +21,16 @@ inline void small_gemm_impl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, c
                             T beta, T* C) {
   if (beta == T(0)) std::fill(C, C + m * n, T(0));
   // Loop orders keep the innermost loop contiguous in memory.
-  if (!ta && !tb) {
+  if (!ta && !tb && n == 1) {
+    // A b: dot products of A's rows with b.
+    for (int64_t i = 0; i < m; ++i) {
+      const T* a = A + i * k;
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t p = 0; p < k; ++p) acc += a[p] * B[p];
+      C[i] += acc;
+    }
+  } else if (!ta && !tb) {
     for (int64_t i = 0; i < m; ++i) {
       T* c = C + i * n;
       for (int64_t p = 0; p < k; ++p) {
@@ -36,9 +45,17 @@ inline void small_gemm_impl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, c
       for (int64_t j = 0; j < n; ++j) {
         const T* b = B + j * k;
         T acc = T(0);
+#pragma omp simd reduction(+ : acc)
         for (int64_t p = 0; p < k; ++p) acc += a[p] * b[p];
         C[i * n + j] += acc;
       }
+    }
+  } else if (ta && n == 1) {
+    // A^T b: a matrix-vector product, vectorized over the rows of C.
+    for (int64_t p = 0; p < k; ++p) {
+      const T* a = A + p * m;
+      const T bp = B[p];
+      for (int64_t i = 0; i < m; ++i) C[i] += a[i] * bp;
     }
   } else if (ta && !tb) {
     for (int64_t p = 0; p < k; ++p) {

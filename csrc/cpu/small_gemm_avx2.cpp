@@ -1,0 +1,141 @@
+// AVX2+FMA register-tiled float GEMM for the small per-task products of the model-aware core
+// (a 10 x 40 by 40 x 40 product is a few thousand cycles of arithmetic, less than a BLAS
+// call's overhead). Built with a function-level target attribute and used only when the CPU
+// reports AVX2 and FMA, so the library still loads on any x86-64.
+#include <algorithm>
+#include <cstdint>
+
+#include "small_gemm.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+namespace pymeta {
+namespace {
+
+#define PYMETA_AVX2 __attribute__((target("avx2,fma")))
+
+// C[i0 .. i0+MR) x [j0 .. j0+8*NV) (+)= op(A) B over all k, accumulators in registers.
+template <int MR, int NV, bool TA>
+PYMETA_AVX2 inline void tile(int64_t i0, int64_t j0, int64_t m, int64_t n, int64_t k, const float* A,
+                             const float* B, bool accumulate, float* C) {
+  __m256 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm256_loadu_ps(C + (i0 + r) * n + j0 + 8 * v) : _mm256_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    __m256 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + p * n + j0 + 8 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_set1_ps(TA ? A[p * m + i0 + r] : A[(i0 + r) * k + p]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + (i0 + r) * n + j0 + 8 * v, acc[r][v]);
+}
+
+// All rows for the column block [j0, j0 + 8*NV): blocks of 4 rows, then single rows.
+template <int NV, bool TA>
+PYMETA_AVX2 inline void column_block(int64_t j0, int64_t m, int64_t n, int64_t k, const float* A,
+                                     const float* B, bool accumulate, float* C) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) tile<4, NV, TA>(i, j0, m, n, k, A, B, accumulate, C);
+  for (; i < m; ++i) tile<1, NV, TA>(i, j0, m, n, k, A, B, accumulate, C);
+}
+
+template <bool TA>
+PYMETA_AVX2 void nn_avx2(int64_t m, int64_t n, int64_t k, const float* A, const float* B, bool accumulate,
+                         float* C) {
+  int64_t j = 0;
+  for (; j + 24 <= n; j += 24) column_block<3, TA>(j, m, n, k, A, B, accumulate, C);
+  for (; j + 8 <= n; j += 8) column_block<1, TA>(j, m, n, k, A, B, accumulate, C);
+  if (j == n) return;
+  // The last n % 8 columns, scalar.
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t jj = j; jj < n; ++jj) {
+      float acc = accumulate ? C[i * n + jj] : 0.0f;
+      for (int64_t p = 0; p < k; ++p) acc += (TA ? A[p * m + i] : A[i * k + p]) * B[p * n + jj];
+      C[i * n + jj] = acc;
+    }
+  }
+}
+
+PYMETA_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// C[i0 .. i0+MR) x [j0 .. j0+NC) (+)= A B^T with A (m x k) and B (n x k): dot products of
+// contiguous rows, eight lanes at a time, summed across lanes at the end.
+template <int MR, int NC>
+PYMETA_AVX2 inline void nt_tile(int64_t i0, int64_t j0, int64_t n, int64_t k, const float* A, const float* B,
+                                bool accumulate, float* C) {
+  __m256 acc[MR][NC];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm256_setzero_ps();
+  const int64_t k8 = k - k % 8;
+  for (int64_t p = 0; p < k8; p += 8) {
+    __m256 a[MR];
+    for (int r = 0; r < MR; ++r) a[r] = _mm256_loadu_ps(A + (i0 + r) * k + p);
+    for (int c = 0; c < NC; ++c) {
+      const __m256 b = _mm256_loadu_ps(B + (j0 + c) * k + p);
+      for (int r = 0; r < MR; ++r) acc[r][c] = _mm256_fmadd_ps(a[r], b, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int c = 0; c < NC; ++c) {
+      float sum = hsum(acc[r][c]);
+      for (int64_t p = k8; p < k; ++p) sum += A[(i0 + r) * k + p] * B[(j0 + c) * k + p];
+      float* out = C + (i0 + r) * n + j0 + c;
+      *out = accumulate ? *out + sum : sum;
+    }
+  }
+}
+
+template <int MR>
+PYMETA_AVX2 inline void nt_rows(int64_t i0, int64_t n, int64_t k, const float* A, const float* B,
+                                bool accumulate, float* C) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) nt_tile<MR, 4>(i0, j, n, k, A, B, accumulate, C);
+  for (; j < n; ++j) nt_tile<MR, 1>(i0, j, n, k, A, B, accumulate, C);
+}
+
+PYMETA_AVX2 void nt_avx2(int64_t m, int64_t n, int64_t k, const float* A, const float* B, bool accumulate,
+                         float* C) {
+  int64_t i = 0;
+  for (; i + 2 <= m; i += 2) nt_rows<2>(i, n, k, A, B, accumulate, C);
+  for (; i < m; ++i) nt_rows<1>(i, n, k, A, B, accumulate, C);
+}
+
+}  // namespace
+
+bool small_gemm_avx2_available() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+void small_gemm_avx2(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, const float* B,
+                     float beta, float* C) {
+  const bool accumulate = beta != 0.0f;
+  if (tb) {  // only A B^T reaches here with tb (never A^T B^T)
+    nt_avx2(m, n, k, A, B, accumulate, C);
+  } else if (ta) {
+    nn_avx2<true>(m, n, k, A, B, accumulate, C);
+  } else {
+    nn_avx2<false>(m, n, k, A, B, accumulate, C);
+  }
+}
+
+}  // namespace pymeta
+
+#else
+
+namespace pymeta {
+bool small_gemm_avx2_available() { return false; }
+void small_gemm_avx2(bool, bool, int64_t, int64_t, int64_t, const float*, const float*, float, float*) {}
+}  // namespace pymeta
+
+#endif

@@ -36,29 +36,33 @@ struct Targets {
 template <typename T>
 class MlpTask {
  public:
-  MlpTask(const MlpNet& net, int64_t max_rows, LossKind loss, int64_t num_slots)
+  // The last slot holds query_rows rows (the query set), the others support_rows; the
+  // Hessian-vector products run on the support set only.
+  MlpTask(const MlpNet& net, int64_t support_rows, int64_t query_rows, LossKind loss, int64_t num_slots)
       : net_(net), loss_(loss), slots_(num_slots) {
     const size_t n = net.layers.size();
-    for (Slot& slot : slots_) {
+    for (size_t s = 0; s < slots_.size(); ++s) {
+      Slot& slot = slots_[s];
+      const int64_t rows = s + 1 == slots_.size() ? query_rows : support_rows;
       for (auto* buf : {&slot.a, &slot.h, &slot.e, &slot.d}) buf->resize(n);
       for (size_t l = 0; l < n; ++l) {
-        const size_t size = static_cast<size_t>(max_rows * net.layers[l].out);
+        const size_t size = static_cast<size_t>(rows * net.layers[l].out);
         for (auto* buf : {&slot.a, &slot.h, &slot.e, &slot.d}) (*buf)[l].assign(size, T(0));
       }
-      slot.softmax.assign(static_cast<size_t>(max_rows * net.out_features()), T(0));
+      slot.softmax.assign(static_cast<size_t>(rows * net.out_features()), T(0));
     }
     for (auto* buf : {&ra_, &rh_, &re_, &rd_}) buf->resize(n);
     for (size_t l = 0; l < n; ++l) {
-      const size_t size = static_cast<size_t>(max_rows * net.layers[l].out);
+      const size_t size = static_cast<size_t>(support_rows * net.layers[l].out);
       for (auto* buf : {&ra_, &rh_, &re_, &rd_}) (*buf)[l].assign(size, T(0));
     }
     r_zero_.assign(n, true);
   }
 
-  // Bytes of activations one slot holds for max_rows rows.
-  static int64_t slot_bytes(const MlpNet& net, int64_t max_rows) {
-    int64_t elems = max_rows * net.out_features();
-    for (const MlpLayer& L : net.layers) elems += 4 * max_rows * L.out;
+  // Bytes of activations one slot holds for `rows` rows.
+  static int64_t slot_bytes(const MlpNet& net, int64_t rows) {
+    int64_t elems = rows * net.out_features();
+    for (const MlpLayer& L : net.layers) elems += 4 * rows * L.out;
     return elems * static_cast<int64_t>(sizeof(T));
   }
 
@@ -365,8 +369,7 @@ struct SweepPlan {
 template <typename T>
 SweepPlan plan_sweep(const Problem& pb, bool second_order_grads) {
   SweepPlan plan;
-  const int64_t rows = std::max(pb.k_support, pb.k_query);
-  const int64_t per_step = MlpTask<T>::slot_bytes(pb.net, rows) + pb.net.num_params * int64_t(sizeof(T));
+  const int64_t per_step = MlpTask<T>::slot_bytes(pb.net, pb.k_support) + pb.net.num_params * int64_t(sizeof(T));
   plan.cache = pb.steps * per_step <= activation_cache_limit().load();
   plan.slots = plan.cache ? pb.steps + 1 : 2;
   // The HVP needs every layer's backward quantities; kept from the inner loop, they must be
@@ -500,7 +503,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     const SweepPlan plan = plan_sweep<T>(pb, compute_grads && !first_order);
     for_each_task_chunk(pb, [&](int64_t t0, int64_t t1) {
       const int tid = at::get_thread_num();
-      MlpTask<T> work(pb.net, std::max(pb.k_support, pb.k_query), pb.loss, plan.slots);
+      MlpTask<T> work(pb.net, pb.k_support, pb.k_query, pb.loss, plan.slots);
       std::vector<T> iterates(J * P), grads((plan.cache ? J : 1) * P, T(0)), gq(P), v(P), u(P), hu(P);
       std::vector<T>& gacc = grad_acc[tid];
       std::vector<T>& lacc = lr_acc[tid];
@@ -606,7 +609,7 @@ std::vector<at::Tensor> mlp_adapt_cpu(at::TensorList params, at::TensorList lrs,
     SweepPlan plan;  // no sweep: one slot, gradients down to the lowest adapted layer only
     plan.lowest = pb.net.lowest_adapted;
     for_each_task_chunk(pb, [&](int64_t t0, int64_t t1) {
-      MlpTask<T> work(pb.net, pb.k_support, pb.loss, plan.slots);
+      MlpTask<T> work(pb.net, pb.k_support, pb.k_support, pb.loss, plan.slots);
       std::vector<T> iterates(pb.steps * P), g(P, T(0));
       for (int64_t t = t0; t < t1; ++t) {
         const T* sx = pb.support_x.const_data_ptr<T>() + t * pb.k_support * in;

@@ -1,94 +1,78 @@
-"""One-table comparison of pymeta.MAML against the plain-PyTorch baselines.
+"""One-table comparison of pymeta.MAML and pymeta.ModelAwareMAML against the baselines.
 
 Usage::
 
     .venv/bin/python benchmarks/compare.py [--threads N] [--repeats R]
 
-Everything runs in one process, per (workload, order):
+Everything runs in one process, per (workload, order), for every implementation in
+``workloads.IMPLEMENTATIONS`` whose package is installed (learn2learn, higher and torchopt are
+optional; missing ones are skipped and named on stderr):
 
-* Time: each implementation is warmed up, then timed for ``--repeats`` rounds. Within a round
-  every implementation runs once, in an order rotated from round to round, so slow drifts of
-  a shared machine (other processes, thermal/frequency changes) hit all of them alike. One
-  sample is a run of back-to-back meta-steps lasting at least ``--min-sample-ms`` (calibrated
-  from the warm-up), divided by the number of steps. The table reports the median sample
-  and its interquartile range.
-* Peak memory: one further meta-step per implementation under ``torch.profiler`` with
-  ``profile_memory=True``, which records every allocation and free of torch's CPU allocator
-  (so every CPU tensor, including those allocated by pymeta's compiled core). Sorting those
-  events by time, the running sum of their sizes is the memory held beyond what was live
-  when the step began (model, meta-batch: grads are cleared first); its maximum is the
-  reported peak. Memory outside torch's allocator (Python objects, the allocator's own
-  caching, if any) is not counted. The profiled step is not timed.
+* Time: each implementation is warmed up, then timed with ``harness.rotated_timings``: ``--repeats``
+  rounds, each running every implementation once in an order rotated from round to round; one
+  sample is a run of back-to-back meta-steps lasting at least ``--min-sample-ms``. The table
+  reports the median sample and its interquartile range.
+* Peak memory of one meta-step, in a fresh child process per implementation
+  (``memory_scaling.run_child``, so the heap left by the timing runs does not blur it),
+  measured two ways (``harness``): "RSS" is the resident-memory growth of the process and counts
+  everything; "alloc" counts torch's CPU allocator only, so it misses the compiled core's
+  workspaces (pymeta_aware's "alloc" is only its output tensors). Both are beyond what was
+  live when the step began (model, meta-batch: grads are cleared first).
 
-"x faster" columns are baseline time / implementation time: above 1 means faster than the
-baseline.
+"x faster" columns are reference time / implementation time: above 1 means faster than the
+reference. ``benchmarks/memory_scaling.py`` measures how peak memory grows with inner steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
 import math
-import statistics
 import sys
-import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 # Run as a script, this file's folder is sys.path[0]: the sibling modules import directly.
-from workloads import IMPLEMENTATIONS, ORDERS, WORKLOADS, make_workload
+from harness import rotated_timings
+from memory_scaling import run_child
+from workloads import IMPLEMENTATIONS, ORDERS, WORKLOADS, available_implementations, make_workload
 
 import pymeta
 
-BASELINES = ("torch_func", "per_task_loop")
+# Ratio columns of the table, in this order.
+REFERENCES = ("torch_func", "per_task_loop", "pymeta")
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def time_steps(workload, maml, steps: int) -> float:
-    """Seconds per meta-step, averaged over ``steps`` back-to-back steps."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        workload.meta_step(maml)
-    return (time.perf_counter() - start) / steps
-
-
-def peak_step_bytes(workload, maml) -> int:
-    """Peak bytes held by torch's CPU allocator during one meta-step, beyond those live at its
-    start (see the module docstring)."""
-    workload.model.zero_grad(set_to_none=True)  # the step starts without old gradients
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        workload.meta_step(maml)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
-
-
-def quartiles(samples: list[float]) -> tuple[float, float, float]:
-    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return q1, median, q3
-
-
-def measure(workload_name: str, order: str, repeats: int, min_sample_s: float) -> dict:
-    """{implementation: {"median", "iqr" (seconds), "peak" (bytes), "loss"}} for one cell."""
+def measure(
+    workload_name: str,
+    order: str,
+    implementations: list[str],
+    repeats: int,
+    min_sample_s: float,
+    memory: bool,
+) -> dict:
+    """{implementation: {"median", "iqr" (seconds), "rss", "alloc" (bytes or None), "loss"}}."""
     workload = make_workload(workload_name)
-    impls = {name: workload.build(name, order) for name in IMPLEMENTATIONS}
-    steps, results = {}, {}
+    impls = {name: workload.build(name, order) for name in implementations}
+    results = {}
     for name, maml in impls.items():
         loss = workload.meta_step(maml)  # first call: lazy initialization, caches
-        per_step = time_steps(workload, maml, 2)
-        steps[name] = max(1, math.ceil(min_sample_s / per_step))
-        results[name] = {"loss": loss.item(), "samples": []}
-    names = list(impls)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-            results[name]["samples"].append(time_steps(workload, impls[name], steps[name]))
-    for name, maml in impls.items():
-        q1, median, q3 = quartiles(results[name]["samples"])
-        results[name].update(median=median, iqr=q3 - q1, peak=peak_step_bytes(workload, maml))
+        results[name] = {"loss": loss.item()}
+    steps = {name: functools.partial(workload.meta_step, maml) for name, maml in impls.items()}
+    for name, timing in rotated_timings(steps, repeats, min_sample_s).items():
+        results[name].update(timing)
+    threads = torch.get_num_threads()
+    for name in impls:
+        cell = {"rss": None, "alloc": None}
+        if memory:
+            cell = run_child(
+                workload_name, workload.maml_kwargs["inner_steps"], name, order, threads
+            )
+        results[name].update(rss=cell["rss"], alloc=cell["alloc"])
     return results
 
 
@@ -104,19 +88,25 @@ def check_losses(workload_name: str, order: str, results: dict) -> None:
             )
 
 
+def mib(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.2f}"
+
+
 def markdown_table(all_results: dict) -> str:
-    header = (
-        "| workload | order | implementation | median ms | IQR ms | x faster vs torch_func "
-        "| x faster vs per_task_loop | peak MB |"
+    ratio_headers = " | ".join(
+        f"x faster vs {'pymeta MAML' if r == 'pymeta' else r}" for r in REFERENCES
     )
-    lines = [header, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"| workload | order | implementation | median ms | IQR ms | {ratio_headers} "
+        "| peak MiB (RSS) | peak MiB (alloc) |",
+        "| --- | --- | --- | ---: | ---: | " + "---: | " * len(REFERENCES) + "---: | ---: |",
+    ]
     for (workload_name, order), results in all_results.items():
         for name, res in results.items():
-            ratios = [results[b]["median"] / res["median"] for b in BASELINES]
+            ratios = " | ".join(f"{results[r]['median'] / res['median']:.2f}x" for r in REFERENCES)
             lines.append(
                 f"| {workload_name} | {order} | {name} | {res['median'] * 1e3:.2f} "
-                f"| {res['iqr'] * 1e3:.2f} | {ratios[0]:.2f}x | {ratios[1]:.2f}x "
-                f"| {res['peak'] / 2**20:.2f} |"
+                f"| {res['iqr'] * 1e3:.2f} | {ratios} | {mib(res['rss'])} | {mib(res['alloc'])} |"
             )
     return "\n".join(lines)
 
@@ -135,16 +125,30 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory columns (faster)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 2:
         parser.error("--repeats: expected at least 2")
 
     torch.set_num_threads(args.threads)
+    implementations = available_implementations()
+    missing = [n for n in IMPLEMENTATIONS if n not in implementations]
+    if missing:
+        log(f"skipping (package not installed): {', '.join(missing)}")
     all_results = {}
     for workload_name in args.workloads:
         for order in args.orders:
             log(f"measuring {workload_name} / {order} order ...")
-            results = measure(workload_name, order, args.repeats, args.min_sample_ms / 1e3)
+            results = measure(
+                workload_name,
+                order,
+                implementations,
+                args.repeats,
+                args.min_sample_ms / 1e3,
+                memory=not args.no_memory,
+            )
             check_losses(workload_name, order, results)
             all_results[workload_name, order] = results
 

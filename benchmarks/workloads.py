@@ -4,23 +4,41 @@ suite (``conftest.py``, ``test_*.py``) and the one-process comparison script (``
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from dataclasses import dataclass, field
 
 import torch
 from baselines import PerTaskLoopMAML, TorchFuncMAML
+from libraries import HigherMAML, Learn2LearnMAML, TorchOptMAML
 from torch import nn
 
 import pymeta
 
-WORKLOADS = ("sinusoid", "wide-mlp")
+WORKLOADS = ("sinusoid", "sinusoid-5", "wide-mlp")
 ORDERS = ("second", "first")
-# The baselines take pymeta.MAML's arguments: (model, inner_lr, inner_steps, first_order, loss).
+# All take pymeta.MAML's arguments: (model, inner_lr, inner_steps, first_order, loss).
 IMPLEMENTATIONS = {
     "pymeta": pymeta.MAML,
+    "pymeta_aware": pymeta.ModelAwareMAML,
     "per_task_loop": PerTaskLoopMAML,
     "torch_func": TorchFuncMAML,
+    "learn2learn": Learn2LearnMAML,
+    "higher": HigherMAML,
+    "torchopt": TorchOptMAML,
 }
+# Implementations that need a package which may not be installed: name -> package.
+OPTIONAL_PACKAGES = {"learn2learn": "learn2learn", "higher": "higher", "torchopt": "torchopt"}
+
+
+def available(implementation: str) -> bool:
+    """Whether the implementation's package, if it needs one, is installed (not imported)."""
+    package = OPTIONAL_PACKAGES.get(implementation)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def available_implementations() -> list[str]:
+    return [name for name in IMPLEMENTATIONS if available(name)]
 
 
 @dataclass
@@ -64,6 +82,7 @@ def make_workload(
 
     "sinusoid": MLP 1-40-40-1, 25 tasks, 10 support / 10 query, 1 inner step, lr 0.01, MSE
     (the regression setting of the MAML paper).
+    "sinusoid-5": the same with 5 inner steps, where second-order terms compound.
     "wide-mlp": MLP 64-256-256-10, 32 tasks, 25 support / 75 query, 5 inner steps, lr 0.1,
     cross-entropy on Gaussian inputs with random labels (a 10-way, few-shot sized workload
     where the matrix multiplies, not Python overhead, should dominate).
@@ -72,10 +91,11 @@ def make_workload(
     """
     torch.manual_seed(seed)  # model initialization
     gen = torch.Generator().manual_seed(seed)  # data
-    if name == "sinusoid":
+    if name in ("sinusoid", "sinusoid-5"):
         model = mlp(1, 40, 40, 1)
         batch = pymeta.tasks.Sinusoid(k_support=10, k_query=10, dtype=dtype).sample(25, gen)
-        kwargs = {"inner_lr": 0.01, "inner_steps": 1, "loss": "mse"}
+        steps = 5 if name == "sinusoid-5" else 1
+        kwargs = {"inner_lr": 0.01, "inner_steps": steps, "loss": "mse"}
     elif name == "wide-mlp":
         model = mlp(64, 256, 256, 10)
         tasks, k_support, k_query = 32, 25, 75

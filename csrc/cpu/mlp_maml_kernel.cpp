@@ -326,17 +326,22 @@ std::vector<T> flatten_params(const Problem& pb) {
   return flat;
 }
 
-// The per-element learning rate of every param element at every step: (steps, P); zero for
-// layers that do not adapt.
+// Rows of per-step quantities (learning rates, their gradients): one per inner step when the
+// rates differ between steps (per_layer_step), otherwise a single row shared by all steps.
+int64_t lr_rows(const Problem& pb) { return pb.lr_mode == LrMode::kPerLayerStep ? pb.steps : 1; }
+int64_t lr_row(const Problem& pb, int64_t j) { return pb.lr_mode == LrMode::kPerLayerStep ? j : 0; }
+
+// The per-element learning rate of every param element: (lr_rows, P); zero for layers that do
+// not adapt.
 template <typename T>
 std::vector<T> expand_lrs(const Problem& pb, at::TensorList lrs) {
   const int64_t P = pb.net.num_params;
-  std::vector<T> flat(static_cast<size_t>(pb.steps * P), T(0));
+  std::vector<T> flat(static_cast<size_t>(lr_rows(pb) * P), T(0));
   size_t k = 0;
   for (const MlpLayer& L : pb.net.layers) {
     if (!L.adapted) continue;
     const int64_t begin = L.w_off, count = L.in * L.out + (L.bias ? L.out : 0);
-    for (int64_t j = 0; j < pb.steps; ++j) {
+    for (int64_t j = 0; j < lr_rows(pb); ++j) {
       T* dst = flat.data() + j * P + begin;
       if (pb.lr_mode == LrMode::kScalar) {
         std::fill(dst, dst + count, lrs[0].item<T>());
@@ -356,21 +361,26 @@ std::vector<T> expand_lrs(const Problem& pb, at::TensorList lrs) {
   return flat;
 }
 
-// How one thread runs its tasks: whether each inner step's activations (and support gradient)
-// stay in their own slot for the reverse sweep, and which layers the inner loop differentiates.
+// How one thread runs its tasks: whether each inner step's activations (and, for learned
+// rates, its support gradient) stay for the reverse sweep, and which layers the inner loop
+// differentiates.
 struct SweepPlan {
   bool cache = false;
-  int64_t lowest = 0;  // lowest layer the inner loop's backward reaches
+  bool keep_grads = false;  // one support gradient per step (cache and learned rates)
+  int64_t lowest = 0;       // lowest layer the inner loop's backward reaches
   int64_t slots = 2;
   int64_t query_slot() const { return slots - 1; }
   int64_t support_slot(int64_t j) const { return cache ? j : 0; }
+  int64_t grad_row(int64_t j) const { return keep_grads ? j : 0; }
 };
 
 template <typename T>
-SweepPlan plan_sweep(const Problem& pb, bool second_order_grads) {
+SweepPlan plan_sweep(const Problem& pb, bool second_order_grads, bool lr_grads) {
   SweepPlan plan;
-  const int64_t per_step = MlpTask<T>::slot_bytes(pb.net, pb.k_support) + pb.net.num_params * int64_t(sizeof(T));
+  const int64_t per_step = MlpTask<T>::slot_bytes(pb.net, pb.k_support) +
+                           (lr_grads ? pb.net.num_params * int64_t(sizeof(T)) : 0);
   plan.cache = pb.steps * per_step <= activation_cache_limit().load();
+  plan.keep_grads = plan.cache && lr_grads;
   plan.slots = plan.cache ? pb.steps + 1 : 2;
   // The HVP needs every layer's backward quantities; kept from the inner loop, they must be
   // complete there. Otherwise the inner loop stops at the lowest adapted layer (cheap ANIL).
@@ -378,8 +388,8 @@ SweepPlan plan_sweep(const Problem& pb, bool second_order_grads) {
   return plan;
 }
 
-// Runs one task's inner loop; iterates[j - 1] (P each) holds theta after step j, grads[j]
-// (or grads[0] without a cache) the support gradient at step j.
+// Runs one task's inner loop; iterates[j - 1] (P each) holds theta after step j, and
+// grads[plan.grad_row(j)] the support gradient at step j.
 template <typename T>
 void inner_loop(const Problem& pb, const SweepPlan& plan, MlpTask<T>& work, const T* theta0,
                 const T* lr_flat, const T* sx, const Targets<T>& sy, T* iterates, T* grads) {
@@ -387,13 +397,13 @@ void inner_loop(const Problem& pb, const SweepPlan& plan, MlpTask<T>& work, cons
   for (int64_t j = 0; j < pb.steps; ++j) {
     const T* cur = j == 0 ? theta0 : iterates + (j - 1) * P;
     T* next = iterates + j * P;
-    T* g = grads + (plan.cache ? j * P : 0);
+    T* g = grads + plan.grad_row(j) * P;
     const int64_t slot = plan.support_slot(j);
     work.forward(slot, cur, sx, pb.k_support);
     work.loss(slot, sy, pb.k_support, true);
     work.backward(slot, cur, pb.k_support, plan.lowest, g);
     std::memcpy(next, cur, sizeof(T) * P);
-    const T* lr = lr_flat + j * P;
+    const T* lr = lr_flat + lr_row(pb, j) * P;
     for (const MlpLayer& L : pb.net.layers) {
       if (L.adapted) sub_product(L.in * L.out + (L.bias ? L.out : 0), lr + L.w_off, g + L.w_off, next + L.w_off);
     }
@@ -448,7 +458,7 @@ std::vector<at::Tensor> unflatten(const Problem& pb, const std::vector<T>& flat,
   return out;
 }
 
-// Reduces d loss / d (per-element lr at each step), (steps, P), to the lrs' layout.
+// Reduces d loss / d (per-element lr), (lr_rows, P), to the lrs' layout.
 template <typename T>
 std::vector<at::Tensor> reduce_lr_grads(const Problem& pb, at::TensorList lrs, const std::vector<T>& dflat, T scale) {
   const int64_t P = pb.net.num_params;
@@ -458,7 +468,7 @@ std::vector<at::Tensor> reduce_lr_grads(const Problem& pb, at::TensorList lrs, c
   for (const MlpLayer& L : pb.net.layers) {
     if (!L.adapted) continue;
     const int64_t nw = L.in * L.out, count = nw + (L.bias ? L.out : 0);
-    for (int64_t j = 0; j < pb.steps; ++j) {
+    for (int64_t j = 0; j < lr_rows(pb); ++j) {
       const T* src = dflat.data() + j * P + L.w_off;
       if (pb.lr_mode == LrMode::kPerParameter) {
         T* w = out[k].mutable_data_ptr<T>();
@@ -500,15 +510,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     std::vector<std::vector<T>> grad_acc(threads), lr_acc(threads);
     T* losses = task_losses.mutable_data_ptr<T>();
     const int64_t in = pb.net.in_features(), out = pb.net.out_features();
-    const SweepPlan plan = plan_sweep<T>(pb, compute_grads && !first_order);
+    const SweepPlan plan = plan_sweep<T>(pb, compute_grads && !first_order, compute_lr_grads);
     for_each_task_chunk(pb, [&](int64_t t0, int64_t t1) {
       const int tid = at::get_thread_num();
       MlpTask<T> work(pb.net, pb.k_support, pb.k_query, pb.loss, plan.slots);
-      std::vector<T> iterates(J * P), grads((plan.cache ? J : 1) * P, T(0)), gq(P), v(P), u(P), hu(P);
+      std::vector<T> iterates(J * P), grads((plan.keep_grads ? J : 1) * P, T(0)), gq(P), v(P), u(P), hu(P);
       std::vector<T>& gacc = grad_acc[tid];
       std::vector<T>& lacc = lr_acc[tid];
       if (compute_grads) gacc.assign(P, T(0));
-      if (compute_lr_grads) lacc.assign(J * P, T(0));
+      if (compute_lr_grads) lacc.assign(lr_rows(pb) * P, T(0));
       const int64_t qs = plan.query_slot();
       auto theta_at = [&](int64_t j) { return j == 0 ? theta0.data() : iterates.data() + (j - 1) * P; };
       for (int64_t t = t0; t < t1; ++t) {
@@ -543,15 +553,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
           if (!first_order || compute_lr_grads) {
             const T* theta = theta_at(j);
             const int64_t slot = plan.support_slot(j);
-            const T* g = grads.data() + (plan.cache ? j * P : 0);
+            const T* g = grads.data() + plan.grad_row(j) * P;
             if (!plan.cache) {  // recompute step j's activations and support gradient
               work.forward(slot, theta, sx, pb.k_support);
               work.loss(slot, sy, pb.k_support, true);
               work.backward(slot, theta, pb.k_support, first_order ? pb.net.lowest_adapted : 0, grads.data());
             }
-            const T* lr = lr_flat.data() + j * P;
+            const T* lr = lr_flat.data() + lr_row(pb, j) * P;
             if (compute_lr_grads) {
-              T* dl = lacc.data() + j * P;
+              T* dl = lacc.data() + lr_row(pb, j) * P;
               for (const MlpLayer& L : pb.net.layers) {
                 if (L.adapted) sub_product(L.in * L.out + (L.bias ? L.out : 0), v.data() + L.w_off, g + L.w_off, dl + L.w_off);
               }
@@ -578,7 +588,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
       grad_params = unflatten<T>(pb, total, inv_tasks);
     }
     if (compute_lr_grads) {
-      std::vector<T> total(J * P, T(0));
+      std::vector<T> total(lr_rows(pb) * P, T(0));
       for (const auto& acc : lr_acc)
         for (size_t p = 0; p < acc.size(); ++p) total[p] += acc[p];
       grad_lrs = reduce_lr_grads<T>(pb, lrs, total, inv_tasks);

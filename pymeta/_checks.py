@@ -44,3 +44,19 @@ def check_same_device(name: str, value: torch.Tensor, device: torch.device, owne
             f"{name}: expected a tensor on {device} (the device of {owner}), "
             f"received one on {value.device}"
         )
+
+
+def support_as_batch(support_x, support_y, batched: bool):
+    """Checks adapt()'s support set and gives it a task dimension: (T, K, ...) tensors.
+
+    Validation is TaskBatch's (shapes, dtypes, devices, empty sets, NaN/inf), with the support
+    set standing in for the query set.
+    """
+    from pymeta.task_batch import TaskBatch  # here: task_batch imports this module
+
+    check_tensor("support_x", support_x)
+    check_tensor("support_y", support_y)
+    if not batched:
+        support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
+    TaskBatch(support_x, support_y, support_x, support_y)
+    return support_x, support_y

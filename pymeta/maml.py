@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pymeta._checks import check_positive_int, check_same_device, check_tensor
+from pymeta._checks import (
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+    support_as_batch,
+)
 from pymeta.adapted import AdaptedModel
 from pymeta.inner_lr import InnerLR
 from pymeta.learner import Learner
@@ -118,11 +123,7 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
         if batched is None:
             batched = self._infer_batched(support_x, support_y)
-        if not batched:
-            support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
-        TaskBatch(
-            support_x, support_y, support_x[:, :1], support_y[:, :1]
-        )  # shape/dtype/finite checks
+        support_x, support_y = support_as_batch(support_x, support_y, batched)
         self._check_data("support_x", support_x, "support_y", support_y, True)
         params = [p.detach() for p in self._expand(support_x.shape[0])]
         params = self._inner_loop(params, support_x, support_y, steps, False)

@@ -7,7 +7,12 @@ import math
 import torch
 from torch import nn
 
-from pymeta._checks import check_positive_int, check_same_device, check_tensor
+from pymeta._checks import (
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+    support_as_batch,
+)
 from pymeta.adapted import AdaptedModel
 from pymeta.losses import LOSS_NAMES, TaskLoss
 from pymeta.mlp_spec import MlpSpec
@@ -229,9 +234,7 @@ class ModelAwareMAML(nn.Module):
                 batched = support_x.dim() >= 3 and math.prod(support_x.shape[2:]) == features
             else:
                 batched = support_x.dim() == 3
-        if not batched:
-            support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
-        TaskBatch(support_x, support_y, support_x[:, :1], support_y[:, :1])  # shape/finite checks
+        support_x, support_y = support_as_batch(support_x, support_y, batched)
         sx = self._inputs("support_x", support_x)
         sy = self._targets("support_y", support_y)
         params = [p.detach() for p in self._params()]

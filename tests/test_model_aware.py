@@ -4,7 +4,7 @@ the core ops' gradients, adaptation, and bad input."""
 import pytest
 import torch
 import torch.nn.functional as F
-from parity import rel_err
+from parity import rel_err, sinusoid_mse_before_after
 from torch import nn
 from torch.func import functional_call
 
@@ -365,23 +365,12 @@ def test_adapt_head_only_leaves_the_body():
 
 
 def test_sinusoid_meta_training_learns_to_adapt():
+    """A short run: post-adaptation MSE ends well below pre-adaptation MSE."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
     )
-    maml = pymeta.ModelAwareMAML(model, inner_lr=0.01)
-    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
-    tasks = pymeta.tasks.Sinusoid()
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(1500):
-        opt.zero_grad()
-        maml.meta_loss(tasks.sample(25, gen)).backward()
-        opt.step()
-    test = tasks.sample(200, torch.Generator().manual_seed(123))
-    before = F.mse_loss(maml(test.query_x), test.query_y).item()
-    after = F.mse_loss(
-        maml.adapt(test.support_x, test.support_y, steps=10)(test.query_x), test.query_y
-    ).item()
+    before, after = sinusoid_mse_before_after(pymeta.ModelAwareMAML(model, inner_lr=0.01))
     assert after < 0.6 * before, (before, after)
 
 

@@ -1,17 +1,12 @@
 // See mlp_elementwise.h. The activation switch sits outside each loop; target_clones builds
 // AVX-512, AVX2+FMA and baseline versions and picks one at load time.
 #include "mlp_elementwise.h"
+#include "multiversion.h"
 
 #include <algorithm>
 #include <type_traits>
 
 namespace pymeta {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYMETA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYMETA_MULTIVERSION
-#endif
 
 namespace {
 

@@ -4,15 +4,10 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "multiversion.h"
 #include "small_gemm.h"
 
 namespace pymeta {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYMETA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYMETA_MULTIVERSION
-#endif
 
 namespace {
 

@@ -4,16 +4,14 @@ Public API:
     TaskBatch: a meta-batch of tasks, task dimension first.
     MAML: model-agnostic MAML around any nn.Module.
     ModelAwareMAML: MLP MAML with the inner loop and exact meta-gradient in the compiled core.
-    tasks: task samplers (Sinusoid).
+    tasks: task samplers (Sinusoid, FewShot).
+    datasets: Omniglot and its image loader.
+    models: standard networks (conv4).
     ops: the fused, task-batched functional ops (``torch.ops.pymeta.*``).
 """
 
-from pymeta import (
-    _ops,  # noqa: F401  (registers torch.ops.pymeta.*)
-    ops,
-    reference,
-    tasks,
-)
+from pymeta import _ops  # noqa: F401, I001  (first: registers torch.ops.pymeta.*)
+from pymeta import datasets, models, ops, reference, tasks
 from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.learner import Learner
@@ -31,6 +29,10 @@ __all__ = [
     "ops",
     "reference",
     "tasks",
+    "datasets",
+    "models",
+    "datasets",
+    "models",
     "HAS_COMPILED_CORE",
     "__version__",
 ]

@@ -1,0 +1,179 @@
+"""Omniglot loading (on a tiny data set made in the Omniglot layout), FewShot tasks, conv4."""
+
+import io
+import zipfile
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import pymeta
+from pymeta.datasets import Omniglot, load_image
+from pymeta.tasks import FewShot
+
+
+def png_bytes(seed: int, size: int = 105) -> bytes:
+    """A black-on-white 'character': a seeded block of black pixels."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.full((size, size), 255, dtype=torch.uint8)
+    r, c = torch.randint(0, size - 30, (2,), generator=g).tolist()
+    img[r : r + 30, c : c + 10] = 0
+    buf = io.BytesIO()
+    Image.fromarray(img.numpy(), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_zip(path, split, alphabets, drawers=4, seed=0):
+    with zipfile.ZipFile(path, "w") as z:
+        for a, (alphabet, n_chars) in enumerate(alphabets):
+            for c in range(n_chars):
+                for d in range(drawers):
+                    name = f"{split}/{alphabet}/character{c + 1:02d}/{a:02d}{c:02d}_{d + 1:02d}.png"
+                    z.writestr(name, png_bytes(seed + 1000 * a + 10 * c + d))
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    root = tmp_path / "omniglot"
+    root.mkdir()
+    make_zip(
+        root / "images_background_small1.zip",
+        "images_background_small1",
+        [("Greek", 3), ("Runic", 4)],
+    )
+    # The second zip repeats Greek (as the real minimal splits do): it must be deduplicated.
+    make_zip(
+        root / "images_background_small2.zip",
+        "images_background_small2",
+        [("Greek", 3), ("Tifinagh", 3)],
+        seed=7,
+    )
+    return root
+
+
+def test_load_image_preprocessing(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(0))
+    img = load_image(path, image_size=28)
+    assert img.shape == (1, 28, 28) and img.dtype == torch.float32
+    assert float(img.min()) >= 0 and float(img.max()) <= 1
+    assert float(img.max()) > 0.9  # strokes are 1
+    assert float(img[0, 0, 0]) < 0.05 or float(img[0, -1, -1]) < 0.05  # background is 0
+    torch.testing.assert_close(load_image(path.read_bytes()), img)
+    with pytest.raises(ValueError, match="path_or_file: expected a readable image"):
+        load_image(b"not an image")
+
+
+def test_omniglot_reads_zips_dedupes_and_caches(tiny_root, tmp_path):
+    cache = tmp_path / "cache"
+    ds = Omniglot(tiny_root, cache_dir=cache)
+    assert ds.num_characters == 3 + 4 + 3  # Greek once
+    assert ds.images.shape == (10, 4, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert sum(n.startswith("Greek/") for n in ds.names) == 3
+    files = list(cache.glob("omniglot-28-*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = Omniglot(tiny_root, cache_dir=cache)
+    assert files[0].stat().st_mtime_ns == stamp  # read from the cache, not rewritten
+    assert torch.equal(again.images, ds.images)
+    # Each image equals load_image of its PNG.
+    with zipfile.ZipFile(tiny_root / "images_background_small1.zip") as z:
+        first = load_image(z.read("images_background_small1/Greek/character01/0000_01.png"))
+    torch.testing.assert_close(
+        ds.images[ds.names.index("Greek/character01"), 0].float() / 255, first, atol=1 / 255, rtol=0
+    )
+
+
+def test_unpacked_folder_gives_the_same_data(tiny_root, tmp_path):
+    folder = tmp_path / "unpacked"
+    for z in tiny_root.glob("*.zip"):
+        zipfile.ZipFile(z).extractall(folder)
+    a = Omniglot(tiny_root, cache_dir=tmp_path / "c1")
+    b = Omniglot(folder, cache_dir=tmp_path / "c2")
+    assert a.names == b.names and torch.equal(a.images, b.images)
+
+
+def test_splits_are_character_disjoint_deterministic_and_rotatable(tiny_root, tmp_path):
+    ds = Omniglot(tiny_root, cache_dir=tmp_path, split_fractions=(0.6, 0.2, 0.2))
+    names = {s: set(ds.split_names(s)) for s in ("train", "val", "test")}
+    assert sum(len(v) for v in names.values()) == ds.num_characters
+    assert not (names["train"] & names["val"]) and not (names["train"] & names["test"])
+    assert not (names["val"] & names["test"])
+    again = Omniglot(tiny_root, cache_dir=tmp_path, split_fractions=(0.6, 0.2, 0.2))
+    assert again.split_names("test") == ds.split_names("test")
+    train = ds.split("train")
+    rotated = ds.split("train", rotations=True)
+    assert rotated.shape[0] == 4 * train.shape[0] and rotated.dtype == torch.float32
+    torch.testing.assert_close(rotated[train.shape[0]], torch.rot90(train[0], 1, dims=(-2, -1)))
+
+
+def test_omniglot_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="root: expected a folder"):
+        Omniglot(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="root: found no PNG images"):
+        Omniglot(tmp_path / "empty", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="split_fractions"):
+        Omniglot(tmp_path / "empty", split_fractions=(0.5, 0.5))
+
+
+def test_few_shot_tasks():
+    examples = (
+        torch.arange(6 * 5, dtype=torch.float32)
+        .view(6, 5, 1, 1, 1)
+        .expand(6, 5, 1, 2, 2)
+        .contiguous()
+    )
+    tasks = FewShot(examples, n_way=3, k_shot=2, k_query=3)
+    batch = tasks.sample(4, torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (4, 6, 1, 2, 2) and batch.query_x.shape == (4, 9, 1, 2, 2)
+    assert batch.support_y.dtype == torch.long and batch.support_y[0].tolist() == [0, 0, 1, 1, 2, 2]
+    for t in range(4):
+        cls_of = lambda v: int(v) // 5  # noqa: E731  (example value -> its class)
+        support_classes = [cls_of(v) for v in batch.support_x[t, :, 0, 0, 0]]
+        query_classes = [cls_of(v) for v in batch.query_x[t, :, 0, 0, 0]]
+        # One class per label, the same in support and query, no example used twice.
+        for label in range(3):
+            s = {c for c, y in zip(support_classes, batch.support_y[t].tolist()) if y == label}
+            q = {c for c, y in zip(query_classes, batch.query_y[t].tolist()) if y == label}
+            assert len(s) == 1 and s == q
+        values = torch.cat([batch.support_x[t, :, 0, 0, 0], batch.query_x[t, :, 0, 0, 0]])
+        assert values.unique().numel() == values.numel()
+    assert torch.equal(tasks[3][0], tasks[3][0])  # item i is always the same task
+
+
+def test_few_shot_with_dataloader_workers():
+    examples = torch.randn(10, 6, 1, 4, 4)
+    tasks = FewShot(examples, n_way=2, k_shot=1, k_query=2, num_tasks=8, seed=3)
+    loader = DataLoader(tasks, batch_size=4, num_workers=2, collate_fn=FewShot.collate)
+    batches = list(loader)
+    assert len(batches) == 2 and isinstance(batches[0], pymeta.TaskBatch)
+    assert torch.equal(batches[1].support_x[0], tasks[4][0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_way=11, k_shot=1, k_query=1), r"n_way: expected at most 10"),
+        (dict(n_way=2, k_shot=4, k_query=3), r"k_shot \+ k_query: expected at most 6"),
+        (dict(n_way=0, k_shot=1, k_query=1), r"n_way: expected a positive int"),
+    ],
+)
+def test_few_shot_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FewShot(torch.randn(10, 6, 1, 4, 4), **kwargs)
+
+
+def test_conv4_shapes_and_maml_step():
+    net = pymeta.models.conv4(n_way=5, hidden=8)
+    assert net(torch.randn(3, 1, 28, 28)).shape == (3, 5)
+    examples = torch.rand(12, 4, 1, 28, 28)
+    batch = FewShot(examples, n_way=5, k_shot=1, k_query=2).sample(
+        2, torch.Generator().manual_seed(0)
+    )
+    maml = pymeta.MAML(net, inner_lr=0.4, loss="cross_entropy")
+    maml.meta_loss(batch).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(ValueError, match="image_size: expected at least 16"):
+        pymeta.models.conv4(5, image_size=8)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pymeta demo``."""
+"""Command line: ``python -m pymeta demo | train omniglot | eval omniglot``."""
 
 from __future__ import annotations
 
@@ -22,16 +22,33 @@ def main(argv: list[str] | None = None) -> int:
         help="intra-op threads (1 is fastest for these small tensors)",
     )
     demo.add_argument("--no-progress", action="store_true")
+    from pymeta import cli_omniglot
+
+    for command, helptext in (
+        ("train", "meta-train on a benchmark"),
+        ("eval", "evaluate a checkpoint"),
+    ):
+        benchmarks = sub.add_parser(command, help=helptext).add_subparsers(
+            dest="benchmark", required=True
+        )
+        cli_omniglot.add_arguments(
+            benchmarks.add_parser("omniglot", help="few-shot Omniglot"), command == "train"
+        )
     args = parser.parse_args(argv)
 
     import torch
 
-    from pymeta.demo import run_demo
+    if args.command == "demo":
+        from pymeta.demo import run_demo
 
-    if args.iterations <= 0:
-        parser.error(f"--iterations: expected a positive int, received {args.iterations}")
-    torch.set_num_threads(args.threads)
-    run_demo(args.iterations, args.meta_batch, args.seed, progress=not args.no_progress)
+        if args.iterations <= 0:
+            parser.error(f"--iterations: expected a positive int, received {args.iterations}")
+        torch.set_num_threads(args.threads)
+        run_demo(args.iterations, args.meta_batch, args.seed, progress=not args.no_progress)
+    elif args.command == "train":
+        cli_omniglot.train(args)
+    else:
+        cli_omniglot.evaluate(args)
     return 0
 
 

@@ -1,0 +1,215 @@
+"""`python -m pymeta train omniglot` / `eval omniglot`: few-shot classification on Omniglot."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_ROOT = os.environ.get("PYMETA_OMNIGLOT", "../shared/data/omniglot")
+# What a checkpoint must agree on to be resumed or evaluated.
+MODEL_KEYS = ("n_way", "hidden", "image_size", "variant")
+
+
+def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="folder with the Omniglot zips")
+    parser.add_argument("--cache-dir", default=None, help="tensor cache (default ~/.cache/pymeta)")
+    parser.add_argument("--checkpoint", default="runs/omniglot.pt")
+    parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument(
+        "--eval-steps", type=int, default=None, help="adaptation steps at test time"
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-progress", action="store_true")
+    if not train:
+        return
+    parser.add_argument("--variant", choices=("agnostic", "aware"), default="agnostic")
+    parser.add_argument("--n-way", type=int, default=5)
+    parser.add_argument("--k-shot", type=int, default=1)
+    parser.add_argument("--k-query", type=int, default=15)
+    parser.add_argument("--meta-batch", type=int, default=32)
+    parser.add_argument("--inner-lr", type=float, default=0.4)
+    parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--first-order", action="store_true")
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="meta-optimizer (Adam) learning rate"
+    )
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument(
+        "--no-rotations", action="store_true", help="no 90-degree class augmentation"
+    )
+    parser.add_argument("--val-every", type=int, default=250)
+    parser.add_argument("--val-tasks", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from --checkpoint if it exists"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default=None, help="write learning curves to this PNG")
+
+
+def _build(config: dict):
+    import pymeta
+
+    net = pymeta.models.conv4(
+        config["n_way"], hidden=config["hidden"], image_size=config["image_size"]
+    )
+    kwargs = dict(
+        inner_lr=config["inner_lr"],
+        inner_steps=config["inner_steps"],
+        first_order=config["first_order"],
+        loss="cross_entropy",
+    )
+    if config["variant"] == "aware":
+        try:
+            return pymeta.ModelAwareMAML(net, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(
+                f"--variant aware: {err}\nThe model-aware core does not run convolutional networks "
+                "yet; use --variant agnostic."
+            ) from None
+    return pymeta.MAML(net, **kwargs)
+
+
+def _data(args, config):
+    import pymeta
+
+    ds = pymeta.datasets.Omniglot(
+        args.root, image_size=config["image_size"], cache_dir=args.cache_dir
+    )
+    shots = dict(n_way=config["n_way"], k_shot=config["k_shot"], k_query=config["k_query"])
+    train = pymeta.tasks.FewShot(ds.split("train", rotations=config["rotations"]), **shots)
+    val = pymeta.tasks.FewShot(ds.split("val"), **shots)
+    test = pymeta.tasks.FewShot(ds.split("test"), **shots)
+    return train, val, test
+
+
+def _report(maml, test_tasks, config, args) -> dict:
+    from pymeta.evaluation import few_shot_accuracy
+
+    steps = args.eval_steps or config["inner_steps"]
+    acc, ci = few_shot_accuracy(maml, test_tasks, args.test_tasks, steps=steps, seed=12345)
+    print(
+        f"test: {config['n_way']}-way {config['k_shot']}-shot, {args.test_tasks} tasks of held-out "
+        f"characters, {steps} adaptation step(s): "
+        f"accuracy {100 * acc:.2f}% ± {100 * ci:.2f}% (95% CI)"
+    )
+    return {"accuracy": acc, "ci95": ci}
+
+
+def train(args) -> dict:
+    from pymeta.training import History, load_checkpoint, meta_train, plot_history, save_checkpoint
+
+    torch.set_num_threads(args.threads)
+    config = {
+        k: getattr(args, k)
+        for k in (
+            "variant",
+            "n_way",
+            "k_shot",
+            "k_query",
+            "meta_batch",
+            "inner_lr",
+            "inner_steps",
+            "first_order",
+            "iterations",
+            "lr",
+            "hidden",
+            "image_size",
+            "seed",
+        )
+    }
+    config["rotations"] = not args.no_rotations
+    for name in ("n_way", "k_shot", "k_query", "meta_batch", "inner_steps", "iterations", "hidden"):
+        if config[name] <= 0:
+            raise SystemExit(
+                f"--{name.replace('_', '-')}: expected a positive int, received {config[name]}"
+            )
+    torch.manual_seed(config["seed"])
+    train_tasks, val_tasks, test_tasks = _data(args, config)
+    maml = _build(config)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=config["lr"])
+    generator = torch.Generator().manual_seed(config["seed"])
+    step, history = 0, History()
+    if args.resume and Path(args.checkpoint).is_file():
+        blob = load_checkpoint(args.checkpoint)
+        mismatch = [k for k in config if k != "iterations" and blob["config"].get(k) != config[k]]
+        if mismatch:
+            raise SystemExit(f"--resume: the checkpoint was made with other settings: {mismatch}")
+        maml.load_state_dict(blob["maml"])
+        optimizer.load_state_dict(blob["optimizer"])
+        generator.set_state(blob["task_generator"])
+        from pymeta.training import set_rng_state
+
+        set_rng_state(blob["rng"])
+        step, history = blob["step"], History(**blob["history"])
+        print(f"resuming from step {step} of {args.checkpoint}")
+
+    from pymeta.evaluation import few_shot_accuracy
+
+    def validate():
+        return few_shot_accuracy(maml, val_tasks, args.val_tasks, seed=777)[0]
+
+    def batch_accuracy(batch):
+        with torch.no_grad():
+            adapted = maml.adapt(batch.support_x, batch.support_y, batched=True)
+            return float((adapted(batch.query_x).argmax(-1) == batch.query_y).double().mean())
+
+    def checkpoint(done, hist):
+        save_checkpoint(
+            args.checkpoint,
+            config=config,
+            maml=maml,
+            optimizer=optimizer,
+            step=done,
+            task_generator=generator,
+            history=hist,
+        )
+
+    history = meta_train(
+        maml,
+        optimizer,
+        train_tasks,
+        iterations=config["iterations"],
+        meta_batch=config["meta_batch"],
+        task_generator=generator,
+        start_step=step,
+        history=history,
+        validate=validate,
+        val_every=args.val_every,
+        train_accuracy=batch_accuracy,
+        log_every=args.log_every,
+        checkpoint=checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+    )
+    print(
+        f"trained {config['iterations']} meta-steps in {history.seconds:.1f} s; "
+        f"checkpoint {args.checkpoint}"
+    )
+    if args.plot:
+        plot_history(
+            history,
+            args.plot,
+            f"Omniglot {config['n_way']}-way {config['k_shot']}-shot, {config['variant']} MAML",
+        )
+        print(f"learning curves: {args.plot}")
+    return _report(maml, test_tasks, config, args)
+
+
+def evaluate(args) -> dict:
+    from pymeta.training import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    blob = load_checkpoint(args.checkpoint)
+    config = blob["config"]
+    maml = _build(config)
+    maml.load_state_dict(blob["maml"])
+    _, _, test_tasks = _data(args, config)
+    print(f"checkpoint {args.checkpoint}: step {blob['step']}, {config['variant']} MAML")
+    return _report(maml, test_tasks, config, args)

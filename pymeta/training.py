@@ -1,0 +1,161 @@
+"""Meta-training loop with progress, periodic validation and checkpoints that resume exactly."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+@dataclass
+class History:
+    """Learning curves: per logged step the running meta-loss (and accuracy, when measured),
+    and the validation accuracy at each validation."""
+
+    step: list = field(default_factory=list)
+    meta_loss: list = field(default_factory=list)
+    train_acc: list = field(default_factory=list)
+    val_step: list = field(default_factory=list)
+    val_acc: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(
+    path, *, config: dict, maml, optimizer, step: int, task_generator, history: History
+):
+    """Everything a resumed run needs to continue exactly as if never stopped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "config": config,
+        "maml": maml.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "task_generator": task_generator.get_state(),
+        "rng": rng_state(),
+        "history": history.__dict__,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint: expected an existing file, received {str(path)!r}")
+    return torch.load(path, weights_only=False)
+
+
+def meta_train(
+    maml,
+    optimizer,
+    train_tasks,
+    *,
+    iterations: int,
+    meta_batch: int,
+    task_generator,
+    start_step: int = 0,
+    history: History | None = None,
+    validate=None,
+    val_every: int = 0,
+    train_accuracy=None,
+    log_every: int = 50,
+    checkpoint=None,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+) -> History:
+    """Runs meta-steps start_step .. iterations - 1.
+
+    Args:
+        maml: a pymeta.MAML / ModelAwareMAML.
+        optimizer: over ``maml.parameters()``.
+        train_tasks: a sampler with ``sample(n, generator)``.
+        iterations: total meta-steps (including those before start_step).
+        meta_batch: tasks per meta-step.
+        task_generator: the torch.Generator that draws the tasks (saved in checkpoints).
+        validate: optional ``() -> accuracy``, run every ``val_every`` steps and at the end.
+        train_accuracy: optional ``(batch) -> accuracy`` of the current batch, at log steps.
+        checkpoint: optional ``(step, history) -> None`` called every ``checkpoint_every``
+            steps and at the end.
+    """
+    history = history or History()
+    bar = tqdm(
+        range(start_step, iterations),
+        initial=start_step,
+        total=iterations,
+        desc="meta-training",
+        disable=not progress,
+        mininterval=0.5,
+    )
+    running = history.meta_loss[-1] if history.meta_loss else None
+    t0 = time.perf_counter()
+    for step in bar:
+        batch = train_tasks.sample(meta_batch, task_generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = maml.meta_loss(batch)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"meta-loss became {value} at step {step}; lower the learning rates"
+            )
+        running = value if running is None else 0.98 * running + 0.02 * value
+        done = step + 1
+        if done % log_every == 0 or done == iterations:
+            acc = train_accuracy(batch) if train_accuracy else float("nan")
+            history.step.append(done)
+            history.meta_loss.append(running)
+            history.train_acc.append(acc)
+            bar.set_postfix(meta_loss=f"{running:.3f}", acc=f"{acc:.3f}", refresh=False)
+        if validate and ((val_every and done % val_every == 0) or done == iterations):
+            history.val_step.append(done)
+            history.val_acc.append(validate())
+            bar.write(f"step {done}: validation accuracy {history.val_acc[-1]:.4f}")
+        if checkpoint and (
+            (checkpoint_every and done % checkpoint_every == 0) or done == iterations
+        ):
+            history.seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            checkpoint(done, history)
+    history.seconds += time.perf_counter() - t0
+    return history
+
+
+def plot_history(history: History, path, title: str = "") -> None:
+    """Writes the learning curves (meta-loss; train and validation accuracy) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(history.step, history.meta_loss)
+    ax_loss.set_xlabel("meta-step")
+    ax_loss.set_ylabel("meta-loss (running mean)")
+    ax_acc.plot(history.step, history.train_acc, label="train (query, after adaptation)")
+    if history.val_step:
+        ax_acc.plot(history.val_step, history.val_acc, "o-", label="validation")
+    ax_acc.set_xlabel("meta-step")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""The Omniglot command line on a tiny data set: training, exact resumption, evaluation, plot."""
+
+import pytest
+import torch
+
+from pymeta.__main__ import main
+
+COMMON = (
+    "--hidden 4 --image-size 16 --n-way 2 --k-query 2 --meta-batch 2 --val-every 2 --val-tasks 3 "
+    "--test-tasks 6 --log-every 1 --no-progress"
+).split()
+
+
+def run_train(root, cache, checkpoint, iterations, *extra):
+    return main(
+        [
+            "train",
+            "omniglot",
+            "--root",
+            str(root),
+            "--cache-dir",
+            str(cache),
+            "--checkpoint",
+            str(checkpoint),
+            "--iterations",
+            str(iterations),
+            *COMMON,
+            *extra,
+        ]
+    )
+
+
+def test_train_eval_and_plot(tiny_root, tmp_path, capsys):
+    ckpt, png = tmp_path / "run.pt", tmp_path / "curves.png"
+    assert run_train(tiny_root, tmp_path / "cache", ckpt, 4, "--plot", str(png)) == 0
+    out = capsys.readouterr().out
+    assert "validation accuracy" in out and "accuracy" in out and "95% CI" in out
+    assert ckpt.is_file() and png.stat().st_size > 1000
+    assert (
+        main(
+            [
+                "eval",
+                "omniglot",
+                "--root",
+                str(tiny_root),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--checkpoint",
+                str(ckpt),
+                "--test-tasks",
+                "6",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "step 4" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly(tiny_root, tmp_path):
+    cache = tmp_path / "cache"
+    straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
+    run_train(tiny_root, cache, straight, 6, "--checkpoint-every", "3")
+    run_train(tiny_root, cache, split, 3, "--checkpoint-every", "3")
+    run_train(tiny_root, cache, split, 6, "--checkpoint-every", "3", "--resume")
+    a, b = torch.load(straight, weights_only=False), torch.load(split, weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for key, value in a["maml"].items():
+        assert torch.equal(value, b["maml"][key]), key
+    assert a["history"]["meta_loss"] == b["history"]["meta_loss"]
+
+
+def test_resume_refuses_other_settings(tiny_root, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    run_train(tiny_root, tmp_path / "cache", ckpt, 2)
+    with pytest.raises(SystemExit, match="--resume: the checkpoint was made with other settings"):
+        run_train(tiny_root, tmp_path / "cache", ckpt, 4, "--resume", "--inner-lr", "0.1")
+
+
+def test_aware_variant_explains_it_cannot_run_conv_nets_yet(tiny_root, tmp_path):
+    with pytest.raises(SystemExit, match=r"(?s)--variant aware: .*Conv2d.*use --variant agnostic"):
+        run_train(tiny_root, tmp_path / "cache", tmp_path / "run.pt", 2, "--variant", "aware")
+
+
+def test_eval_needs_a_checkpoint(tiny_root, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint: expected an existing file"):
+        main(
+            [
+                "eval",
+                "omniglot",
+                "--root",
+                str(tiny_root),
+                "--checkpoint",
+                str(tmp_path / "none.pt"),
+            ]
+        )

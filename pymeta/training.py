@@ -140,8 +140,13 @@ def meta_train(
 
 def plot_history(history: History, path, title: str = "") -> None:
     """Writes the learning curves (meta-loss; train and validation accuracy) to a PNG."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "plot: writing learning curves needs matplotlib; install it with "
+            "`pip install matplotlib` (or `pip install -e .[plot]`)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

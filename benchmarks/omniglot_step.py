@@ -1,0 +1,125 @@
+"""The omniglot-shaped meta-step: conv4, 5-way 1-shot with 15 queries per class, meta-batch 8,
+one inner step with lr 0.4, cross-entropy; time and peak memory of every implementation that
+runs convolutional networks, plus a float64 check of each one's meta-gradient against the
+per-task autograd loop (torch.func's vmap is known to get second order through batch norm
+wrong in torch 2.13).
+
+Usage::
+
+    .venv/bin/python benchmarks/omniglot_step.py [--threads N] [--repeats R]
+
+Timing as in compare.py (rounds rotate the implementations; medians), memory as the peak RSS of
+one meta-step beyond the RSS at its start (harness.peak_rss_bytes), all in this one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from harness import peak_rss_bytes, rotated_timings
+from workloads import IMPLEMENTATIONS, ORDERS, available
+
+import pymeta
+
+CONV_IMPLEMENTATIONS = (
+    "pymeta",
+    "per_task_loop",
+    "torch_func",
+    "learn2learn",
+    "higher",
+    "torchopt",
+)
+
+
+def make_batch(
+    tasks: int, n_way: int, k_shot: int, k_query: int, dtype, seed: int = 0
+) -> pymeta.TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    x = lambda k: torch.rand(tasks, n_way * k, 1, 28, 28, generator=g, dtype=dtype)  # noqa: E731
+    y = lambda k: torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).contiguous()  # noqa: E731
+    return pymeta.TaskBatch(x(k_shot), y(k_shot), x(k_query), y(k_query))
+
+
+def build(name: str, model, order: str):
+    return IMPLEMENTATIONS[name](
+        model, inner_lr=0.4, inner_steps=1, first_order=order == "first", loss="cross_entropy"
+    )
+
+
+def meta_step(maml, model, batch):
+    model.zero_grad(set_to_none=True)
+    maml.meta_loss(batch).backward()
+
+
+def gradient_errors(names: list[str]) -> dict[str, float]:
+    """Max meta-gradient error against the per-task loop over all parameters, relative to the
+    largest reference gradient (float64, hidden 8). A global scale: the convolution biases in
+    front of batch norm have an exact gradient of zero."""
+    torch.manual_seed(0)
+    model = pymeta.models.conv4(5, hidden=8).double()
+    batch = make_batch(2, 5, 1, 3, torch.float64)
+
+    def grads(name):
+        meta_step(build(name, model, "second"), model, batch)
+        return [p.grad.clone() for p in model.parameters()]
+
+    reference = grads("per_task_loop")
+    out = {}
+    for name in names:
+        got = grads(name)
+        scale = max(float(b.abs().max()) for b in reference)
+        out[name] = max(float((a - b).abs().max()) for a, b in zip(got, reference)) / scale
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = [n for n in CONV_IMPLEMENTATIONS if available(n)]
+    skipped = [n for n in CONV_IMPLEMENTATIONS if not available(n)]
+    if skipped:
+        print(f"not installed, skipped: {', '.join(skipped)}", file=sys.stderr)
+    print(
+        f"omniglot-shaped meta-step: conv4 (64 channels), 5-way 1-shot, 15 queries per class, "
+        f"meta-batch 8, 1 inner step; torch {torch.__version__}, {args.threads} thread(s), "
+        f"{args.repeats} rounds. pymeta.ModelAwareMAML does not run convolutions yet.\n"
+    )
+    errors = gradient_errors(names)
+    print(
+        "| order | implementation | median s | IQR s | x faster vs per_task_loop | peak MiB (RSS) "
+        "| 2nd-order grad error vs per_task_loop (float64) |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for order in args.orders:
+        torch.manual_seed(0)
+        model = pymeta.models.conv4(5)
+        batch = make_batch(8, 5, 1, 15, torch.float32)
+        fns = {}
+        for name in names:
+            maml = build(name, model, order)
+            fns[name] = lambda maml=maml: meta_step(maml, model, batch)
+            fns[name]()  # warm-up
+        timings = rotated_timings(fns, args.repeats, min_sample_s=0.0)
+        ref = timings["per_task_loop"]["median"]
+        for name in names:
+            t = timings[name]
+            rss = peak_rss_bytes(fns[name])
+            err = f"{errors[name]:.1e}" if order == "second" else ""
+            mib = "" if rss is None else f"{rss / 2**20:.1f}"
+            speedup = ref / t["median"]
+            print(
+                f"| {order} | {name} | {t['median']:.3f} | {t['iqr']:.3f} | {speedup:.2f}x "
+                f"| {mib} | {err} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

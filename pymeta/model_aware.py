@@ -13,6 +13,7 @@ from pymeta._checks import (
     check_tensor,
     support_as_batch,
 )
+from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.losses import LOSS_NAMES, TaskLoss
 from pymeta.mlp_spec import MlpSpec
@@ -69,6 +70,12 @@ class ModelAwareMAML(nn.Module):
         multi_step_loss=False,
     ):
         super().__init__()
+        if not HAS_COMPILED_CORE:
+            raise RuntimeError(
+                "ModelAwareMAML runs in pymeta's compiled core, which failed to load (see the "
+                "warning at import); reinstall with `pip install --no-build-isolation -e .`, or "
+                "use pymeta.MAML"
+            )
         self.spec = MlpSpec.from_module(model)
         self.module = model
         self.inner_steps = check_positive_int("inner_steps", inner_steps)

@@ -36,10 +36,4 @@ PYMETA_HOST_DEVICE scalar_t sgd_grad_wrt_grad(scalar_t lr, scalar_t u) {
   return -lr * u;
 }
 
-// One element's contribution to d theta'/d lr applied to u: -g * u
-template <typename scalar_t>
-PYMETA_HOST_DEVICE scalar_t sgd_grad_wrt_lr(scalar_t g, scalar_t u) {
-  return -g * u;
-}
-
 }  // namespace pymeta

@@ -198,11 +198,19 @@ class ModelAwareMAML(nn.Module):
         sy = self._targets("batch.support_y", batch.support_y)
         qy = self._targets("batch.query_y", batch.query_y)
         loss, _, _, _ = torch.ops.pymeta.mlp_maml_loss(
-            self._params(), self.inner_lrs(), sx, sy, qx, qy, self._layer_codes,
-            self._activation_args, self.step_weights, _LR_MODE_CODES[self.lr_mode],
-            self._loss_code(), self.first_order, False, False,
-        )  # fmt: skip
+            *self._core_args(sx, sy, qx, qy), False, False
+        )
         return loss
+
+    def _core_args(self, sx, sy, qx, qy, params=None, lrs=None) -> tuple:
+        """The arguments of ``torch.ops.pymeta.mlp_maml_loss`` up to ``first_order``, for
+        checked (T, K, features) inputs; params and lrs default to this learner's own."""
+        return (
+            self._params() if params is None else params,
+            self.inner_lrs() if lrs is None else lrs,
+            sx, sy, qx, qy, self._layer_codes, self._activation_args, self.step_weights,
+            _LR_MODE_CODES[self.lr_mode], self._loss_code(), self.first_order,
+        )  # fmt: skip
 
     def adapt(
         self,

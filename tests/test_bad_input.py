@@ -136,7 +136,6 @@ def test_cross_entropy_needs_int64_labels():
         r"torch.int32",
     ):
         maml.meta_loss(pymeta.TaskBatch(**parts))
-    parts["support_y"] = parts["query_y"] = None
     parts["support_y"] = torch.zeros(3, 4, 1, dtype=torch.long)
     parts["query_y"] = torch.zeros(3, 5, 1, dtype=torch.long)
     with pytest.raises(

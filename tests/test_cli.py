@@ -94,3 +94,8 @@ def test_eval_needs_a_checkpoint(tiny_root, tmp_path):
                 str(tmp_path / "none.pt"),
             ]
         )
+
+
+def test_train_rejects_non_positive_settings(tiny_root, tmp_path):
+    with pytest.raises(SystemExit, match="--iterations: expected a positive int, received 0"):
+        run_train(tiny_root, tmp_path / "cache", tmp_path / "run.pt", 0)

@@ -251,22 +251,15 @@ def test_gradcheck_of_the_core_op():
     n = len(maml.spec.param_names)
 
     def f(*tensors):
-        out = torch.ops.pymeta.mlp_maml_loss(
-            list(tensors[:n]),
-            list(tensors[n:]),
+        args = maml._core_args(
             batch.support_x,
             batch.support_y,
             batch.query_x,
             batch.query_y,
-            maml._layer_codes,
-            maml._activation_args,
-            maml.step_weights,
-            1,
-            1,
-            False,
-            False,
-            False,
+            params=list(tensors[:n]),
+            lrs=list(tensors[n:]),
         )
+        out = torch.ops.pymeta.mlp_maml_loss(*args, False, False)
         return out[0]
 
     inputs = tuple(t.detach().clone().requires_grad_() for t in maml._params() + maml.inner_lrs())
@@ -284,20 +277,7 @@ def test_ops_return_gradients_only_when_asked():
     widths = (2, 4, 1)
     maml = pymeta.ModelAwareMAML(mlp(widths))
     b = batch_for(widths, "mse")
-    args = (
-        maml._params(),
-        maml.inner_lrs(),
-        b.support_x,
-        b.support_y,
-        b.query_x,
-        b.query_y,
-        maml._layer_codes,
-        maml._activation_args,
-        maml.step_weights,
-        0,
-        0,
-        False,
-    )
+    args = maml._core_args(b.support_x, b.support_y, b.query_x, b.query_y)
     loss, grads, lr_grads, per_task = torch.ops.pymeta.mlp_maml_loss(*args, False, False)
     assert grads == [] and lr_grads == [] and per_task.shape == (4,)
     torch.testing.assert_close(per_task.mean(), loss.detach())
@@ -314,18 +294,13 @@ def test_fake_kernels_trace_with_torch_compile():
     torch.library.opcheck(
         torch.ops.pymeta.mlp_maml_loss.default,
         (
-            [p.detach() for p in maml._params()],
-            maml.inner_lrs(),
-            b.support_x,
-            b.support_y,
-            b.query_x,
-            b.query_y,
-            maml._layer_codes,
-            maml._activation_args,
-            maml.step_weights,
-            0,
-            0,
-            False,
+            *maml._core_args(
+                b.support_x,
+                b.support_y,
+                b.query_x,
+                b.query_y,
+                params=[p.detach() for p in maml._params()],
+            ),
             True,
             True,
         ),

@@ -24,6 +24,7 @@ from workloads import IMPLEMENTATIONS, ORDERS, available
 import pymeta
 
 CONV_IMPLEMENTATIONS = (
+    "pymeta_aware",
     "pymeta",
     "per_task_loop",
     "torch_func",
@@ -88,7 +89,7 @@ def main() -> int:
     print(
         f"omniglot-shaped meta-step: conv4 (64 channels), 5-way 1-shot, 15 queries per class, "
         f"meta-batch 8, 1 inner step; torch {torch.__version__}, {args.threads} thread(s), "
-        f"{args.repeats} rounds. pymeta.ModelAwareMAML does not run convolutions yet.\n"
+        f"{args.repeats} rounds.\n"
     )
     errors = gradient_errors(names)
     print(

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "mlp_maml_math.h"
+#include "params_check.h"
 
 namespace pymeta {
 
@@ -79,12 +80,7 @@ inline MlpNet parse_mlp(const char* op, at::TensorList params, at::IntArrayRef s
   TORCH_CHECK(next == params.size(), op, ": layers describe ", next, " params, got ",
               params.size());
   TORCH_CHECK(net.num_adapted > 0, op, ": at least one layer must adapt");
-  for (size_t p = 0; p < params.size(); ++p) {
-    TORCH_CHECK(params[p].scalar_type() == params[0].scalar_type(), op, ": params[", p,
-                "] has dtype ", params[p].scalar_type(), ", expected ", params[0].scalar_type());
-    TORCH_CHECK(params[p].device() == params[0].device(), op, ": params[", p, "] is on ",
-                params[p].device(), ", expected ", params[0].device());
-  }
+  check_params_agree(op, params);
   net.num_params = offset;
   for (size_t l = 0; l < net.layers.size(); ++l) {
     if (net.layers[l].adapted) {

@@ -38,4 +38,21 @@ TORCH_LIBRARY(pymeta, m) {
   m.def(
       "mlp_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
       "int[] layers, float[] activation_args, int steps, int lr_mode, int loss) -> Tensor[]");
+
+  // Model-aware MAML on a sequential network of Linear, Conv2d, BatchNorm (batch statistics),
+  // activation, MaxPool2d, AvgPool2d and Flatten layers: the same meta-step and outputs as
+  // mlp_maml_loss. layers: per layer [kind, flag, adapted, six ints] (csrc/seq_net.h);
+  // layer_args: per layer (batch-norm eps or activation slope). support_x (T, K, ...),
+  // query_x (T, Q, ...); targets (T, K, ...) floats like the output for MSE or (T, K) int64.
+  // Per-step batch-norm weights and biases carry a leading dim of at least steps + 1: row j is
+  // used at inner step j, row steps by the query after the last step.
+  m.def(
+      "seq_maml_loss(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
+      "Tensor query_x, Tensor query_y, int[] layers, float[] layer_args, "
+      "float[] step_weights, int lr_mode, int loss, bool first_order, bool compute_grads, "
+      "bool compute_lr_grads) "
+      "-> (Tensor loss, Tensor[] grad_params, Tensor[] grad_lrs, Tensor task_losses)");
+  m.def(
+      "seq_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
+      "int[] layers, float[] layer_args, int steps, int lr_mode, int loss) -> Tensor[]");
 }

@@ -4,6 +4,7 @@ Public API:
     TaskBatch: a meta-batch of tasks, task dimension first.
     MAML: model-agnostic MAML around any nn.Module.
     ModelAwareMAML: MLP MAML with the inner loop and exact meta-gradient in the compiled core.
+    baselines: the non-meta-learned baseline (Pretrained: pretrain, then fine-tune per task).
     tasks: task samplers (Sinusoid, FewShot).
     datasets: Omniglot and its image loader.
     models: standard networks (conv4).
@@ -11,7 +12,7 @@ Public API:
 """
 
 from pymeta import _ops  # noqa: F401, I001  (first: registers torch.ops.pymeta.*)
-from pymeta import datasets, models, ops, reference, tasks
+from pymeta import baselines, datasets, models, ops, reference, tasks
 from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.learner import Learner
@@ -25,6 +26,7 @@ __all__ = [
     "ModelAwareMAML",
     "TaskBatch",
     "AdaptedModel",
+    "baselines",
     "Learner",
     "ops",
     "reference",

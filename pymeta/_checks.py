@@ -60,3 +60,15 @@ def support_as_batch(support_x, support_y, batched: bool):
         support_x, support_y = support_x.unsqueeze(0), support_y.unsqueeze(0)
     TaskBatch(support_x, support_y, support_x, support_y)
     return support_x, support_y
+
+
+def check_task_data(module, loss, x_name: str, x, y_name: str, y, batched: bool) -> None:
+    """Inputs on the module's device with its dtype, and targets that the TaskLoss takes."""
+    ref = next(iter(module.parameters()))
+    check_same_device(x_name, x, ref.device, "the model's parameters")
+    check_same_device(y_name, y, ref.device, "the model's parameters")
+    if x.dtype != ref.dtype:
+        raise TypeError(
+            f"{x_name}: expected dtype {ref.dtype} like the model's parameters, received {x.dtype}"
+        )
+    loss.check_targets(y_name, y, batched)

@@ -37,8 +37,8 @@ if HAS_COMPILED_CORE:
         grad_lrs = [torch.empty_like(lr) for lr in lrs] if compute_lr_grad else []
         return grad_grads, grad_lrs
 
-    @torch.library.register_fake("pymeta::mlp_maml_loss")
-    def _mlp_maml_loss_fake(
+    # The MLP core and the layered core (convolutions, batch norm, pooling) share signatures.
+    def _maml_loss_fake(
         params,
         lrs,
         support_x,
@@ -46,7 +46,7 @@ if HAS_COMPILED_CORE:
         query_x,
         query_y,
         layers,
-        activation_args,
+        layer_args,
         step_weights,
         lr_mode,
         loss,
@@ -61,8 +61,9 @@ if HAS_COMPILED_CORE:
         )
         return ref.new_empty(()), grads, lr_grads, ref.new_empty(support_x.shape[0])
 
-    @torch.library.register_fake("pymeta::mlp_adapt")
-    def _mlp_adapt_fake(
-        params, lrs, support_x, support_y, layers, activation_args, steps, lr_mode, loss
-    ):
+    def _adapt_fake(params, lrs, support_x, support_y, layers, layer_args, steps, lr_mode, loss):
         return [p.new_empty((support_x.shape[0], *p.shape)) for p in params]
+
+    for _core in ("mlp", "seq"):
+        torch.library.register_fake(f"pymeta::{_core}_maml_loss")(_maml_loss_fake)
+        torch.library.register_fake(f"pymeta::{_core}_adapt")(_adapt_fake)

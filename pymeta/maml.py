@@ -7,7 +7,7 @@ from torch import nn
 
 from pymeta._checks import (
     check_positive_int,
-    check_same_device,
+    check_task_data,
     check_tensor,
     support_as_batch,
 )
@@ -182,33 +182,38 @@ class MAML(nn.Module):
         return params
 
     def _infer_batched(self, support_x: torch.Tensor, support_y: torch.Tensor) -> bool:
-        ndim = self._example_ndim
-        if ndim is None:
-            for m in self.module.modules():
-                if type(m) in _FIRST_LAYER_EXAMPLE_NDIM:
-                    ndim = _FIRST_LAYER_EXAMPLE_NDIM[type(m)]
-                    break
-        if ndim is None and self.loss.builtin and self.loss.name == "cross_entropy":
-            return support_y.dim() == 2
-        if ndim is None:
-            raise ValueError(
-                "batched: cannot tell whether support_x carries a task dimension; "
-                "pass batched=True for (T, K, ...) or batched=False for (K, ...)"
-            )
-        if support_x.dim() not in (ndim + 1, ndim + 2):
-            raise ValueError(
-                f"support_x: expected (K, ...) with {ndim + 1} dims or (T, K, ...) with {ndim + 2} "
-                f"dims, received shape {tuple(support_x.shape)}"
-            )
-        return support_x.dim() == ndim + 2
+        return infer_batched(self.module, self._example_ndim, self.loss, support_x, support_y)
 
     def _check_data(self, x_name, x, y_name, y, batched: bool) -> None:
-        ref = next(iter(self.module.parameters()))
-        check_same_device(x_name, x, ref.device, "the model's parameters")
-        check_same_device(y_name, y, ref.device, "the model's parameters")
-        if x.dtype != ref.dtype:
-            raise TypeError(
-                f"{x_name}: expected dtype {ref.dtype} like the model's parameters, "
-                f"received {x.dtype}"
-            )
-        self.loss.check_targets(y_name, y, batched)
+        check_task_data(self.module, self.loss, x_name, x, y_name, y, batched)
+
+
+def infer_batched(
+    module: nn.Module,
+    example_ndim,
+    loss: TaskLoss,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+) -> bool:
+    """Whether ``adapt``'s support_x carries a task dimension: from the rank of one example
+    (``example_ndim``, seen in training; None if unknown), else from the module's first layer,
+    else (cross-entropy) from the labels' rank."""
+    ndim = example_ndim
+    if ndim is None:
+        for m in module.modules():
+            if type(m) in _FIRST_LAYER_EXAMPLE_NDIM:
+                ndim = _FIRST_LAYER_EXAMPLE_NDIM[type(m)]
+                break
+    if ndim is None and loss.builtin and loss.name == "cross_entropy":
+        return support_y.dim() == 2
+    if ndim is None:
+        raise ValueError(
+            "batched: cannot tell whether support_x carries a task dimension; "
+            "pass batched=True for (T, K, ...) or batched=False for (K, ...)"
+        )
+    if support_x.dim() not in (ndim + 1, ndim + 2):
+        raise ValueError(
+            f"support_x: expected (K, ...) with {ndim + 1} dims or (T, K, ...) with {ndim + 2} "
+            f"dims, received shape {tuple(support_x.shape)}"
+        )
+    return support_x.dim() == ndim + 2

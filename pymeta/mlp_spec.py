@@ -20,12 +20,12 @@ class MlpLayerSpec:
     slope: float = 0.0
 
 
-def _flatten(module: nn.Module, prefix: str = ""):
+def flatten_sequential(module: nn.Module, prefix: str = ""):
     """(qualified name, module) of the leaves of nested nn.Sequentials, in order."""
     for name, child in module.named_children():
         qual = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
-            yield from _flatten(child, qual + ".")
+            yield from flatten_sequential(child, qual + ".")
         else:
             yield qual, child
 
@@ -54,7 +54,7 @@ class MlpSpec:
             )
         layers: list[MlpLayerSpec] = []
         flatten_input = False
-        leaves = list(_flatten(model))
+        leaves = list(flatten_sequential(model))
         for position, (name, child) in enumerate(leaves):
             kind = type(child)
             where = f"model.{name} ({kind.__name__})"

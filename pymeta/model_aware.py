@@ -17,6 +17,7 @@ from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.losses import LOSS_NAMES, TaskLoss
 from pymeta.mlp_spec import MlpSpec
+from pymeta.net_spec import NetSpec
 from pymeta.task_batch import TaskBatch
 from pymeta.task_forward import TaskForward
 
@@ -25,7 +26,7 @@ _LR_MODE_CODES = {"scalar": 0, "per_layer_step": 1, "per_parameter": 2}
 
 
 class ModelAwareMAML(nn.Module):
-    """MAML for MLPs with the inner loop and the exact meta-gradient in the compiled core.
+    """MAML with the inner loop and the exact meta-gradient in the compiled core.
 
     For every task of a meta-batch, one call into the core runs the inner SGD steps on the
     support set, the query losses, and the meta-gradient by a reverse sweep over the inner
@@ -34,16 +35,19 @@ class ModelAwareMAML(nn.Module):
     meta-gradients as ``pymeta.MAML``.
 
     Args:
-        model: an ``nn.Sequential`` (nested ones are flattened) of Linear, ReLU, LeakyReLU,
-            Tanh, Sigmoid, Flatten and Identity layers; each Linear followed by at most one
-            activation. Anything else raises an error pointing to ``pymeta.MAML``.
+        model: an ``nn.Sequential`` (nested ones are flattened) of supported layers. MLPs
+            (Linear, ReLU, LeakyReLU, Tanh, Sigmoid, Flatten, Identity; each Linear followed by
+            at most one activation) run in the core's fused MLP kernels. Networks that also
+            have Conv2d, BatchNorm1d/2d (batch statistics, ``track_running_stats=False``, the
+            MAML convention), MaxPool2d or AvgPool2d run in its layered kernels (e.g.
+            ``pymeta.models.conv4``). Anything else raises an error pointing to ``pymeta.MAML``.
         inner_lr: initial inner learning rate α (finite, >= 0).
         inner_steps: inner steps per task.
         first_order: drop second-order terms (FOMAML).
         loss: "mse" or "cross_entropy" (int64 class targets).
-        adapt_layers: None (all Linear layers adapt), "head" (the last one, as in ANIL), or a
-            list of ``model[i]`` indices of Linear layers. Frozen layers keep their
-            meta-gradients.
+        adapt_layers: None (every layer with parameters adapts), "head" (the last Linear, as
+            in ANIL), or a list of ``model[i]`` indices of layers with parameters. Frozen
+            layers keep their meta-gradients.
         lr_mode: "scalar" (one rate), "per_layer_step" (one per adapted layer and inner step,
             as in MAML++), "per_parameter" (one per element of each adapted parameter, as in
             Meta-SGD).
@@ -51,10 +55,15 @@ class ModelAwareMAML(nn.Module):
             ``pymeta.MAML``, "scalar" or "per_parameter" here means True with that lr_mode.
         multi_step_loss: False (query loss after the last step only), True (mean of the query
             losses after every step) or a sequence of ``inner_steps`` weights (MAML++).
+        per_step_bn: give every affine batch norm layer its own weight and bias per inner step
+            (MAML++): meta-learned (steps + 1, C) parameters in ``self.bn_steps``, row j used
+            at inner step j and row ``inner_steps`` for the query after the last step. They
+            replace the module's own batch norm weights, which then get no gradient.
 
-    Shapes: support_x (T, K, ...), query_x (T, Q, ...); with a leading ``nn.Flatten`` the
-    per-example shape is flattened. Targets: (T, K, out) floats for MSE, (T, K) int64 for
-    cross-entropy. CPU tensors, float32 or float64.
+    Shapes: support_x (T, K, ...), query_x (T, Q, ...), with ... what one example is for the
+    model (e.g. (C, H, W) for conv4, (features,) for an MLP). Targets: floats shaped like the
+    model's output (T, K, ...) for MSE, (T, K) int64 class indices for cross-entropy. CPU
+    tensors, float32 or float64.
     """
 
     def __init__(
@@ -68,6 +77,7 @@ class ModelAwareMAML(nn.Module):
         lr_mode: str = "scalar",
         learn_inner_lr=False,
         multi_step_loss=False,
+        per_step_bn: bool = False,
     ):
         super().__init__()
         if not HAS_COMPILED_CORE:
@@ -76,7 +86,10 @@ class ModelAwareMAML(nn.Module):
                 "warning at import); reinstall with `pip install --no-build-isolation -e .`, or "
                 "use pymeta.MAML"
             )
-        self.spec = MlpSpec.from_module(model)
+        if not isinstance(per_step_bn, bool):
+            raise TypeError(f"per_step_bn: expected a bool, received {per_step_bn!r}")
+        self.spec = self._read_spec(model, per_step_bn)
+        self._layered = isinstance(self.spec, NetSpec)
         self.module = model
         self.inner_steps = check_positive_int("inner_steps", inner_steps)
         self.first_order = bool(first_order)
@@ -102,12 +115,36 @@ class ModelAwareMAML(nn.Module):
         self.learn_inner_lr = learn_inner_lr
         self.adapted = self.spec.resolve_adapted(adapt_layers)
         self.step_weights = self._resolve_step_weights(multi_step_loss)
-        self._layer_codes, self._activation_args = [], []
-        for layer, adapted in zip(self.spec.layers, self.adapted):
-            self._layer_codes += [layer.activation, int(layer.bias_name is not None), int(adapted)]
-            self._activation_args.append(layer.slope)
+        if self._layered:
+            self._layer_codes, self._layer_args = self.spec.core_layers(self.adapted)
+        else:
+            self._layer_codes, self._layer_args = [], []
+            for layer, adapted in zip(self.spec.layers, self.adapted):
+                self._layer_codes += [
+                    layer.activation,
+                    int(layer.bias_name is not None),
+                    int(adapted),
+                ]
+                self._layer_args.append(layer.slope)
         self._make_lrs(float(inner_lr))
+        self._make_step_bn()
         self._forward = TaskForward(model, "auto")
+        self._output_shapes: dict = {}
+
+    @staticmethod
+    def _read_spec(model: nn.Module, per_step_bn: bool):
+        """An MlpSpec when the model is a plain MLP (fused MLP kernels), else a NetSpec."""
+        if not per_step_bn:
+            try:
+                return MlpSpec.from_module(model)
+            except ValueError:
+                pass  # not a plain MLP: the layered kernels take it, or explain what they lack
+        return NetSpec.from_module(model, per_step_bn)
+
+    @property
+    def core_kind(self) -> str:
+        """ "mlp" (fused MLP kernels) or "layered" (convolutions, batch norm, pooling)."""
+        return "layered" if self._layered else "mlp"
 
     # ------------------------------------------------------------------ construction helpers
     def _resolve_step_weights(self, multi_step_loss) -> list[float]:
@@ -130,20 +167,37 @@ class ModelAwareMAML(nn.Module):
             )
         return weights
 
+    def _param_layers(self) -> list:
+        return self.spec.parametric_layers if self._layered else self.spec.layers
+
     def _adapted_params(self) -> list[nn.Parameter]:
+        named = dict(self.module.named_parameters())
         out = []
-        for layer, adapted in zip(self.spec.layers, self.adapted):
+        for layer, adapted in zip(self._param_layers(), self.adapted):
             if adapted:
-                out.append(layer.linear.weight)
-                if layer.linear.bias is not None:
-                    out.append(layer.linear.bias)
+                out += [named[n] for n in (layer.weight_name, layer.bias_name) if n]
         return out
+
+    def _make_step_bn(self) -> None:
+        """Per-step batch norm weights and biases (MAML++), initialised from the module's."""
+        self._step_bn_index: dict[str, int] = {}
+        if not (self._layered and self.spec.per_step_bn):
+            return
+        named = dict(self.module.named_parameters())
+        rows = []
+        for layer in self.spec.parametric_layers:
+            if self.spec.is_per_step(layer):
+                for name in (layer.weight_name, layer.bias_name):
+                    self._step_bn_index[name] = len(rows)
+                    p = named[name].detach()
+                    rows.append(nn.Parameter(p.unsqueeze(0).repeat(self.inner_steps + 1, 1)))
+        self.bn_steps = nn.ParameterList(rows)
 
     def _make_lrs(self, init: float) -> None:
         # A child module registered after the model, so parameters() lists the model's
         # parameters first and the learned rates last, as pymeta.MAML does.
         self.inner_lr = nn.Module()
-        ref = self.spec.layers[0].linear.weight
+        ref = self._params()[0]
 
         def make(t: torch.Tensor):
             return nn.Parameter(t) if self.learn_inner_lr else t
@@ -174,7 +228,10 @@ class ModelAwareMAML(nn.Module):
 
     def _params(self) -> list[torch.Tensor]:
         named = dict(self.module.named_parameters())
-        return [named[n] for n in self.spec.param_names]
+        step_bn = self._step_bn_index if hasattr(self, "bn_steps") else {}
+        return [
+            self.bn_steps[step_bn[n]] if n in step_bn else named[n] for n in self.spec.param_names
+        ]
 
     # ------------------------------------------------------------------ public API
     def forward(self, *args, **kwargs):
@@ -197,18 +254,21 @@ class ModelAwareMAML(nn.Module):
         qx = self._inputs("batch.query_x", batch.query_x)
         sy = self._targets("batch.support_y", batch.support_y)
         qy = self._targets("batch.query_y", batch.query_y)
-        loss, _, _, _ = torch.ops.pymeta.mlp_maml_loss(
-            *self._core_args(sx, sy, qx, qy), False, False
-        )
+        loss, _, _, _ = self._loss_op(*self._core_args(sx, sy, qx, qy), False, False)
         return loss
 
+    @property
+    def _loss_op(self):
+        return torch.ops.pymeta.seq_maml_loss if self._layered else torch.ops.pymeta.mlp_maml_loss
+
     def _core_args(self, sx, sy, qx, qy, params=None, lrs=None) -> tuple:
-        """The arguments of ``torch.ops.pymeta.mlp_maml_loss`` up to ``first_order``, for
-        checked (T, K, features) inputs; params and lrs default to this learner's own."""
+        """The arguments of the core's loss op (``torch.ops.pymeta.mlp_maml_loss`` or
+        ``seq_maml_loss``) up to ``first_order``, for checked inputs; params and lrs default
+        to this learner's own."""
         return (
             self._params() if params is None else params,
             self.inner_lrs() if lrs is None else lrs,
-            sx, sy, qx, qy, self._layer_codes, self._activation_args, self.step_weights,
+            sx, sy, qx, qy, self._layer_codes, self._layer_args, self.step_weights,
             _LR_MODE_CODES[self.lr_mode], self._loss_code(), self.first_order,
         )  # fmt: skip
 
@@ -226,8 +286,8 @@ class ModelAwareMAML(nn.Module):
             support_y: (K, ...) or (T, K, ...) targets.
             steps: inner steps (default ``inner_steps``; at most ``inner_steps`` with
                 ``lr_mode="per_layer_step"``, whose rates are per step).
-            batched: whether the inputs carry a task dimension; inferred from the first Linear
-                layer's input when None.
+            batched: whether the inputs carry a task dimension; inferred from the first
+                layer's input when None (required when the model starts with a Flatten).
 
         Returns:
             An AdaptedModel: ``adapted(query_x)`` gives (Q, ...) or (T, Q, ...) predictions.
@@ -244,28 +304,42 @@ class ModelAwareMAML(nn.Module):
                 )
             lrs = [lrs[0][:steps]]
         if batched is None:
-            if self.spec.flatten_input:
-                features = self.spec.layers[0].linear.in_features
-                batched = support_x.dim() >= 3 and math.prod(support_x.shape[2:]) == features
-            else:
-                batched = support_x.dim() == 3
+            batched = self._infer_batched(support_x)
         support_x, support_y = support_as_batch(support_x, support_y, batched)
         sx = self._inputs("support_x", support_x)
         sy = self._targets("support_y", support_y)
         params = [p.detach() for p in self._params()]
-        adapted = torch.ops.pymeta.mlp_adapt(
-            params, lrs, sx, sy, self._layer_codes, self._activation_args, steps,
+        adapt_op = torch.ops.pymeta.seq_adapt if self._layered else torch.ops.pymeta.mlp_adapt
+        adapted = adapt_op(
+            params, lrs, sx, sy, self._layer_codes, self._layer_args, steps,
             _LR_MODE_CODES[self.lr_mode], self._loss_code(),
         )  # fmt: skip
         named = dict(zip(self.spec.param_names, adapted))
+        for name in self._step_bn_index:  # the query after `steps` steps uses row `steps`
+            named[name] = named[name][:, steps]
         return AdaptedModel(self._forward, named, {}, batched, None)
+
+    def _infer_batched(self, support_x: torch.Tensor) -> bool:
+        if not self._layered:
+            if self.spec.flatten_input:
+                features = self.spec.layers[0].linear.in_features
+                return support_x.dim() >= 3 and math.prod(support_x.shape[2:]) == features
+            return support_x.dim() == 3
+        first = self.spec.layers[0].module
+        example_dims = {nn.Linear: 1, nn.BatchNorm1d: 1}.get(type(first), 3)
+        if isinstance(first, nn.Flatten):
+            raise ValueError(
+                "batched: cannot be inferred for a model that starts with Flatten; pass "
+                "batched=True for (T, K, ...) inputs or False for (K, ...)"
+            )
+        return support_x.dim() == example_dims + 2
 
     # ------------------------------------------------------------------ checks
     def _loss_code(self) -> int:
         return 0 if self.loss.name == "mse" else 1
 
     def _inputs(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        ref = self.spec.layers[0].linear.weight
+        ref = self._params()[0]
         check_same_device(name, x, ref.device, "the model's parameters")
         if ref.device.type != "cpu":
             raise ValueError(
@@ -277,6 +351,14 @@ class ModelAwareMAML(nn.Module):
                 f"{name}: expected dtype {ref.dtype} like the model's parameters (float32 or "
                 f"float64), received {x.dtype}"
             )
+        if self._layered:
+            if x.dim() < 3 or x.shape[1] == 0:
+                raise ValueError(
+                    f"{name}: expected (T, K, ...) inputs with K > 0, received shape "
+                    f"{tuple(x.shape)}"
+                )
+            self._output_shape(name, x)
+            return x
         if self.spec.flatten_input:
             x = x.reshape(*x.shape[:2], -1)
         features = self.spec.layers[0].linear.in_features
@@ -287,13 +369,43 @@ class ModelAwareMAML(nn.Module):
             )
         return x
 
+    def _output_shape(self, name: str, x: torch.Tensor) -> tuple:
+        """The model's output shape for one example shaped like x[0, 0] (checked on the meta
+        device, so no arithmetic is spent), or a ValueError naming the argument."""
+        example = tuple(x.shape[2:])
+        if example not in self._output_shapes:
+            params = {n: p.to("meta") for n, p in self.module.named_parameters()}
+            probe = torch.empty((2, *example), dtype=x.dtype, device="meta")
+            try:
+                out = torch.func.functional_call(self.module, params, (probe,))
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(
+                    f"{name}: the model cannot take examples of shape {example} "
+                    f"(input shape {tuple(x.shape)}): {err}"
+                ) from None
+            self._output_shapes[example] = tuple(out.shape[1:])
+        self._last_output_shape = self._output_shapes[example]
+        return self._last_output_shape
+
+    def _out_features(self) -> tuple:
+        """The output shape of one example: of the inputs checked last, for the layered core."""
+        if self._layered:
+            return self._last_output_shape
+        return (self.spec.layers[-1].linear.out_features,)
+
     def _targets(self, name: str, y: torch.Tensor) -> torch.Tensor:
         self.loss.check_targets(name, y, batched=True)
-        out = self.spec.layers[-1].linear.out_features
-        if self.loss.name == "mse" and (y.dim() != 3 or y.shape[2] != out):
+        out_shape = self._out_features()
+        if self.loss.name == "mse" and (y.dim() < 3 or tuple(y.shape[2:]) != out_shape):
             raise ValueError(
-                f"{name}: mse expects targets (T, K, {out}) like the model's output, received "
-                f"shape {tuple(y.shape)}"
+                f"{name}: mse expects targets (T, K, {', '.join(map(str, out_shape))}) like the "
+                f"model's output, received shape {tuple(y.shape)}"
+            )
+        out = out_shape[-1]
+        if self.loss.name == "cross_entropy" and len(out_shape) != 1:
+            raise ValueError(
+                f"{name}: cross-entropy needs (N, classes) model outputs, the model gives "
+                f"(N, {', '.join(map(str, out_shape))})"
             )
         if self.loss.name == "cross_entropy" and y.numel():
             lo, hi = int(y.min()), int(y.max())

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 @dataclass
 class History:
-    """Learning curves: per logged step the running meta-loss (and accuracy, when measured),
-    and the validation accuracy at each validation."""
+    """Learning curves: per logged step the running meta-loss (the training loss, for
+    pretraining) and accuracy when measured, and the validation accuracy at each validation."""
 
     step: list = field(default_factory=list)
     meta_loss: list = field(default_factory=list)
@@ -79,6 +79,8 @@ def meta_train(
     checkpoint=None,
     checkpoint_every: int = 0,
     progress: bool = True,
+    loss_fn=None,
+    desc: str = "meta-training",
 ) -> History:
     """Runs meta-steps start_step .. iterations - 1.
 
@@ -93,28 +95,33 @@ def meta_train(
         train_accuracy: optional ``(batch) -> accuracy`` of the current batch, at log steps.
         checkpoint: optional ``(step, history) -> None`` called every ``checkpoint_every``
             steps and at the end.
+        loss_fn: optional ``(batch) -> scalar`` minimised instead of ``maml.meta_loss`` (the
+            pretraining baseline trains ``Pretrained.pretrain_loss`` with this same loop).
+        desc: the progress bar's label.
     """
     history = history or History()
     bar = tqdm(
         range(start_step, iterations),
         initial=start_step,
         total=iterations,
-        desc="meta-training",
+        desc=desc,
         disable=not progress,
         mininterval=0.5,
     )
     running = history.meta_loss[-1] if history.meta_loss else None
+    loss_name = "meta-loss" if loss_fn is None else "training loss"
+    loss_fn = loss_fn or maml.meta_loss
     t0 = time.perf_counter()
     for step in bar:
         batch = train_tasks.sample(meta_batch, task_generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = maml.meta_loss(batch)
+        loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(
-                f"meta-loss became {value} at step {step}; lower the learning rates"
+                f"{loss_name} became {value} at step {step}; lower the learning rates"
             )
         running = value if running is None else 0.98 * running + 0.02 * value
         done = step + 1
@@ -138,8 +145,16 @@ def meta_train(
     return history
 
 
-def plot_history(history: History, path, title: str = "") -> None:
-    """Writes the learning curves (meta-loss; train and validation accuracy) to a PNG."""
+def plot_history(
+    history: History,
+    path,
+    title: str = "",
+    step_label: str = "meta-step",
+    loss_label: str = "meta-loss",
+    train_label: str = "train (query, after adaptation)",
+) -> None:
+    """Writes the learning curves (meta-loss; train and validation accuracy) to a PNG; the
+    labels name what was trained (e.g. "step", "loss", "train (batch)" for pretraining)."""
     try:
         import matplotlib
     except ImportError:
@@ -152,12 +167,12 @@ def plot_history(history: History, path, title: str = "") -> None:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(history.step, history.meta_loss)
-    ax_loss.set_xlabel("meta-step")
-    ax_loss.set_ylabel("meta-loss (running mean)")
-    ax_acc.plot(history.step, history.train_acc, label="train (query, after adaptation)")
+    ax_loss.set_xlabel(step_label)
+    ax_loss.set_ylabel(f"{loss_label} (running mean)")
+    ax_acc.plot(history.step, history.train_acc, label=train_label)
     if history.val_step:
         ax_acc.plot(history.val_step, history.val_acc, "o-", label="validation")
-    ax_acc.set_xlabel("meta-step")
+    ax_acc.set_xlabel(step_label)
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()
     fig.suptitle(title)

@@ -1,5 +1,6 @@
-// Autograd of the model-aware MLP core. mlp_maml_loss computes the exact meta-gradient in the
-// same call as the loss, so its backward only scales the stored gradients by the incoming one.
+// Autograd of the model-aware core's ops (mlp_maml_loss and seq_maml_loss share a signature).
+// They compute the exact meta-gradient in the same call as the loss, so the backward only
+// scales the stored gradients by the incoming one.
 // That gradient is exact but not differentiable again: create_graph=True through it is refused.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -14,18 +15,18 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using MlpMamlLossResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
-using MlpMamlLossFn = MlpMamlLossResult(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
+using MamlLossResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+using MamlLossFn = MamlLossResult(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const at::Tensor&, at::IntArrayRef,
                                         at::ArrayRef<double>, at::ArrayRef<double>, int64_t, int64_t, bool,
                                         bool, bool);
-using MlpAdaptFn = std::vector<at::Tensor>(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
+using AdaptFn = std::vector<at::Tensor>(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
                                            at::IntArrayRef, at::ArrayRef<double>, int64_t, int64_t, int64_t);
 
 // The op's non-tensor arguments, passed to the autograd Function as one value.
-struct MlpOptions {
+struct CoreOptions {
   at::IntArrayRef layers;
-  at::ArrayRef<double> activation_args, step_weights;
+  at::ArrayRef<double> layer_args, step_weights;
   int64_t lr_mode, loss;
   bool first_order, compute_grads, compute_lr_grads;
 };
@@ -37,20 +38,18 @@ bool any_requires_grad(at::TensorList tensors) {
   return false;
 }
 
-class MlpMamlLoss : public torch::autograd::Function<MlpMamlLoss> {
+class MamlLoss : public torch::autograd::Function<MamlLoss> {
  public:
   // Returns loss, task_losses, grad_params..., grad_lrs...
-  static variable_list forward(AutogradContext* ctx, at::TensorList params, at::TensorList lrs,
-                               const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& qx,
-                               const at::Tensor& qy, const MlpOptions& o) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pymeta::mlp_maml_loss", "")
-                         .typed<MlpMamlLossFn>();
+  static variable_list forward(AutogradContext* ctx, const c10::TypedOperatorHandle<MamlLossFn>& op,
+                               at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
+                               const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy,
+                               const CoreOptions& o) {
     const bool need_params = any_requires_grad(params);
     const bool need_lrs = any_requires_grad(lrs);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, grad_params, grad_lrs, task_losses] =
-        op.call(params, lrs, sx, sy, qx, qy, o.layers, o.activation_args, o.step_weights, o.lr_mode, o.loss,
+        op.call(params, lrs, sx, sy, qx, qy, o.layers, o.layer_args, o.step_weights, o.lr_mode, o.loss,
                 o.first_order, o.compute_grads || need_params || need_lrs, o.compute_lr_grads || need_lrs);
     ctx->saved_data["n_params"] = static_cast<int64_t>(params.size());
     ctx->saved_data["n_lrs"] = static_cast<int64_t>(lrs.size());
@@ -64,33 +63,35 @@ class MlpMamlLoss : public torch::autograd::Function<MlpMamlLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(), "pymeta::mlp_maml_loss: the model-aware meta-gradient is exact but ",
+    TORCH_CHECK(!at::GradMode::is_enabled(), "pymeta: the model-aware meta-gradient is exact but ",
                 "cannot be differentiated again (create_graph=True); use pymeta.MAML for higher-order gradients");
     const int64_t n_params = ctx->saved_data["n_params"].toInt();
     const int64_t n_lrs = ctx->saved_data["n_lrs"].toInt();
     const auto grad_params = ctx->saved_data["grad_params"].toTensorVector();
     const auto grad_lrs = ctx->saved_data["grad_lrs"].toTensorVector();
     const at::Tensor& scale = grad_outputs[0];
-    // One slot per forward input: params, lrs, the four data tensors, the options.
-    variable_list result(n_params + n_lrs + 5);
+    // One slot per forward input: the op, params, lrs, the four data tensors, the options.
+    variable_list result(1 + n_params + n_lrs + 5);
     for (int64_t i = 0; i < n_params && i < static_cast<int64_t>(grad_params.size()); ++i) {
-      result[i] = grad_params[i] * scale;
+      result[1 + i] = grad_params[i] * scale;
     }
     for (int64_t i = 0; i < n_lrs && i < static_cast<int64_t>(grad_lrs.size()); ++i) {
-      result[n_params + i] = grad_lrs[i] * scale;
+      result[1 + n_params + i] = grad_lrs[i] * scale;
     }
     return result;
   }
 };
 
-MlpMamlLossResult mlp_maml_loss_autograd(at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
-                                         const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy,
-                                         at::IntArrayRef layers, at::ArrayRef<double> activation_args,
-                                         at::ArrayRef<double> step_weights, int64_t lr_mode, int64_t loss,
-                                         bool first_order, bool compute_grads, bool compute_lr_grads) {
-  const MlpOptions o{layers, activation_args, step_weights, lr_mode, loss, first_order, compute_grads,
-                     compute_lr_grads};
-  variable_list out = MlpMamlLoss::apply(params, lrs, sx, sy, qx, qy, o);
+template <const char* Name>
+MamlLossResult maml_loss_autograd(at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
+                                  const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy,
+                                  at::IntArrayRef layers, at::ArrayRef<double> layer_args,
+                                  at::ArrayRef<double> step_weights, int64_t lr_mode, int64_t loss,
+                                  bool first_order, bool compute_grads, bool compute_lr_grads) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").typed<MamlLossFn>();
+  const CoreOptions o{layers, layer_args, step_weights, lr_mode, loss, first_order, compute_grads,
+                      compute_lr_grads};
+  variable_list out = MamlLoss::apply(op, params, lrs, sx, sy, qx, qy, o);
   std::vector<at::Tensor> grad_params, grad_lrs;
   // out = [loss, task_losses, grad_params..., grad_lrs...] with the gradients present when they
   // were computed (asked for, or needed by autograd); return them only when asked for.
@@ -101,21 +102,28 @@ MlpMamlLossResult mlp_maml_loss_autograd(at::TensorList params, at::TensorList l
 }
 
 // Fast adaptation builds no graph: the adapted params are plain tensors.
-std::vector<at::Tensor> mlp_adapt_autograd(at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
-                                           const at::Tensor& sy, at::IntArrayRef layers,
-                                           at::ArrayRef<double> activation_args, int64_t steps, int64_t lr_mode,
-                                           int64_t loss) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("pymeta::mlp_adapt", "").typed<MlpAdaptFn>();
+template <const char* Name>
+std::vector<at::Tensor> adapt_autograd(at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
+                                       const at::Tensor& sy, at::IntArrayRef layers,
+                                       at::ArrayRef<double> layer_args, int64_t steps, int64_t lr_mode,
+                                       int64_t loss) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").typed<AdaptFn>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(params, lrs, sx, sy, layers, activation_args, steps, lr_mode, loss);
+  return op.call(params, lrs, sx, sy, layers, layer_args, steps, lr_mode, loss);
 }
+
+constexpr char kMlpLoss[] = "pymeta::mlp_maml_loss";
+constexpr char kMlpAdapt[] = "pymeta::mlp_adapt";
+constexpr char kSeqLoss[] = "pymeta::seq_maml_loss";
+constexpr char kSeqAdapt[] = "pymeta::seq_adapt";
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymeta, Autograd, m) {
-  m.impl("mlp_maml_loss", &mlp_maml_loss_autograd);
-  m.impl("mlp_adapt", &mlp_adapt_autograd);
+  m.impl("mlp_maml_loss", &maml_loss_autograd<kMlpLoss>);
+  m.impl("mlp_adapt", &adapt_autograd<kMlpAdapt>);
+  m.impl("seq_maml_loss", &maml_loss_autograd<kSeqLoss>);
+  m.impl("seq_adapt", &adapt_autograd<kSeqAdapt>);
 }
 
 }  // namespace pymeta

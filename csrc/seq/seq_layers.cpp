@@ -1,0 +1,321 @@
+// Forward, backward and R-operator rules of each layer kind, from ATen ops. The formulas are in
+// docs/model-aware.md ("Convolutional networks"); an undefined tensor stands for zero.
+#include "seq/seq_layers.h"
+
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/avg_pool2d.h>
+#include <ATen/ops/avg_pool2d_backward.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/leaky_relu_backward.h>
+#include <ATen/ops/max_pool2d_with_indices.h>
+#include <ATen/ops/max_pool2d_with_indices_backward.h>
+#include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/native_batch_norm.h>
+#include <ATen/ops/native_batch_norm_backward.h>
+
+#include <vector>
+
+namespace pymeta {
+namespace {
+
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// acc += t, where either may be undefined (zero); acc is only ever a fresh temporary here.
+void accumulate(at::Tensor& acc, const at::Tensor& t) {
+  if (!t.defined()) return;
+  if (!acc.defined()) {
+    acc = t;
+  } else {
+    acc.add_(t);
+  }
+}
+
+// ---- convolution (and Linear, its 1x1 special case done with matrix products)
+struct ConvGeometry {
+  std::vector<int64_t> stride, padding, dilation{1, 1}, output_padding{0, 0};
+  explicit ConvGeometry(const SeqLayer& L)
+      : stride{L.ints[0], L.ints[1]}, padding{L.ints[2], L.ints[3]} {}
+};
+
+at::Tensor conv(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return at::convolution(x, w, optional(b), g.stride,
+                         g.padding, g.dilation, false, g.output_padding, 1);
+}
+
+// (dL/dx, dL/dw, dL/db) of y = conv(x, w) + b for the outputs the mask asks for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_vjp(const ConvGeometry& g, const at::Tensor& gy,
+                                                        const at::Tensor& x, const at::Tensor& w,
+                                                        std::array<bool, 3> mask) {
+  const std::vector<int64_t> bias_sizes{w.size(0)};
+  return at::convolution_backward(gy, x, w, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+                                  g.stride, g.padding, g.dilation, false, g.output_padding, 1, mask);
+}
+
+// ---- batch norm over every dimension but the channels (dim 1), with batch statistics
+std::vector<int64_t> channel_reduce_dims(const at::Tensor& x) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+// A (C) tensor shaped to broadcast against x: (1, C, 1, ...).
+at::Tensor per_channel(const at::Tensor& v, const at::Tensor& x) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = v.size(0);
+  return v.view(shape);
+}
+
+at::Tensor channel_mean(const at::Tensor& t) { return t.mean(channel_reduce_dims(t), true); }
+at::Tensor channel_sum(const at::Tensor& t) { return t.sum(channel_reduce_dims(t)); }
+
+// s * (v - mean(v) - x̂ mean(x̂ v)): how the normalisation maps a tangent (forward) or a
+// cotangent (backward) through x̂ = (x - mean) * s.
+at::Tensor bn_project(const at::Tensor& v, const at::Tensor& xhat, const at::Tensor& s) {
+  return (v - channel_mean(v) - xhat * channel_mean(xhat * v)) * s;
+}
+
+// The forward keeps the batch mean and inverse standard deviation (C each), as ATen's fused
+// batch norm gives them; x̂ and a broadcastable s are rebuilt only for the R-passes, which run
+// on the (small) support set.
+at::Tensor bn_inv_std(const at::Tensor& x, const LayerSaved& saved) { return per_channel(saved.inv_std, x); }
+at::Tensor bn_xhat(const at::Tensor& x, const LayerSaved& saved) {
+  return (x - per_channel(saved.aux, x)) * bn_inv_std(x, saved);
+}
+
+// ---- activations
+at::Tensor act_forward(const SeqLayer& L, const at::Tensor& x) {
+  switch (L.activation()) {
+    case Activation::kRelu:
+      return x.relu();
+    case Activation::kLeakyRelu:
+      return at::leaky_relu(x, L.arg);
+    case Activation::kTanh:
+      return x.tanh();
+    default:
+      return x.sigmoid();
+  }
+}
+
+// act'(x) * v.
+at::Tensor act_times_d1(const SeqLayer& L, const at::Tensor& x, const LayerSaved& s, const at::Tensor& v) {
+  switch (L.activation()) {
+    case Activation::kRelu:
+      return at::threshold_backward(v, x, 0);
+    case Activation::kLeakyRelu:
+      return at::leaky_relu_backward(v, x, L.arg, false);
+    case Activation::kTanh:
+      return v * (1 - s.aux * s.aux);
+    default:
+      return v * s.aux * (1 - s.aux);
+  }
+}
+
+// act''(x), or undefined for the piecewise-linear activations (zero almost everywhere).
+at::Tensor act_d2(const SeqLayer& L, const LayerSaved& s) {
+  const at::Tensor& y = s.aux;
+  switch (L.activation()) {
+    case Activation::kTanh:
+      return -2 * y * (1 - y * y);
+    case Activation::kSigmoid:
+      return y * (1 - y) * (1 - 2 * y);
+    default:
+      return at::Tensor();
+  }
+}
+
+struct PoolGeometry {
+  std::vector<int64_t> kernel, stride, padding, dilation{1, 1};
+  explicit PoolGeometry(const SeqLayer& L)
+      : kernel{L.ints[0], L.ints[1]}, stride{L.ints[2], L.ints[3]}, padding{L.ints[4], L.ints[5]} {}
+};
+
+}  // namespace
+
+at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                       LayerSaved& saved) {
+  switch (L.kind) {
+    case SeqKind::kLinear:
+      return b.defined() ? b.addmm(x, w.t()) : x.mm(w.t());
+    case SeqKind::kConv2d:
+      return conv(ConvGeometry(L), x, w, b);
+    case SeqKind::kBatchNorm: {
+      auto [y, mean, inv_std] = at::native_batch_norm(x, optional(w), optional(b), {}, {}, true, 0.0, L.arg);
+      saved.aux = mean;
+      saved.inv_std = inv_std;
+      return y;
+    }
+    case SeqKind::kActivation: {
+      at::Tensor y = act_forward(L, x);
+      if (!activation_is_piecewise_linear(L.activation())) saved.aux = y;
+      return y;
+    }
+    case SeqKind::kMaxPool2d: {
+      const PoolGeometry g(L);
+      auto [y, indices] = at::max_pool2d_with_indices(x, g.kernel, g.stride, g.padding, g.dilation, false);
+      saved.aux = indices;
+      return y;
+    }
+    case SeqKind::kAvgPool2d: {
+      const PoolGeometry g(L);
+      return at::avg_pool2d(x, g.kernel, g.stride, g.padding, false, L.flag != 0, std::nullopt);
+    }
+    case SeqKind::kFlatten:
+      return x.flatten(1);
+  }
+  TORCH_CHECK(false, "pymeta: unknown layer kind");
+}
+
+LayerGrads seq_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                        const LayerSaved& saved, const at::Tensor& gy, bool need_x) {
+  LayerGrads g;
+  switch (L.kind) {
+    case SeqKind::kLinear:
+      if (need_x) g.x = gy.mm(w);
+      g.w = gy.t().mm(x);
+      if (b.defined()) g.b = gy.sum(0);
+      return g;
+    case SeqKind::kConv2d:
+      std::tie(g.x, g.w, g.b) = conv_vjp(ConvGeometry(L), gy, x, w, {need_x, true, b.defined()});
+      return g;
+    case SeqKind::kBatchNorm: {
+      if (!need_x && !w.defined()) return g;
+      std::tie(g.x, g.w, g.b) = at::native_batch_norm_backward(gy, x, optional(w), {}, {}, saved.aux, saved.inv_std, true,
+                                                                L.arg, {need_x, w.defined(), w.defined()});
+      return g;
+    }
+    case SeqKind::kActivation:
+      if (need_x) g.x = act_times_d1(L, x, saved, gy);
+      return g;
+    case SeqKind::kMaxPool2d:
+      if (need_x) {
+        const PoolGeometry p(L);
+        g.x = at::max_pool2d_with_indices_backward(gy, x, p.kernel, p.stride, p.padding, p.dilation, false,
+                                                   saved.aux);
+      }
+      return g;
+    case SeqKind::kAvgPool2d:
+      if (need_x) {
+        const PoolGeometry p(L);
+        g.x = at::avg_pool2d_backward(gy, x, p.kernel, p.stride, p.padding, false, L.flag != 0, std::nullopt);
+      }
+      return g;
+    case SeqKind::kFlatten:
+      if (need_x) g.x = gy.reshape(x.sizes());
+      return g;
+  }
+  TORCH_CHECK(false, "pymeta: unknown layer kind");
+}
+
+at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w, const LayerSaved& saved,
+                         const at::Tensor& rx, const at::Tensor& uw, const at::Tensor& ub, at::Tensor& r_saved) {
+  at::Tensor ry;
+  switch (L.kind) {
+    case SeqKind::kLinear:
+      if (rx.defined()) ry = rx.mm(w.t());
+      if (uw.defined()) accumulate(ry, ub.defined() ? ub.addmm(x, uw.t()) : x.mm(uw.t()));
+      return ry;
+    case SeqKind::kConv2d: {
+      const ConvGeometry g(L);
+      if (rx.defined()) ry = conv(g, rx, w, at::Tensor());
+      if (uw.defined()) accumulate(ry, conv(g, x, uw, ub));
+      return ry;
+    }
+    case SeqKind::kBatchNorm: {
+      const at::Tensor xhat = bn_xhat(x, saved);
+      if (rx.defined()) r_saved = bn_project(rx, xhat, bn_inv_std(x, saved));
+      if (!w.defined()) return r_saved;
+      if (r_saved.defined()) ry = r_saved * per_channel(w, x);
+      if (uw.defined()) accumulate(ry, xhat * per_channel(uw, x) + per_channel(ub, x));
+      return ry;
+    }
+    case SeqKind::kActivation:
+      return rx.defined() ? act_times_d1(L, x, saved, rx) : ry;
+    case SeqKind::kMaxPool2d: {
+      if (!rx.defined()) return ry;
+      const at::Tensor& indices = saved.aux;
+      return rx.flatten(2).gather(2, indices.flatten(2)).view(indices.sizes());
+    }
+    case SeqKind::kAvgPool2d:
+    case SeqKind::kFlatten:
+      // Linear maps: the tangent goes through the layer itself.
+      if (!rx.defined()) return ry;
+      {
+        LayerSaved unused;
+        return seq_forward(L, rx, at::Tensor(), at::Tensor(), unused);
+      }
+  }
+  TORCH_CHECK(false, "pymeta: unknown layer kind");
+}
+
+LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w, const LayerSaved& saved,
+                          const at::Tensor& gy, const at::Tensor& rgy, const at::Tensor& rx, const at::Tensor& uw,
+                          const at::Tensor& r_saved, bool need_x) {
+  LayerGrads r;
+  switch (L.kind) {
+    case SeqKind::kLinear:
+      if (rgy.defined()) {
+        if (need_x) r.x = rgy.mm(w);
+        r.w = rgy.t().mm(x);
+        if (L.b_param >= 0) r.b = rgy.sum(0);
+      }
+      if (need_x && uw.defined()) accumulate(r.x, gy.mm(uw));
+      if (rx.defined()) accumulate(r.w, gy.t().mm(rx));
+      return r;
+    case SeqKind::kConv2d: {
+      const ConvGeometry g(L);
+      if (rgy.defined()) std::tie(r.x, r.w, r.b) = conv_vjp(g, rgy, x, w, {need_x, true, L.b_param >= 0});
+      if (need_x && uw.defined()) accumulate(r.x, std::get<0>(conv_vjp(g, gy, x, uw, {true, false, false})));
+      if (rx.defined()) accumulate(r.w, std::get<1>(conv_vjp(g, gy, rx, w, {false, true, false})));
+      return r;
+    }
+    case SeqKind::kBatchNorm: {
+      const at::Tensor xhat = bn_xhat(x, saved);
+      const at::Tensor s = bn_inv_std(x, saved);
+      const at::Tensor& rxhat = r_saved;
+      if (w.defined()) {
+        if (rgy.defined()) {
+          r.w = channel_sum(rgy * xhat);
+          r.b = channel_sum(rgy);
+        }
+        if (rxhat.defined()) accumulate(r.w, channel_sum(gy * rxhat));
+      }
+      if (!need_x) return r;
+      // With gx̂ = w gy: dL/dx = s (gx̂ - mean(gx̂) - x̂ mean(gx̂ x̂)); its tangent, using
+      // R{s} = -s^2 mean(x̂ rx) and the tangent R{x̂} kept by r_forward.
+      const at::Tensor gxhat = w.defined() ? gy * per_channel(w, x) : gy;
+      at::Tensor rgxhat;
+      if (rgy.defined()) rgxhat = w.defined() ? rgy * per_channel(w, x) : rgy;
+      if (uw.defined()) accumulate(rgxhat, gy * per_channel(uw, x));
+      if (rgxhat.defined()) r.x = bn_project(rgxhat, xhat, s);
+      if (rxhat.defined()) {
+        const at::Tensor gx = bn_project(gxhat, xhat, s);
+        const at::Tensor r_s_over_s = -s * channel_mean(xhat * rx);
+        at::Tensor t = gx * r_s_over_s - (rxhat * channel_mean(gxhat * xhat) + xhat * channel_mean(gxhat * rxhat)) * s;
+        accumulate(r.x, t);
+      }
+      return r;
+    }
+    case SeqKind::kActivation: {
+      if (!need_x) return r;
+      if (rgy.defined()) r.x = act_times_d1(L, x, saved, rgy);
+      if (rx.defined()) {
+        const at::Tensor d2 = act_d2(L, saved);
+        if (d2.defined()) accumulate(r.x, d2 * rx * gy);
+      }
+      return r;
+    }
+    case SeqKind::kMaxPool2d:
+    case SeqKind::kAvgPool2d:
+    case SeqKind::kFlatten:
+      // Linear in x with no parameters: the tangent goes back through the same backward.
+      if (need_x && rgy.defined()) r.x = seq_backward(L, x, w, at::Tensor(), saved, rgy, true).x;
+      return r;
+  }
+  TORCH_CHECK(false, "pymeta: unknown layer kind");
+}
+
+}  // namespace pymeta

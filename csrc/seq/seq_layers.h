@@ -1,0 +1,48 @@
+// Per-layer rules of the layered model-aware core: forward, backward (vector-Jacobian), and the
+// two R-operator passes (Pearlmutter) that a Hessian-vector product through the network needs.
+// They are written with ATen ops, so they run on any device and dtype ATen supports, and with
+// the convention that an undefined tensor is an exact zero (skipped, never materialised).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "seq_net.h"
+
+namespace pymeta {
+
+// What a layer's forward keeps for the passes after it. Batch norm: the batch mean and the
+// inverse standard deviation (C each); max pooling: the argmax indices; tanh and sigmoid:
+// their output.
+struct LayerSaved {
+  at::Tensor aux, inv_std;
+};
+
+// Gradients of one layer: with respect to its input and its weight and bias.
+struct LayerGrads {
+  at::Tensor x, w, b;
+};
+
+// y = layer(x; w, b). w and b are undefined for layers without them; for per-step batch norm
+// they are the current step's rows.
+at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w,
+                       const at::Tensor& b, LayerSaved& saved);
+
+// Vector-Jacobian products of gy = dL/dy: dL/dx (only when need_x) and dL/dw, dL/db.
+LayerGrads seq_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w,
+                        const at::Tensor& b, const LayerSaved& saved, const at::Tensor& gy,
+                        bool need_x);
+
+// Tangent of y along (rx, uw, ub), the tangents of x, w and b. Batch norm keeps the tangent of
+// x̂ in r_saved for r_backward.
+at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w,
+                         const LayerSaved& saved, const at::Tensor& rx, const at::Tensor& uw,
+                         const at::Tensor& ub, at::Tensor& r_saved);
+
+// Tangent of the backward pass: given gy and its tangent rgy, the tangents of dL/dx (only when
+// need_x), dL/dw and dL/db along the same direction as r_forward.
+LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w,
+                          const LayerSaved& saved, const at::Tensor& gy, const at::Tensor& rgy,
+                          const at::Tensor& rx, const at::Tensor& uw, const at::Tensor& r_saved,
+                          bool need_x);
+
+}  // namespace pymeta

@@ -1,0 +1,449 @@
+// Kernels of the layered model-aware core (seq_maml_loss, seq_adapt): MAML on a sequential
+// network of convolutions, batch norm, pooling, linear layers and activations. Like the MLP
+// core, each task runs its whole meta-step here (inner loop, query losses, and the exact
+// meta-gradient by a reverse sweep with Hessian-vector products) without an autograd graph;
+// memory is one task's worth per thread. The layer rules (seq_layers.cpp) are ATen ops, which
+// bring the library's tuned convolution kernels; this file only orchestrates them.
+#include <ATen/core/Tensor.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "seq/seq_layers.h"
+#include "seq_net.h"
+
+namespace pymeta {
+namespace {
+
+using Params = std::vector<at::Tensor>;  // one tensor per param; undefined = zero
+
+// One forward pass and what the backward and R-passes after it need.
+struct SeqPass {
+  int64_t step = 0;                // inner step: selects per-step batch-norm rows
+  std::vector<at::Tensor> in;      // in[l]: input of layer l; in.back(): the output
+  std::vector<LayerSaved> saved;   // per layer
+  at::Tensor probs;                // softmax of the output (cross-entropy)
+  std::vector<at::Tensor> grad_out;  // grad_out[l]: dL/d(output of layer l), kept for hvp()
+};
+
+class SeqTask {
+ public:
+  SeqTask(const SeqNet& net, LossKind loss) : net_(net), loss_(loss) {}
+
+  // The weight and bias layer L uses at inner step `step` (undefined when it has none).
+  std::pair<at::Tensor, at::Tensor> layer_params(const Params& theta, const SeqLayer& L, int64_t step) const {
+    at::Tensor w, b;
+    if (L.w_param >= 0) w = L.per_step ? theta[L.w_param].select(0, step) : theta[L.w_param];
+    if (L.b_param >= 0) b = L.per_step ? theta[L.b_param].select(0, step) : theta[L.b_param];
+    return {w, b};
+  }
+
+  SeqPass forward(const Params& theta, const at::Tensor& x, int64_t step) const {
+    SeqPass pass;
+    pass.step = step;
+    pass.saved.resize(net_.layers.size());
+    pass.in.reserve(net_.layers.size() + 1);
+    pass.in.push_back(x);
+    for (size_t l = 0; l < net_.layers.size(); ++l) {
+      auto [w, b] = layer_params(theta, net_.layers[l], step);
+      pass.in.push_back(seq_forward(net_.layers[l], pass.in.back(), w, b, pass.saved[l]));
+    }
+    return pass;
+  }
+
+  // Mean loss of the pass's output against the targets; with `grad`, also dL/d(output).
+  at::Tensor loss(SeqPass& pass, const at::Tensor& y, bool grad) const {
+    const at::Tensor& out = pass.in.back();
+    pass.grad_out.assign(net_.layers.size(), at::Tensor());
+    if (loss_ == LossKind::kMse) {
+      const at::Tensor diff = out - y;
+      if (grad) pass.grad_out.back() = diff * (2.0 / static_cast<double>(out.numel()));
+      return diff.square().mean();
+    }
+    const at::Tensor logp = out.log_softmax(1);
+    const at::Tensor picked = logp.gather(1, y.unsqueeze(1));
+    if (grad) {
+      pass.probs = logp.exp();
+      at::Tensor g = pass.probs.clone();
+      g.scatter_add_(1, y.unsqueeze(1), at::full_like(picked, -1));
+      pass.grad_out.back() = g.div_(static_cast<double>(out.size(0)));
+    }
+    return -picked.mean();
+  }
+
+  // Gradients of every param of layers >= lowest (others stay undefined); keeps the per-layer
+  // dL/d(output) in the pass when keep is set (the HVP needs them).
+  Params backward(SeqPass& pass, const Params& theta, int64_t lowest, bool keep) const {
+    Params grads(theta.size());
+    at::Tensor gy = pass.grad_out.back();
+    for (int64_t l = static_cast<int64_t>(net_.layers.size()) - 1; l >= lowest; --l) {
+      const SeqLayer& L = net_.layers[l];
+      if (keep) pass.grad_out[l] = gy;
+      auto [w, b] = layer_params(theta, L, pass.step);
+      LayerGrads g = seq_backward(L, pass.in[l], w, b, pass.saved[l], gy, l > lowest);
+      if (L.w_param >= 0) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
+      if (L.b_param >= 0) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
+      gy = g.x;
+    }
+    if (!keep) pass.grad_out.clear();
+    return grads;
+  }
+
+  // H u: the Hessian of the pass's loss at theta applied to u (undefined entries are zero), by
+  // forward-over-reverse differentiation. Needs forward(), loss(grad) and backward(0, keep).
+  Params hvp(const SeqPass& pass, const Params& theta, const Params& u) const {
+    const size_t n = net_.layers.size();
+    std::vector<at::Tensor> r_in(n + 1), r_saved(n);  // tangents of each layer's input
+    for (size_t l = 0; l < n; ++l) {
+      const SeqLayer& L = net_.layers[l];
+      auto [w, b] = layer_params(theta, L, pass.step);
+      auto [uw, ub] = direction(u, L, pass.step);
+      r_in[l + 1] = seq_r_forward(L, pass.in[l], w, pass.saved[l], r_in[l], uw, ub, r_saved[l]);
+    }
+    // The loss Hessian applied to the output tangent.
+    at::Tensor rgy;
+    const at::Tensor& r_out = r_in[n];
+    if (r_out.defined()) {
+      const at::Tensor& out = pass.in.back();
+      if (loss_ == LossKind::kMse) {
+        rgy = r_out * (2.0 / static_cast<double>(out.numel()));
+      } else {
+        const at::Tensor& p = pass.probs;
+        rgy = (p * (r_out - (p * r_out).sum(1, true))).div_(static_cast<double>(out.size(0)));
+      }
+    }
+    Params hu(theta.size());
+    for (int64_t l = static_cast<int64_t>(n) - 1; l >= 0; --l) {
+      const SeqLayer& L = net_.layers[l];
+      auto [w, b] = layer_params(theta, L, pass.step);
+      auto [uw, ub] = direction(u, L, pass.step);
+      LayerGrads r = seq_r_backward(L, pass.in[l], w, pass.saved[l], pass.grad_out[l], rgy, r_in[l], uw,
+                                    r_saved[l], l > 0);
+      if (L.w_param >= 0 && r.w.defined()) hu[L.w_param] = place(theta[L.w_param], L, pass.step, r.w);
+      if (L.b_param >= 0 && r.b.defined()) hu[L.b_param] = place(theta[L.b_param], L, pass.step, r.b);
+      rgy = r.x;
+    }
+    return hu;
+  }
+
+ private:
+  // A per-step param's gradient is zero outside the step's row.
+  static at::Tensor place(const at::Tensor& param, const SeqLayer& L, int64_t step, const at::Tensor& g) {
+    if (!L.per_step || !g.defined()) return g;
+    at::Tensor full = at::zeros_like(param);
+    full.select(0, step).copy_(g);
+    return full;
+  }
+
+  // The HVP direction restricted to layer L (only adapted layers have one).
+  static std::pair<at::Tensor, at::Tensor> direction(const Params& u, const SeqLayer& L, int64_t step) {
+    if (!L.adapted) return {};
+    return {L.w_param >= 0 ? u[L.w_param] : at::Tensor(), L.b_param >= 0 ? u[L.b_param] : at::Tensor()};
+  }
+
+  const SeqNet& net_;
+  LossKind loss_;
+};
+
+// Everything the per-task pipeline reads, checked once.
+struct SeqProblem {
+  SeqNet net;
+  LossKind loss;
+  LrMode lr_mode;
+  int64_t steps, tasks;
+  std::vector<bool> adapted;  // per param
+};
+
+// Calls fn(layer, param index, k) for every adapted param in order; k counts them (the index
+// of its rate in lr_mode 2).
+template <typename F>
+void for_each_adapted_param(const SeqProblem& pb, const F& fn) {
+  int64_t k = 0;
+  for (const SeqLayer& L : pb.net.layers) {
+    if (!L.adapted) continue;
+    for (int64_t p : {L.w_param, L.b_param}) {
+      if (p >= 0) fn(L, p, k++);
+    }
+  }
+}
+
+void check_data(const char* op, const char* name, const at::Tensor& x, const at::Tensor& ref) {
+  TORCH_CHECK(x.dim() >= 3 && x.size(1) > 0, op, ": ", name, " must have shape [T, K>0, ...], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ", ref.scalar_type(),
+              " like the params, got ", x.scalar_type());
+  TORCH_CHECK(x.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ", x.device());
+}
+
+void check_labels(const char* op, const char* name, const at::Tensor& y, const at::Tensor& x, LossKind loss) {
+  TORCH_CHECK(y.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", y.device());
+  TORCH_CHECK(y.dim() >= 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name,
+              " must start with the inputs' [T, K] = [", x.size(0), ", ", x.size(1), "], got ", y.sizes());
+  if (loss == LossKind::kMse) {
+    TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
+                " for MSE, got ", y.scalar_type());
+  } else {
+    TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kLong, op, ": ", name,
+                " must be [T, K] int64 class indices for cross-entropy, got ", y.scalar_type(), " ", y.sizes());
+  }
+}
+
+SeqProblem make_problem(const char* op, at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
+                        const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy, at::IntArrayRef layers,
+                        at::ArrayRef<double> layer_args, int64_t steps, int64_t lr_mode, int64_t loss) {
+  TORCH_CHECK(steps >= 1, op, ": expected at least one inner step, got ", steps);
+  TORCH_CHECK(!params.empty(), op, ": expected params");
+  SeqProblem pb{parse_seq(op, params, layers, layer_args, steps)};
+  TORCH_CHECK(loss == 0 || loss == 1, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
+  TORCH_CHECK(lr_mode >= 0 && lr_mode <= 2, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
+  pb.loss = static_cast<LossKind>(loss);
+  pb.lr_mode = static_cast<LrMode>(lr_mode);
+  pb.steps = steps;
+  const at::Tensor& ref = params[0];
+  TORCH_CHECK(at::isFloatingType(ref.scalar_type()), op, ": params must be floating point, got ",
+              ref.scalar_type());
+  check_data(op, "support_x", sx, ref);
+  check_labels(op, "support_y", sy, sx, pb.loss);
+  pb.tasks = sx.size(0);
+  if (qx != nullptr) {
+    check_data(op, "query_x", *qx, ref);
+    TORCH_CHECK(qx->size(0) == pb.tasks && qx->sizes().slice(2) == sx.sizes().slice(2), op,
+                ": query_x must have shape [", pb.tasks, ", Q, ", sx.sizes().slice(2), "] like support_x, got ",
+                qx->sizes());
+    check_labels(op, "query_y", *qy, *qx, pb.loss);
+  }
+  pb.adapted.assign(params.size(), false);
+  std::vector<int64_t> adapted_params;
+  for_each_adapted_param(pb, [&](const SeqLayer&, int64_t p, int64_t) {
+    pb.adapted[p] = true;
+    adapted_params.push_back(p);
+  });
+  if (pb.lr_mode == LrMode::kScalar) {
+    TORCH_CHECK(lrs.size() == 1 && lrs[0].dim() == 0, op, ": lr_mode 0 takes one 0-dim lr");
+  } else if (pb.lr_mode == LrMode::kPerLayerStep) {
+    TORCH_CHECK(lrs.size() == 1 && lrs[0].dim() == 2 && lrs[0].size(0) == steps &&
+                    lrs[0].size(1) == pb.net.num_adapted,
+                op, ": lr_mode 1 takes one lr of shape [", steps, ", ", pb.net.num_adapted, "]");
+  } else {
+    TORCH_CHECK(lrs.size() == adapted_params.size(), op, ": lr_mode 2 expects ", adapted_params.size(),
+                " lrs (one per adapted param), got ", lrs.size());
+    for (size_t k = 0; k < lrs.size(); ++k) {
+      TORCH_CHECK(lrs[k].sizes() == params[adapted_params[k]].sizes(), op, ": lrs[", k, "] must have shape ",
+                  params[adapted_params[k]].sizes(), ", got ", lrs[k].sizes());
+    }
+  }
+  for (const auto& lr : lrs) {
+    TORCH_CHECK(lr.scalar_type() == ref.scalar_type() && lr.device() == ref.device(), op,
+                ": lrs must match the params' dtype and device");
+  }
+  return pb;
+}
+
+int64_t lr_rows(const SeqProblem& pb) { return pb.lr_mode == LrMode::kPerLayerStep ? pb.steps : 1; }
+int64_t lr_row(const SeqProblem& pb, int64_t j) { return pb.lr_mode == LrMode::kPerLayerStep ? j : 0; }
+
+// The rate of every adapted param, per lr row (0-dim or the param's shape); undefined elsewhere.
+std::vector<Params> expand_lrs(const SeqProblem& pb, at::TensorList params, at::TensorList lrs) {
+  std::vector<Params> rows(lr_rows(pb), Params(params.size()));
+  for_each_adapted_param(pb, [&](const SeqLayer& L, int64_t p, int64_t k) {
+    for (int64_t j = 0; j < lr_rows(pb); ++j) {
+      if (pb.lr_mode == LrMode::kScalar) rows[j][p] = lrs[0];
+      if (pb.lr_mode == LrMode::kPerLayerStep) rows[j][p] = lrs[0][j][L.adapted_index];
+      if (pb.lr_mode == LrMode::kPerParameter) rows[j][p] = lrs[k];
+    }
+  });
+  return rows;
+}
+
+// Reduces d loss / d(rate of each param element), per lr row, to the lrs' layout.
+std::vector<at::Tensor> reduce_lr_grads(const SeqProblem& pb, at::TensorList lrs, const std::vector<Params>& d) {
+  std::vector<at::Tensor> out;
+  for (const auto& lr : lrs) out.push_back(at::zeros_like(lr));
+  for_each_adapted_param(pb, [&](const SeqLayer& L, int64_t p, int64_t k) {
+    for (int64_t j = 0; j < lr_rows(pb); ++j) {
+      const at::Tensor& g = d[j][p];
+      if (!g.defined()) continue;
+      if (pb.lr_mode == LrMode::kScalar) out[0].add_(g.sum());
+      if (pb.lr_mode == LrMode::kPerLayerStep) out[0][j][L.adapted_index].add_(g.sum());
+      if (pb.lr_mode == LrMode::kPerParameter) out[k].add_(g);
+    }
+  });
+  return out;
+}
+
+// acc[i] += scale * t[i] for the defined entries.
+void add_scaled(Params& acc, const Params& t, double scale) {
+  for (size_t i = 0; i < t.size(); ++i) {
+    if (!t[i].defined()) continue;
+    if (!acc[i].defined()) {
+      acc[i] = t[i] * scale;
+    } else {
+      acc[i].add_(t[i], scale);
+    }
+  }
+}
+
+// One task's inner loop: theta[j] after j steps (theta[0] the meta-params), the support pass
+// of every step when `keep_passes`, and the support gradients when `keep_grads`.
+struct InnerLoop {
+  std::vector<Params> theta;
+  std::vector<SeqPass> passes;
+  std::vector<Params> grads;
+};
+
+InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params& theta0,
+                         const std::vector<Params>& lr, const at::Tensor& sx, const at::Tensor& sy,
+                         bool keep_passes, bool keep_grads, int64_t lowest) {
+  InnerLoop out;
+  out.theta.push_back(theta0);
+  for (int64_t j = 0; j < pb.steps; ++j) {
+    const Params& cur = out.theta.back();
+    SeqPass pass = task.forward(cur, sx, j);
+    task.loss(pass, sy, true);
+    Params g = task.backward(pass, cur, lowest, keep_passes);
+    Params next = cur;  // frozen params are shared, not copied
+    const Params& rate = lr[lr_row(pb, j)];
+    for (size_t p = 0; p < cur.size(); ++p) {
+      if (pb.adapted[p]) next[p] = cur[p] - rate[p] * g[p];
+    }
+    out.theta.push_back(std::move(next));
+    if (keep_passes) out.passes.push_back(std::move(pass));
+    if (keep_grads) out.grads.push_back(std::move(g));
+  }
+  return out;
+}
+
+Params param_list(at::TensorList params) {
+  Params out;
+  for (const auto& p : params) out.push_back(p.detach());
+  return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> seq_maml_loss_kernel(
+    at::TensorList params, at::TensorList lrs, const at::Tensor& support_x, const at::Tensor& support_y,
+    const at::Tensor& query_x, const at::Tensor& query_y, at::IntArrayRef layers, at::ArrayRef<double> layer_args,
+    at::ArrayRef<double> step_weights, int64_t lr_mode, int64_t loss, bool first_order, bool compute_grads,
+    bool compute_lr_grads) {
+  constexpr const char* op = "pymeta::seq_maml_loss";
+  const int64_t J = static_cast<int64_t>(step_weights.size());
+  const SeqProblem pb = make_problem(op, params, lrs, support_x, support_y, &query_x, &query_y, layers, layer_args,
+                                     J, lr_mode, loss);
+  compute_lr_grads = compute_lr_grads && compute_grads;
+  const bool second_order = compute_grads && !first_order;
+  const SeqTask task(pb.net, pb.loss);
+  const Params theta0 = param_list(params);
+  const std::vector<Params> lr = expand_lrs(pb, params, lrs);
+  at::Tensor task_losses = at::empty({pb.tasks}, params[0].options());
+  Params grad_acc(params.size());
+  std::vector<Params> lr_acc(lr_rows(pb), Params(params.size()));
+  std::vector<at::Tensor> losses(pb.tasks);
+  // Tasks run one after another, each op on ATen's intra-op threads. Spreading tasks over
+  // threads instead would call oneDNN convolutions inside an OpenMP parallel region, where its
+  // backward-weights kernels wait on a barrier for threads that never come (they hang).
+  for (int64_t t = 0; t < pb.tasks; ++t) {
+    const at::Tensor sx = support_x[t], sy = support_y[t], qx = query_x[t], qy = query_y[t];
+    // The sweep reads each step's support pass (second order) and gradient (learned rates);
+    // without either the inner loop only needs gradients down to the lowest adapted layer.
+    const int64_t lowest = second_order ? 0 : pb.net.lowest_adapted;
+    InnerLoop inner = run_inner_loop(pb, task, theta0, lr, sx, sy, second_order, compute_lr_grads, lowest);
+    at::Tensor task_loss;
+    Params v(params.size());  // d(task loss) / d theta_j, from j = J down to 0
+    auto add_query_term = [&](int64_t j) {
+      const double w = step_weights[j - 1];
+      if (w == 0.0) return;
+      SeqPass pass = task.forward(inner.theta[j], qx, j);
+      const at::Tensor l = task.loss(pass, qy, compute_grads) * w;
+      task_loss = task_loss.defined() ? task_loss + l : l;
+      if (compute_grads) add_scaled(v, task.backward(pass, inner.theta[j], 0, false), w);
+    };
+    add_query_term(J);
+    for (int64_t j = J - 1; j >= 0 && compute_grads; --j) {
+      const Params& rate = lr[lr_row(pb, j)];
+      if (compute_lr_grads) {
+        // d theta_{j+1} / d rate = -g_j, elementwise.
+        Params& dl = lr_acc[lr_row(pb, j)];
+        for (size_t p = 0; p < v.size(); ++p) {
+          if (!pb.adapted[p] || !v[p].defined()) continue;
+          const at::Tensor d = v[p] * inner.grads[j][p];
+          if (dl[p].defined()) {
+            dl[p].sub_(d);
+          } else {
+            dl[p] = -d;
+          }
+        }
+      }
+      if (second_order) {
+        // v_j = v_{j+1} - H_j (rate_j * v_{j+1}), the direction living on adapted params only.
+        Params u(v.size());
+        for (size_t p = 0; p < v.size(); ++p) {
+          if (pb.adapted[p] && v[p].defined()) u[p] = rate[p] * v[p];
+        }
+        add_scaled(v, task.hvp(inner.passes[j], inner.theta[j], u), -1.0);
+      }
+      if (j >= 1) add_query_term(j);
+    }
+    if (!compute_grads) {
+      for (int64_t j = J - 1; j >= 1; --j) add_query_term(j);
+    }
+    losses[t] = task_loss.defined() ? task_loss : at::zeros({}, params[0].options());
+    if (compute_grads) add_scaled(grad_acc, v, 1.0);
+  }
+  task_losses.copy_(at::stack(losses));
+  const double inv_tasks = 1.0 / static_cast<double>(pb.tasks);
+  at::Tensor mean_loss = task_losses.sum() * inv_tasks;
+  std::vector<at::Tensor> grad_params, grad_lrs;
+  if (compute_grads) {
+    for (size_t p = 0; p < params.size(); ++p) {
+      grad_params.push_back(grad_acc[p].defined() ? (grad_acc[p] * inv_tasks).contiguous() : at::zeros_like(params[p]));
+    }
+  }
+  if (compute_lr_grads) {
+    grad_lrs = reduce_lr_grads(pb, lrs, lr_acc);
+    for (auto& g : grad_lrs) g.mul_(inv_tasks);
+  }
+  return {mean_loss, grad_params, grad_lrs, task_losses};
+}
+
+std::vector<at::Tensor> seq_adapt_kernel(at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,
+                                         const at::Tensor& support_y, at::IntArrayRef layers,
+                                         at::ArrayRef<double> layer_args, int64_t steps, int64_t lr_mode,
+                                         int64_t loss) {
+  constexpr const char* op = "pymeta::seq_adapt";
+  const SeqProblem pb = make_problem(op, params, lrs, support_x, support_y, nullptr, nullptr, layers, layer_args,
+                                     steps, lr_mode, loss);
+  const SeqTask task(pb.net, pb.loss);
+  const Params theta0 = param_list(params);
+  const std::vector<Params> lr = expand_lrs(pb, params, lrs);
+  std::vector<at::Tensor> adapted;
+  for (const auto& p : params) {
+    std::vector<int64_t> shape{pb.tasks};
+    shape.insert(shape.end(), p.sizes().begin(), p.sizes().end());
+    adapted.push_back(at::empty(shape, p.options()));
+  }
+  for (int64_t t = 0; t < pb.tasks; ++t) {  // one task at a time, as in seq_maml_loss
+    InnerLoop inner = run_inner_loop(pb, task, theta0, lr, support_x[t], support_y[t], false, false,
+                                     pb.net.lowest_adapted);
+    for (size_t p = 0; p < adapted.size(); ++p) adapted[p][t].copy_(inner.theta.back()[p]);
+  }
+  return adapted;
+}
+
+}  // namespace
+
+// The kernels are ATen compositions, so one registration per backend serves them all.
+TORCH_LIBRARY_IMPL(pymeta, CPU, m) {
+  m.impl("seq_maml_loss", &seq_maml_loss_kernel);
+  m.impl("seq_adapt", &seq_adapt_kernel);
+}
+
+TORCH_LIBRARY_IMPL(pymeta, CUDA, m) {
+  m.impl("seq_maml_loss", &seq_maml_loss_kernel);
+  m.impl("seq_adapt", &seq_adapt_kernel);
+}
+
+}  // namespace pymeta

@@ -1,0 +1,139 @@
+// The sequential network (convolutions, batch norm, pooling, linear layers, activations) that
+// the model-aware core's layered path runs, read from the op's arguments and checked once.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <vector>
+
+#include "mlp_maml_math.h"
+#include "params_check.h"
+
+namespace pymeta {
+
+enum class SeqKind : int64_t {
+  kLinear = 0,      // flag: has bias
+  kConv2d = 1,      // flag: has bias; ints: stride_h, stride_w, pad_h, pad_w
+  kBatchNorm = 2,   // flag: affine; ints[0]: per-step weights; arg: eps
+  kActivation = 3,  // flag: Activation code; arg: negative slope
+  kMaxPool2d = 4,   // ints: kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w
+  kAvgPool2d = 5,   // flag: count_include_pad; ints as kMaxPool2d
+  kFlatten = 6,     // (N, ...) -> (N, features)
+};
+
+// Ints per layer in the op's `layers` argument: [kind, flag, adapted, six layer ints].
+constexpr int64_t kSeqLayerInts = 9;
+
+struct SeqLayer {
+  SeqKind kind = SeqKind::kFlatten;
+  int64_t flag = 0;
+  bool adapted = false;
+  std::array<int64_t, 6> ints{};
+  double arg = 0.0;
+  int64_t w_param = -1, b_param = -1;  // index into the params list
+  int64_t adapted_index = -1;          // ordinal among adapted layers
+  bool per_step = false;               // batch norm weights with a leading (steps + 1) dim
+
+  bool has_params() const { return w_param >= 0; }
+  Activation activation() const { return static_cast<Activation>(flag); }
+};
+
+struct SeqNet {
+  std::vector<SeqLayer> layers;
+  int64_t num_adapted = 0;
+  int64_t lowest_adapted = 0;  // first adapted layer: gradients below it are never needed
+};
+
+inline const char* seq_kind_name(SeqKind kind) {
+  static constexpr const char* names[] = {"Linear",     "Conv2d",    "BatchNorm", "activation",
+                                          "MaxPool2d", "AvgPool2d", "Flatten"};
+  return names[static_cast<int64_t>(kind)];
+}
+
+// steps: inner steps of the call (per-step batch-norm weights have at least steps + 1 rows).
+inline SeqNet parse_seq(const char* op, at::TensorList params, at::IntArrayRef spec,
+                        at::ArrayRef<double> layer_args, int64_t steps) {
+  TORCH_CHECK(!spec.empty() && spec.size() % kSeqLayerInts == 0, op, ": layers must hold ",
+              kSeqLayerInts, " ints per layer, got ", spec.size(), " values");
+  const size_t num_layers = spec.size() / kSeqLayerInts;
+  TORCH_CHECK(layer_args.size() == num_layers, op, ": expected ", num_layers,
+              " layer args (one per layer), got ", layer_args.size());
+  SeqNet net;
+  size_t next = 0;
+  auto take = [&](size_t l, const char* what) {
+    TORCH_CHECK(next < params.size(), op, ": layer ", l, " needs a ", what, ", but only ",
+                params.size(), " params were given");
+    return static_cast<int64_t>(next++);
+  };
+  for (size_t l = 0; l < num_layers; ++l) {
+    const int64_t* r = spec.data() + l * kSeqLayerInts;
+    SeqLayer L;
+    TORCH_CHECK(r[0] >= 0 && r[0] <= 6, op, ": layer ", l, " has unknown kind ", r[0]);
+    L.kind = static_cast<SeqKind>(r[0]);
+    L.flag = r[1];
+    L.adapted = r[2] != 0;
+    for (int i = 0; i < 6; ++i) L.ints[i] = r[3 + i];
+    L.arg = layer_args[l];
+    const bool parametric = L.kind == SeqKind::kLinear || L.kind == SeqKind::kConv2d ||
+                            (L.kind == SeqKind::kBatchNorm && L.flag != 0);
+    TORCH_CHECK(parametric || !L.adapted, op, ": layer ", l, " (", seq_kind_name(L.kind),
+                ") has no parameters to adapt");
+    if (parametric) {
+      L.w_param = take(l, "weight");
+      const at::Tensor& w = params[L.w_param];
+      if (L.kind == SeqKind::kLinear) {
+        TORCH_CHECK(w.dim() == 2, op, ": layer ", l, " (Linear) weight must be 2-D, got ", w.sizes());
+      } else if (L.kind == SeqKind::kConv2d) {
+        TORCH_CHECK(w.dim() == 4, op, ": layer ", l, " (Conv2d) weight must be 4-D, got ", w.sizes());
+        for (int i = 0; i < 2; ++i) {
+          TORCH_CHECK(L.ints[i] >= 1 && L.ints[2 + i] >= 0, op, ": layer ", l,
+                      " (Conv2d) needs strides >= 1 and paddings >= 0");
+        }
+      } else {
+        L.per_step = L.ints[0] != 0;
+        TORCH_CHECK(!(L.per_step && L.adapted), op, ": layer ", l,
+                    " (BatchNorm) has per-step weights, which are meta-learned, not adapted");
+        const int64_t dims = L.per_step ? 2 : 1;
+        TORCH_CHECK(w.dim() == dims && (!L.per_step || w.size(0) >= steps + 1), op, ": layer ", l,
+                    " (BatchNorm) weight must have shape ",
+                    L.per_step ? "[>= steps + 1, C]" : "[C]", ", got ", w.sizes());
+        TORCH_CHECK(L.arg > 0, op, ": layer ", l, " (BatchNorm) eps must be > 0, got ", L.arg);
+      }
+      // Affine batch norm always has a bias (beta); Linear and Conv2d say so in their flag.
+      if (L.kind == SeqKind::kBatchNorm || L.flag != 0) {
+        L.b_param = take(l, "bias");
+        const at::Tensor& b = params[L.b_param];
+        const int64_t channels = L.kind == SeqKind::kBatchNorm ? w.size(-1) : w.size(0);
+        TORCH_CHECK(b.dim() == (L.per_step ? 2 : 1) && b.size(-1) == channels &&
+                        (!L.per_step || b.size(0) == w.size(0)),
+                    op, ": layer ", l, " (", seq_kind_name(L.kind), ") bias has shape ", b.sizes(),
+                    ", which does not match the weight ", w.sizes());
+      }
+    }
+    if (L.kind == SeqKind::kActivation) {
+      TORCH_CHECK(L.flag >= 1 && L.flag <= 4, op, ": layer ", l, " has unknown activation code ", L.flag);
+    }
+    if (L.kind == SeqKind::kMaxPool2d || L.kind == SeqKind::kAvgPool2d) {
+      TORCH_CHECK(L.ints[0] >= 1 && L.ints[1] >= 1 && L.ints[2] >= 1 && L.ints[3] >= 1 && L.ints[4] >= 0 &&
+                      L.ints[5] >= 0 && 2 * L.ints[4] <= L.ints[0] && 2 * L.ints[5] <= L.ints[1],
+                  op, ": layer ", l, " (", seq_kind_name(L.kind),
+                  ") needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2");
+    }
+    if (L.adapted) L.adapted_index = net.num_adapted++;
+    net.layers.push_back(L);
+  }
+  TORCH_CHECK(next == params.size(), op, ": layers describe ", next, " params, got ", params.size());
+  TORCH_CHECK(net.num_adapted > 0, op, ": at least one layer must adapt");
+  check_params_agree(op, params);
+  for (size_t l = 0; l < net.layers.size(); ++l) {
+    if (net.layers[l].adapted) {
+      net.lowest_adapted = static_cast<int64_t>(l);
+      break;
+    }
+  }
+  return net;
+}
+
+}  // namespace pymeta

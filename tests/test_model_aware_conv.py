@@ -1,0 +1,319 @@
+"""pymeta.ModelAwareMAML on convolutional networks (the core's layered kernels): float64 parity
+with pymeta.MAML and with a plain autograd reference, per-step batch norm (MAML++), the op's
+gradients, adaptation, threads, float32, learning, and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from parity import lr_lookup, randomize_lrs, reference_loss, rel_err
+from torch import nn
+
+import pymeta
+from pymeta.evaluation import few_shot_accuracy
+
+TOL = 1e-10
+
+
+def bn(channels, affine=True, dims=2):
+    kind = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+    return kind(channels, affine=affine, track_running_stats=False)
+
+
+def with_head(body, example_shape, n_out, *tail):
+    """body + Flatten + Linear(features, n_out) + tail, sized by running the body once."""
+    with torch.no_grad():
+        features = body(torch.zeros(2, *example_shape)).flatten(1).shape[1]
+    return nn.Sequential(*body, nn.Flatten(), nn.Linear(features, n_out), *tail)
+
+
+def conv_net(name, seed=0):
+    """(model, example shape): small networks covering every layered-core rule."""
+    torch.manual_seed(seed)
+    if name == "conv-bn-relu-maxpool":  # conv4's block, twice
+        body = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), bn(4), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3, padding=1), bn(4), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        return with_head(body, (1, 8, 8), 3).double(), (1, 8, 8)
+    if name == "strided-avgpool-smooth":  # strides, asymmetric kernels and padding, no bias,
+        # batch norm without affine, smooth activations, avg pooling both ways, BatchNorm1d
+        body = nn.Sequential(
+            nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), bias=False), bn(3, False),
+            nn.LeakyReLU(0.2), nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
+            nn.Conv2d(3, 4, 1), nn.Tanh(), nn.AvgPool2d(2), nn.MaxPool2d(2, stride=1, padding=1),
+        )  # fmt: skip
+        model = with_head(body, (2, 9, 7), 5, bn(5, dims=1), nn.Sigmoid(), nn.Linear(5, 3))
+        return model.double(), (2, 9, 7)
+    raise KeyError(name)
+
+
+NETS = ["conv-bn-relu-maxpool", "strided-avgpool-smooth"]
+
+
+def batch_for(example, loss, tasks=3, k=4, q=5, classes=3, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = lambda n: torch.randn(tasks, n, *example, generator=g, dtype=dtype)  # noqa: E731
+    if loss == "mse":
+        y = lambda n: torch.randn(tasks, n, classes, generator=g, dtype=dtype)  # noqa: E731
+    else:
+        y = lambda n: torch.randint(0, classes, (tasks, n), generator=g)  # noqa: E731
+    return pymeta.TaskBatch(x(k), y(k), x(q), y(q))
+
+
+def grads_of(loss, params):
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def assert_close_grads(got, want):
+    # Relative to the largest gradient: a conv bias before batch norm has an exact-zero
+    # gradient, which both sides get only up to rounding.
+    scale = max(float(w.abs().max()) for w in want)
+    err = max(float((g - w).abs().max()) for g, w in zip(got, want)) / scale
+    assert err < TOL, err
+
+
+# ----------------------------------------------------------------------------- parity with MAML
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_equals_model_agnostic_maml(net, steps, first_order, loss):
+    model, example = conv_net(net)
+    kwargs = dict(inner_lr=0.3, inner_steps=steps, first_order=first_order, loss=loss)
+    aware, agnostic = pymeta.ModelAwareMAML(model, **kwargs), pymeta.MAML(model, **kwargs)
+    assert aware.core_kind == "layered"
+    batch = batch_for(example, loss)
+    params = list(model.parameters())
+    la, lb = aware.meta_loss(batch), agnostic.meta_loss(batch)
+    assert rel_err(la, lb) < TOL
+    assert_close_grads(grads_of(la, params), grads_of(lb, params))
+
+
+def test_conv4_equals_model_agnostic_maml():
+    torch.manual_seed(0)
+    model = pymeta.models.conv4(3, hidden=6, image_size=16).double()
+    kwargs = dict(inner_lr=0.4, inner_steps=2, loss="cross_entropy", learn_inner_lr=True)
+    aware, agnostic = pymeta.ModelAwareMAML(model, **kwargs), pymeta.MAML(model, **kwargs)
+    batch = batch_for((1, 16, 16), "cross_entropy", tasks=2, k=3, q=6)
+    la, lb = aware.meta_loss(batch), agnostic.meta_loss(batch)
+    assert rel_err(la, lb) < TOL
+    assert_close_grads(
+        grads_of(la, list(aware.parameters())), grads_of(lb, list(agnostic.parameters()))
+    )
+
+
+def test_mlp_layers_the_fused_core_refuses_run_layered():
+    """Two activations in a row are no MLP for the fused kernels, but the layered ones run them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Tanh(), nn.Linear(6, 2)).double()
+    aware, agnostic = pymeta.ModelAwareMAML(model), pymeta.MAML(model)
+    assert aware.core_kind == "layered"
+    batch = batch_for((3,), "mse", classes=2)
+    la, lb = aware.meta_loss(batch), agnostic.meta_loss(batch)
+    assert rel_err(la, lb) < TOL
+    assert_close_grads(
+        grads_of(la, list(model.parameters())), grads_of(lb, list(model.parameters()))
+    )
+
+
+# ----------------------------------------------------------------------------- options
+@pytest.mark.parametrize("adapt_layers", [None, "head", [0], [1, -1]])
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_layer_step", "per_parameter"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_options_match_autograd_reference(adapt_layers, lr_mode, first_order):
+    model, example = conv_net("conv-bn-relu-maxpool", seed=2)
+    maml = pymeta.ModelAwareMAML(
+        model, inner_steps=2, first_order=first_order, loss="cross_entropy",
+        adapt_layers=adapt_layers, lr_mode=lr_mode, learn_inner_lr=True,
+    )  # fmt: skip
+    randomize_lrs(maml, low=0.05, width=0.3)
+    batch = batch_for(example, "cross_entropy")
+    params = list(maml.parameters())
+    got = maml.meta_loss(batch)
+    want = reference_loss(maml, batch, lr_lookup(maml), F.cross_entropy)
+    assert rel_err(got, want) < TOL
+    assert_close_grads(grads_of(got, params), grads_of(want, params))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("net", NETS)
+def test_per_step_batch_norm_matches_autograd_reference(first_order, net):
+    model, example = conv_net(net, seed=3)
+    maml = pymeta.ModelAwareMAML(
+        model, inner_steps=3, first_order=first_order, loss="cross_entropy",
+        lr_mode="per_layer_step", learn_inner_lr=True, multi_step_loss=True, per_step_bn=True,
+    )  # fmt: skip
+    randomize_lrs(maml, seed=1, low=0.05, width=0.3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # distinct rows, so a wrong row would show
+        for p in maml.bn_steps:
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    batch = batch_for(example, "cross_entropy")
+    params = list(maml.parameters())
+    got = maml.meta_loss(batch)
+    want = reference_loss(maml, batch, lr_lookup(maml), F.cross_entropy)
+    assert rel_err(got, want) < TOL
+    grads = grads_of(got, params)
+    assert_close_grads(grads, grads_of(want, params))
+    assert all(float(gr.abs().max()) > 0 for gr in grads[-len(maml.bn_steps) :])
+
+
+def test_per_step_batch_norm_parameters():
+    model, _ = conv_net("conv-bn-relu-maxpool")
+    maml = pymeta.ModelAwareMAML(model, inner_steps=2, per_step_bn=True)
+    shapes = [tuple(p.shape) for p in maml.bn_steps]
+    assert shapes == [(3, 4)] * 4  # weight and bias of two BatchNorm2d(4), steps + 1 rows
+    assert torch.equal(maml.bn_steps[0][2], model[1].weight.detach())
+    assert maml.adapted == [True, False, True, False, True]  # conv, bn, conv, bn, head
+    with pytest.raises(ValueError, match=r"adapt_layers: model\[1\] is a batch norm layer with"):
+        pymeta.ModelAwareMAML(model, per_step_bn=True, adapt_layers=[1])
+
+
+# ----------------------------------------------------------------------------- the op
+def test_gradcheck_of_the_layered_op():
+    model, example = conv_net("strided-avgpool-smooth", seed=4)
+    maml = pymeta.ModelAwareMAML(
+        model, inner_steps=2, loss="cross_entropy", lr_mode="per_layer_step", learn_inner_lr=True
+    )
+    batch = batch_for(example, "cross_entropy", tasks=2, k=3, q=2)
+    n = len(maml.spec.param_names)
+
+    def f(*tensors):
+        args = maml._core_args(
+            batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+            params=list(tensors[:n]), lrs=list(tensors[n:]),
+        )  # fmt: skip
+        return torch.ops.pymeta.seq_maml_loss(*args, False, False)[0]
+
+    inputs = tuple(t.detach().clone().requires_grad_() for t in maml._params() + maml.inner_lrs())
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-6)
+
+
+def test_layered_op_schema_and_fake_kernel():
+    model, example = conv_net("conv-bn-relu-maxpool")
+    maml = pymeta.ModelAwareMAML(model, loss="cross_entropy")
+    b = batch_for(example, "cross_entropy")
+    args = maml._core_args(b.support_x, b.support_y, b.query_x, b.query_y)
+    torch.library.opcheck(torch.ops.pymeta.seq_maml_loss.default, (*args, True, False))
+    loss = maml.meta_loss(b)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+
+
+def test_two_threads_give_the_same_meta_gradient():
+    model, example = conv_net("conv-bn-relu-maxpool")
+    maml = pymeta.ModelAwareMAML(model, inner_steps=2, loss="cross_entropy")
+    batch = batch_for(example, "cross_entropy", tasks=5)
+    params = list(model.parameters())
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            loss = maml.meta_loss(batch)
+            results.append((loss.detach(), grads_of(loss, params)))
+    finally:
+        torch.set_num_threads(threads)
+    assert rel_err(results[0][0], results[1][0]) < TOL
+    assert_close_grads(results[1][1], results[0][1])
+
+
+def test_float32_matches_model_agnostic_maml():
+    model, example = conv_net("conv-bn-relu-maxpool")
+    model = model.float()
+    kwargs = dict(inner_lr=0.3, loss="cross_entropy")
+    aware, agnostic = pymeta.ModelAwareMAML(model, **kwargs), pymeta.MAML(model, **kwargs)
+    batch = batch_for(example, "cross_entropy", dtype=torch.float32)
+    params = list(model.parameters())
+    la, lb = aware.meta_loss(batch), agnostic.meta_loss(batch)
+    assert rel_err(la, lb) < 1e-5
+    got, want = grads_of(la, params), grads_of(lb, params)
+    scale = max(float(w.abs().max()) for w in want)
+    for g, w in zip(got, want):
+        assert float((g - w).abs().max()) < 1e-4 * scale
+
+
+# ----------------------------------------------------------------------------- adaptation
+def test_adapt_matches_model_agnostic_adapt():
+    model, example = conv_net("conv-bn-relu-maxpool")
+    kwargs = dict(inner_lr=0.2, inner_steps=3, loss="cross_entropy")
+    aware, agnostic = pymeta.ModelAwareMAML(model, **kwargs), pymeta.MAML(model, **kwargs)
+    b = batch_for(example, "cross_entropy")
+    for steps in (1, 3):
+        got = aware.adapt(b.support_x, b.support_y, steps=steps)(b.query_x)
+        want = agnostic.adapt(b.support_x, b.support_y, steps=steps)(b.query_x)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    one = aware.adapt(b.support_x[0], b.support_y[0])  # a single task, no task dimension
+    torch.testing.assert_close(
+        one(b.query_x[0]), aware.adapt(b.support_x, b.support_y)(b.query_x)[0]
+    )
+
+
+def test_adapt_with_fresh_per_step_batch_norm_equals_frozen_batch_norm():
+    """Per-step rows start as the module's weights and are not adapted: the same predictions
+    as shared batch norm weights left out of the adaptation."""
+    model, example = conv_net("conv-bn-relu-maxpool")
+    kwargs = dict(inner_lr=0.2, inner_steps=3, loss="cross_entropy")
+    per_step = pymeta.ModelAwareMAML(model, per_step_bn=True, **kwargs)
+    frozen = pymeta.ModelAwareMAML(model, adapt_layers=[0, 4, 9], **kwargs)
+    b = batch_for(example, "cross_entropy")
+    for steps in (1, 3):
+        got = per_step.adapt(b.support_x, b.support_y, steps=steps)(b.query_x)
+        want = frozen.adapt(b.support_x, b.support_y, steps=steps)(b.query_x)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_adapt_uses_the_last_steps_batch_norm_row():
+    model, example = conv_net("conv-bn-relu-maxpool")
+    maml = pymeta.ModelAwareMAML(model, inner_steps=2, loss="cross_entropy", per_step_bn=True)
+    b = batch_for(example, "cross_entropy")
+    before = maml.adapt(b.support_x, b.support_y, steps=1)(b.query_x)
+    with torch.no_grad():
+        maml.bn_steps[0][2].mul_(3.0)  # row 2: only the query after 2 steps uses it
+    assert torch.equal(maml.adapt(b.support_x, b.support_y, steps=1)(b.query_x), before)
+    assert not torch.equal(maml.adapt(b.support_x, b.support_y, steps=2)(b.query_x), before)
+
+
+def test_conv4_meta_training_learns_few_shot_classes():
+    """Tasks: 3 classes, each a fixed random 12x12 pattern plus noise, relabelled per task.
+    After a few dozen meta-steps, one adaptation step gives far better than chance."""
+    torch.manual_seed(0)
+    patterns = torch.randn(40, 1, 12, 12)
+    examples = patterns[:, None] + 0.8 * torch.randn(40, 10, 1, 12, 12)
+    tasks = pymeta.tasks.FewShot(examples, n_way=3, k_shot=1, k_query=5)
+    model = pymeta.models.conv4(3, hidden=8, image_size=16)
+    model[0] = nn.Conv2d(1, 8, 3, padding=1)
+    model = nn.Sequential(*list(model)[:-1][:12], nn.Flatten(), nn.Linear(8, 3))
+    maml = pymeta.ModelAwareMAML(model, inner_lr=0.4, loss="cross_entropy")
+    opt = torch.optim.Adam(maml.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        opt.zero_grad()
+        maml.meta_loss(tasks.sample(8, g)).backward()
+        opt.step()
+    acc, _ = few_shot_accuracy(maml, tasks, 60, seed=3)
+    assert acc > 0.6, acc
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs_name_the_argument():
+    model, example = conv_net("conv-bn-relu-maxpool")
+    maml = pymeta.ModelAwareMAML(model, loss="cross_entropy")
+    b = batch_for(example, "cross_entropy")
+    wrong_channels = pymeta.TaskBatch(
+        b.support_x.repeat(1, 1, 2, 1, 1), b.support_y, b.query_x.repeat(1, 1, 2, 1, 1), b.query_y
+    )
+    with pytest.raises(ValueError, match=r"support_x: the model cannot take examples of shape"):
+        maml.meta_loss(wrong_channels)
+    with pytest.raises(TypeError, match=r"expected dtype torch.float64"):
+        maml.meta_loss(batch_for(example, "cross_entropy", dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+        maml.meta_loss(batch_for(example, "cross_entropy", classes=4))
+    mse = pymeta.ModelAwareMAML(model, loss="mse")
+    with pytest.raises(ValueError, match=r"mse expects targets \(T, K, 3\)"):
+        mse.meta_loss(batch_for(example, "mse", classes=2))
+    with pytest.raises(ValueError, match=r"per_step_bn: the model has no affine BatchNorm"):
+        pymeta.ModelAwareMAML(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), per_step_bn=True)
+    with pytest.raises(ValueError, match=r"ceil_mode=True is not supported"):
+        pymeta.ModelAwareMAML(nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Linear(2, 1)))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pymeta demo | train omniglot | eval omniglot``."""
+"""Command line: ``python -m pymeta demo | train omniglot|sinusoid | eval omniglot|sinusoid``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         help="intra-op threads (1 is fastest for these small tensors)",
     )
     demo.add_argument("--no-progress", action="store_true")
-    from pymeta import cli_omniglot
+    from pymeta import cli_omniglot, cli_sinusoid
 
     for command, helptext in (
         ("train", "meta-train on a benchmark"),
@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         cli_omniglot.add_arguments(
             benchmarks.add_parser("omniglot", help="few-shot Omniglot"), command == "train"
+        )
+        cli_sinusoid.add_arguments(
+            benchmarks.add_parser("sinusoid", help="the MAML paper's sinusoid regression"),
+            command == "train",
         )
     args = parser.parse_args(argv)
 
@@ -45,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--iterations: expected a positive int, received {args.iterations}")
         torch.set_num_threads(args.threads)
         run_demo(args.iterations, args.meta_batch, args.seed, progress=not args.no_progress)
-    elif args.command == "train":
-        cli_omniglot.train(args)
     else:
-        cli_omniglot.evaluate(args)
+        cli = cli_sinusoid if args.benchmark == "sinusoid" else cli_omniglot
+        (cli.train if args.command == "train" else cli.evaluate)(args)
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import torch
 
@@ -167,7 +166,7 @@ def _config(args) -> dict:
 
 def train(args) -> dict:
     from pymeta.baselines import pretrain
-    from pymeta.training import History, load_checkpoint, meta_train, plot_history, save_checkpoint
+    from pymeta.training import History, meta_train, plot_history, resume, save_checkpoint
 
     torch.set_num_threads(args.threads)
     config = _config(args)
@@ -180,19 +179,8 @@ def train(args) -> dict:
     optimizer = torch.optim.Adam(maml.parameters(), lr=config["lr"])
     generator = torch.Generator().manual_seed(config["seed"])
     step, history = 0, History()
-    if args.resume and Path(args.checkpoint).is_file():
-        blob = load_checkpoint(args.checkpoint)
-        mismatch = [k for k in config if k != "iterations" and blob["config"].get(k) != config[k]]
-        if mismatch:
-            raise SystemExit(f"--resume: the checkpoint was made with other settings: {mismatch}")
-        maml.load_state_dict(blob["maml"])
-        optimizer.load_state_dict(blob["optimizer"])
-        generator.set_state(blob["task_generator"])
-        from pymeta.training import set_rng_state
-
-        set_rng_state(blob["rng"])
-        step, history = blob["step"], History(**blob["history"])
-        print(f"resuming from step {step} of {args.checkpoint}")
+    if args.resume:
+        step, history = resume(args.checkpoint, config, maml, optimizer, generator)
 
     from pymeta.evaluation import few_shot_accuracy
 

@@ -62,6 +62,26 @@ def load_checkpoint(path) -> dict:
     return torch.load(path, weights_only=False)
 
 
+def resume(path, config: dict, model, optimizer, task_generator) -> tuple[int, History]:
+    """Restores a run saved by save_checkpoint, if ``path`` exists: model, optimizer, task
+    generator and RNG state, so it continues exactly. Returns (step, history); (0, empty) when
+    there is no checkpoint. Raises SystemExit when the checkpoint's settings (all of ``config``
+    but ``iterations``) differ."""
+    path = Path(path)
+    if not path.is_file():
+        return 0, History()
+    blob = load_checkpoint(path)
+    mismatch = [k for k in config if k != "iterations" and blob["config"].get(k) != config[k]]
+    if mismatch:
+        raise SystemExit(f"--resume: the checkpoint was made with other settings: {mismatch}")
+    model.load_state_dict(blob["maml"])
+    optimizer.load_state_dict(blob["optimizer"])
+    task_generator.set_state(blob["task_generator"])
+    set_rng_state(blob["rng"])
+    print(f"resuming from step {blob['step']} of {path}")
+    return blob["step"], History(**blob["history"])
+
+
 def meta_train(
     maml,
     optimizer,

@@ -1,0 +1,84 @@
+"""Where the omniglot-shaped second-order meta-step spends its time, and how many FLOPs it is.
+
+Counts the convolution multiply-adds of conv4 from its shapes, then profiles one meta-step
+(torch.profiler, self CPU time per op, averaged over ``--steps`` steps) for ModelAwareMAML and
+for the per-task autograd loop: both call the same ATen convolution, batch-norm and pooling
+kernels, which bounds what the model-aware core can gain.
+
+Usage::
+
+    .venv/bin/python benchmarks/omniglot_profile.py [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+
+import torch
+from omniglot_step import build, make_batch, meta_step
+from torch import nn
+from torch.profiler import profile
+
+import pymeta
+
+GROUPS = {
+    "convolution": ("convolution",),
+    "batch norm": ("batch_norm",),
+    "max pooling": ("max_pool2d",),
+    "ReLU": ("threshold_backward", "clamp_min", "relu"),
+}
+
+
+def conv_macs_per_image(model: nn.Sequential, image=(1, 28, 28)) -> int:
+    """Forward multiply-adds of every Conv2d and Linear for one image."""
+    macs, x = 0, torch.zeros(1, *image)
+    for layer in model:
+        y = layer(x)
+        if isinstance(layer, nn.Conv2d):
+            macs += y.numel() * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, nn.Linear):
+            macs += layer.in_features * layer.out_features
+        x = y
+    return macs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = pymeta.models.conv4(5)
+    batch = make_batch(8, 5, 1, 15, torch.float32)
+    per_image = conv_macs_per_image(model)
+    # Per task: query forward + backward (weights and inputs) ~ 3 passes over 75 images; the
+    # support inner step (forward + backward) ~ 3 passes and its HVP ~ 6 passes over 5 images.
+    macs = 8 * per_image * (3 * 75 + 9 * 5)
+    print(f"conv4 forward: {per_image / 1e6:.2f} M multiply-adds per 28x28 image")
+    print(f"one meta-step (8 tasks, 5 support + 75 query images): ~{2 * macs / 1e9:.0f} GFLOP\n")
+    print("| implementation | " + " | ".join(GROUPS) + " | other | total (profiled) |")
+    print("|---|" + "---:|" * (len(GROUPS) + 2))
+    for name in ("pymeta_aware", "per_task_loop"):
+        maml = build(name, model, "second")
+        meta_step(maml, model, batch)  # warm-up
+        with profile() as prof:
+            for _ in range(args.steps):
+                meta_step(maml, model, batch)
+        ms = defaultdict(float)
+        for event in prof.key_averages():
+            if not event.key.startswith("aten::"):
+                continue
+            group = next(
+                (g for g, keys in GROUPS.items() if any(k in event.key for k in keys)), "other"
+            )
+            ms[group] += event.self_cpu_time_total / 1e3 / args.steps
+        total = sum(ms.values())
+        cells = " | ".join(f"{ms[g]:.0f} ms" for g in (*GROUPS, "other"))
+        print(f"| {name} | {cells} | {total:.0f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,13 +27,14 @@ TORCH_LIBRARY(pymeta, m) {
   //   step_weights (steps,): weight of the query loss after each inner step.
   // Returns the weighted query loss averaged over tasks, its gradient for each param (empty
   // unless compute_grads) and each lr (empty unless compute_lr_grads), and the per-task
-  // weighted query losses (T,).
+  // weighted query losses (T,). bn_stats (T, steps + 1, 2, 0) is empty: an MLP has no batch
+  // norm (the output exists to share seq_maml_loss's signature).
   m.def(
       "mlp_maml_loss(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
       "Tensor query_x, Tensor query_y, int[] layers, float[] activation_args, "
       "float[] step_weights, int lr_mode, int loss, bool first_order, bool compute_grads, "
       "bool compute_lr_grads) "
-      "-> (Tensor loss, Tensor[] grad_params, Tensor[] grad_lrs, Tensor task_losses)");
+      "-> (Tensor loss, Tensor[] grad_params, Tensor[] grad_lrs, Tensor task_losses, Tensor bn_stats)");
   // The inner loop alone (fast adaptation): per-task adapted params, each (T, *param.shape).
   m.def(
       "mlp_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
@@ -45,13 +46,18 @@ TORCH_LIBRARY(pymeta, m) {
   // layer_args: per layer (batch-norm eps or activation slope). support_x (T, K, ...),
   // query_x (T, Q, ...); targets (T, K, ...) floats like the output for MSE or (T, K) int64.
   // Per-step batch-norm weights and biases carry a leading dim of at least steps + 1: row j is
-  // used at inner step j, row steps by the query after the last step.
+  // used at inner step j, row steps by the query after the last step. bn_stats
+  // (T, steps + 1, 2, C) holds the batch statistics each task's batch norm layers normalised
+  // with, their channels concatenated in layer order (C in all; layers ints[1] gives each
+  // layer's): [t, j, 0] the means and [t, j, 1] the unbiased variances, row j < steps of the
+  // support at inner step j, row steps of the query after the last step (NaN if its step
+  // weight is 0). Running statistics per step (MAML++) average them.
   m.def(
       "seq_maml_loss(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
       "Tensor query_x, Tensor query_y, int[] layers, float[] layer_args, "
       "float[] step_weights, int lr_mode, int loss, bool first_order, bool compute_grads, "
       "bool compute_lr_grads) "
-      "-> (Tensor loss, Tensor[] grad_params, Tensor[] grad_lrs, Tensor task_losses)");
+      "-> (Tensor loss, Tensor[] grad_params, Tensor[] grad_lrs, Tensor task_losses, Tensor bn_stats)");
   m.def(
       "seq_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
       "int[] layers, float[] layer_args, int steps, int lr_mode, int loss) -> Tensor[]");

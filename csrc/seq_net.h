@@ -16,7 +16,7 @@ namespace pymeta {
 enum class SeqKind : int64_t {
   kLinear = 0,      // flag: has bias
   kConv2d = 1,      // flag: has bias; ints: stride_h, stride_w, pad_h, pad_w
-  kBatchNorm = 2,   // flag: affine; ints[0]: per-step weights; arg: eps
+  kBatchNorm = 2,   // flag: affine; ints[0]: per-step weights, ints[1]: channels; arg: eps
   kActivation = 3,  // flag: Activation code; arg: negative slope
   kMaxPool2d = 4,   // ints: kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w
   kAvgPool2d = 5,   // flag: count_include_pad; ints as kMaxPool2d
@@ -35,6 +35,7 @@ struct SeqLayer {
   int64_t w_param = -1, b_param = -1;  // index into the params list
   int64_t adapted_index = -1;          // ordinal among adapted layers
   bool per_step = false;               // batch norm weights with a leading (steps + 1) dim
+  int64_t stats_offset = -1;           // batch norm: first channel of its batch statistics
 
   bool has_params() const { return w_param >= 0; }
   Activation activation() const { return static_cast<Activation>(flag); }
@@ -44,6 +45,7 @@ struct SeqNet {
   std::vector<SeqLayer> layers;
   int64_t num_adapted = 0;
   int64_t lowest_adapted = 0;  // first adapted layer: gradients below it are never needed
+  int64_t bn_channels = 0;     // channels of all batch norm layers (their statistics, concatenated)
 };
 
 inline const char* seq_kind_name(SeqKind kind) {
@@ -111,6 +113,13 @@ inline SeqNet parse_seq(const char* op, at::TensorList params, at::IntArrayRef s
                     op, ": layer ", l, " (", seq_kind_name(L.kind), ") bias has shape ", b.sizes(),
                     ", which does not match the weight ", w.sizes());
       }
+    }
+    if (L.kind == SeqKind::kBatchNorm) {
+      TORCH_CHECK(L.ints[1] >= 1, op, ": layer ", l, " (BatchNorm) needs its channel count >= 1, got ", L.ints[1]);
+      TORCH_CHECK(!parametric || params[L.w_param].size(-1) == L.ints[1], op, ": layer ", l,
+                  " (BatchNorm) weight has ", params[L.w_param].size(-1), " channels, expected ", L.ints[1]);
+      L.stats_offset = net.bn_channels;
+      net.bn_channels += L.ints[1];
     }
     if (L.kind == SeqKind::kActivation) {
       TORCH_CHECK(L.flag >= 1 && L.flag <= 4, op, ": layer ", l, " has unknown activation code ", L.flag);

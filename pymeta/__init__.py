@@ -3,7 +3,9 @@
 Public API:
     TaskBatch: a meta-batch of tasks, task dimension first.
     MAML: model-agnostic MAML around any nn.Module.
-    ModelAwareMAML: MLP MAML with the inner loop and exact meta-gradient in the compiled core.
+    ModelAwareMAML: MAML on MLPs and conv nets with the inner loop and exact meta-gradient in
+        the compiled core.
+    BnRunningStats: its per-step batch norm running statistics (MAML++, track_bn_stats).
     baselines: the non-meta-learned baseline (Pretrained: pretrain, then fine-tune per task).
     tasks: task samplers (Sinusoid, FewShot).
     datasets: Omniglot and its image loader.
@@ -15,6 +17,7 @@ from pymeta import _ops  # noqa: F401, I001  (first: registers torch.ops.pymeta.
 from pymeta import baselines, datasets, models, ops, reference, tasks
 from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
+from pymeta.bn_running_stats import BnRunningStats
 from pymeta.learner import Learner
 from pymeta.maml import MAML
 from pymeta.model_aware import ModelAwareMAML
@@ -26,13 +29,12 @@ __all__ = [
     "ModelAwareMAML",
     "TaskBatch",
     "AdaptedModel",
+    "BnRunningStats",
     "baselines",
     "Learner",
     "ops",
     "reference",
     "tasks",
-    "datasets",
-    "models",
     "datasets",
     "models",
     "HAS_COMPILED_CORE",

@@ -8,6 +8,7 @@ trace the ops.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -37,8 +38,17 @@ if HAS_COMPILED_CORE:
         grad_lrs = [torch.empty_like(lr) for lr in lrs] if compute_lr_grad else []
         return grad_grads, grad_lrs
 
+    def _bn_channels(core: str, layers) -> int:
+        """Channels of all batch norm layers: the seq core's layers hold [kind, flag, adapted,
+        six ints] each, batch norm (kind 2) its channel count in the second int."""
+        if core != "seq":
+            return 0
+        rows = [layers[i : i + 9] for i in range(0, len(layers), 9)]
+        return sum(row[4] for row in rows if row[0] == 2)
+
     # The MLP core and the layered core (convolutions, batch norm, pooling) share signatures.
     def _maml_loss_fake(
+        core,
         params,
         lrs,
         support_x,
@@ -59,11 +69,15 @@ if HAS_COMPILED_CORE:
         lr_grads = (
             [torch.empty_like(lr) for lr in lrs] if compute_grads and compute_lr_grads else []
         )
-        return ref.new_empty(()), grads, lr_grads, ref.new_empty(support_x.shape[0])
+        tasks, rows = support_x.shape[0], len(step_weights) + 1
+        bn_stats = ref.new_empty((tasks, rows, 2, _bn_channels(core, layers)))
+        return ref.new_empty(()), grads, lr_grads, ref.new_empty(tasks), bn_stats
 
     def _adapt_fake(params, lrs, support_x, support_y, layers, layer_args, steps, lr_mode, loss):
         return [p.new_empty((support_x.shape[0], *p.shape)) for p in params]
 
     for _core in ("mlp", "seq"):
-        torch.library.register_fake(f"pymeta::{_core}_maml_loss")(_maml_loss_fake)
+        torch.library.register_fake(f"pymeta::{_core}_maml_loss")(
+            functools.partial(_maml_loss_fake, _core)
+        )
         torch.library.register_fake(f"pymeta::{_core}_adapt")(_adapt_fake)

@@ -15,6 +15,7 @@ from pymeta._checks import (
 )
 from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
+from pymeta.bn_running_stats import BnRunningStats
 from pymeta.losses import LOSS_NAMES, TaskLoss
 from pymeta.mlp_spec import MlpSpec
 from pymeta.net_spec import NetSpec
@@ -59,6 +60,12 @@ class ModelAwareMAML(nn.Module):
             (MAML++): meta-learned (steps + 1, C) parameters in ``self.bn_steps``, row j used
             at inner step j and row ``inner_steps`` for the query after the last step. They
             replace the module's own batch norm weights, which then get no gradient.
+        track_bn_stats: keep per-step running statistics of every batch norm layer (MAML++):
+            ``meta_loss`` in training mode averages the batch statistics the core normalised
+            with at each inner step into ``self.bn_running_stats`` (a ``BnRunningStats``:
+            (inner_steps + 1, C) buffers, each layer's ``momentum``), and
+            ``adapt(..., bn_stats="running")`` predicts with them instead of the batch's.
+            Training itself always uses batch statistics.
 
     Shapes: support_x (T, K, ...), query_x (T, Q, ...), with ... what one example is for the
     model (e.g. (C, H, W) for conv4, (features,) for an MLP). Targets: floats shaped like the
@@ -78,6 +85,7 @@ class ModelAwareMAML(nn.Module):
         learn_inner_lr=False,
         multi_step_loss=False,
         per_step_bn: bool = False,
+        track_bn_stats: bool = False,
     ):
         super().__init__()
         if not HAS_COMPILED_CORE:
@@ -128,6 +136,7 @@ class ModelAwareMAML(nn.Module):
                 self._layer_args.append(layer.slope)
         self._make_lrs(float(inner_lr))
         self._make_step_bn()
+        self._make_bn_running_stats(track_bn_stats)
         self._forward = TaskForward(model, "auto")
         self._output_shapes: dict = {}
 
@@ -193,6 +202,22 @@ class ModelAwareMAML(nn.Module):
                     rows.append(nn.Parameter(p.unsqueeze(0).repeat(self.inner_steps + 1, 1)))
         self.bn_steps = nn.ParameterList(rows)
 
+    def _make_bn_running_stats(self, track: bool) -> None:
+        if not isinstance(track, bool):
+            raise TypeError(f"track_bn_stats: expected a bool, received {track!r}")
+        self.bn_running_stats = None
+        if not track:
+            return
+        layers = (
+            [layer for layer in self.spec.layers if layer.is_batch_norm] if self._layered else []
+        )
+        if not layers:
+            raise ValueError(
+                "track_bn_stats: the model has no BatchNorm layer to keep running statistics for"
+            )
+        steps = len(self.step_weights)
+        self.bn_running_stats = BnRunningStats(layers, steps, self._params()[0])
+
     def _make_lrs(self, init: float) -> None:
         # A child module registered after the model, so parameters() lists the model's
         # parameters first and the learned rates last, as pymeta.MAML does.
@@ -246,7 +271,8 @@ class ModelAwareMAML(nn.Module):
 
         Returns:
             A scalar; ``.backward()`` fills ``.grad`` of every meta-parameter with the exact
-            meta-gradient computed by the core (it cannot be differentiated again).
+            meta-gradient computed by the core (it cannot be differentiated again). In
+            training mode with ``track_bn_stats``, also updates the running statistics.
         """
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch: expected a pymeta.TaskBatch, received {type(batch).__name__}")
@@ -254,7 +280,9 @@ class ModelAwareMAML(nn.Module):
         qx = self._inputs("batch.query_x", batch.query_x)
         sy = self._targets("batch.support_y", batch.support_y)
         qy = self._targets("batch.query_y", batch.query_y)
-        loss, _, _, _ = self._loss_op(*self._core_args(sx, sy, qx, qy), False, False)
+        loss, _, _, _, bn_stats = self._loss_op(*self._core_args(sx, sy, qx, qy), False, False)
+        if self.training and self.bn_running_stats is not None:
+            self.bn_running_stats.update(bn_stats)
         return loss
 
     @property
@@ -278,6 +306,7 @@ class ModelAwareMAML(nn.Module):
         support_y: torch.Tensor,
         steps: int | None = None,
         batched: bool | None = None,
+        bn_stats: str = "batch",
     ) -> AdaptedModel:
         """Fast adaptation in the compiled core (no graph, meta-parameters untouched).
 
@@ -288,6 +317,11 @@ class ModelAwareMAML(nn.Module):
                 ``lr_mode="per_layer_step"``, whose rates are per step).
             batched: whether the inputs carry a task dimension; inferred from the first
                 layer's input when None (required when the model starts with a Flatten).
+            bn_stats: what the adapted model's batch norm layers normalise the query with:
+                "batch" (the query batch's own statistics, as in meta-training) or "running"
+                (the per-step running statistics of step ``steps``; needs
+                ``track_bn_stats=True``; predictions then do not depend on the other examples
+                in the batch). Adaptation on the support set always uses batch statistics.
 
         Returns:
             An AdaptedModel: ``adapted(query_x)`` gives (Q, ...) or (T, Q, ...) predictions.
@@ -295,6 +329,7 @@ class ModelAwareMAML(nn.Module):
         check_tensor("support_x", support_x)
         check_tensor("support_y", support_y)
         steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
+        task_forward = self._query_forward(bn_stats, steps)
         lrs = [lr.detach() for lr in self.inner_lrs()]
         if self.lr_mode == "per_layer_step":
             if steps > self.inner_steps:
@@ -317,7 +352,23 @@ class ModelAwareMAML(nn.Module):
         named = dict(zip(self.spec.param_names, adapted))
         for name in self._step_bn_index:  # the query after `steps` steps uses row `steps`
             named[name] = named[name][:, steps]
-        return AdaptedModel(self._forward, named, {}, batched, None)
+        return AdaptedModel(task_forward, named, {}, batched, None)
+
+    def _query_forward(self, bn_stats: str, steps: int) -> TaskForward:
+        """The forward an adapted model runs: the module's own, or with running statistics."""
+        if bn_stats not in ("batch", "running"):
+            raise ValueError(f"bn_stats: expected 'batch' or 'running', received {bn_stats!r}")
+        if bn_stats == "batch":
+            return self._forward
+        if self.bn_running_stats is None:
+            raise ValueError("bn_stats='running' needs ModelAwareMAML(..., track_bn_stats=True)")
+        rows = self.bn_running_stats.running_mean.shape[0]
+        if steps >= rows:
+            raise ValueError(
+                f"steps: running statistics exist for 0..{rows - 1} inner steps (the "
+                f"inner_steps of meta-training), received {steps}"
+            )
+        return TaskForward(self.bn_running_stats.inference_module(self.module, steps), "auto")
 
     def _infer_batched(self, support_x: torch.Tensor) -> bool:
         if not self._layered:

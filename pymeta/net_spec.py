@@ -76,6 +76,7 @@ def _read_layer(name: str, child: nn.Module, position: int) -> NetLayerSpec | No
                 "or updated"
             )
         spec.kind, spec.flag, spec.arg = KIND["batchnorm"], int(child.affine), float(child.eps)
+        spec.ints = (0, child.num_features, 0, 0, 0, 0)  # [per-step weights, channels]
         if child.affine:
             spec.weight_name, spec.bias_name = params["weight_name"], params["bias_name"]
     elif type(child) in ACTIVATION_CODES:

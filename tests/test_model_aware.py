@@ -220,10 +220,10 @@ def test_ops_return_gradients_only_when_asked():
     maml = pymeta.ModelAwareMAML(mlp(widths))
     b = batch_for(widths, "mse")
     args = maml._core_args(b.support_x, b.support_y, b.query_x, b.query_y)
-    loss, grads, lr_grads, per_task = torch.ops.pymeta.mlp_maml_loss(*args, False, False)
+    loss, grads, lr_grads, per_task, _ = torch.ops.pymeta.mlp_maml_loss(*args, False, False)
     assert grads == [] and lr_grads == [] and per_task.shape == (4,)
     torch.testing.assert_close(per_task.mean(), loss.detach())
-    _, grads, lr_grads, _ = torch.ops.pymeta.mlp_maml_loss(*args, True, True)
+    _, grads, lr_grads, _, _ = torch.ops.pymeta.mlp_maml_loss(*args, True, True)
     assert [g.shape for g in grads] == [p.shape for p in maml._params()] and lr_grads[0].shape == ()
     with torch.no_grad():
         assert torch.equal(maml.meta_loss(b), loss.detach())

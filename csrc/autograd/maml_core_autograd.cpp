@@ -15,7 +15,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using MamlLossResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+using MamlLossResult =
+    std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
 using MamlLossFn = MamlLossResult(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const at::Tensor&, at::IntArrayRef,
                                         at::ArrayRef<double>, at::ArrayRef<double>, int64_t, int64_t, bool,
@@ -40,7 +41,7 @@ bool any_requires_grad(at::TensorList tensors) {
 
 class MamlLoss : public torch::autograd::Function<MamlLoss> {
  public:
-  // Returns loss, task_losses, grad_params..., grad_lrs...
+  // Returns loss, task_losses, bn_stats, grad_params..., grad_lrs...
   static variable_list forward(AutogradContext* ctx, const c10::TypedOperatorHandle<MamlLossFn>& op,
                                at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
                                const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy,
@@ -48,14 +49,14 @@ class MamlLoss : public torch::autograd::Function<MamlLoss> {
     const bool need_params = any_requires_grad(params);
     const bool need_lrs = any_requires_grad(lrs);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, grad_params, grad_lrs, task_losses] =
+    auto [loss, grad_params, grad_lrs, task_losses, bn_stats] =
         op.call(params, lrs, sx, sy, qx, qy, o.layers, o.layer_args, o.step_weights, o.lr_mode, o.loss,
                 o.first_order, o.compute_grads || need_params || need_lrs, o.compute_lr_grads || need_lrs);
     ctx->saved_data["n_params"] = static_cast<int64_t>(params.size());
     ctx->saved_data["n_lrs"] = static_cast<int64_t>(lrs.size());
     ctx->saved_data["grad_params"] = grad_params;
     ctx->saved_data["grad_lrs"] = grad_lrs;
-    variable_list out{loss, task_losses};
+    variable_list out{loss, task_losses, bn_stats};
     out.insert(out.end(), grad_params.begin(), grad_params.end());
     out.insert(out.end(), grad_lrs.begin(), grad_lrs.end());
     ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
@@ -93,12 +94,12 @@ MamlLossResult maml_loss_autograd(at::TensorList params, at::TensorList lrs, con
                       compute_lr_grads};
   variable_list out = MamlLoss::apply(op, params, lrs, sx, sy, qx, qy, o);
   std::vector<at::Tensor> grad_params, grad_lrs;
-  // out = [loss, task_losses, grad_params..., grad_lrs...] with the gradients present when they
-  // were computed (asked for, or needed by autograd); return them only when asked for.
-  const auto grads_begin = out.begin() + 2, lrs_begin = grads_begin + params.size();
-  if (compute_grads && out.size() > 2) grad_params.assign(grads_begin, lrs_begin);
+  // out = [loss, task_losses, bn_stats, grad_params..., grad_lrs...] with the gradients present
+  // when they were computed (asked for, or needed by autograd); return them only when asked for.
+  const auto grads_begin = out.begin() + 3, lrs_begin = grads_begin + params.size();
+  if (compute_grads && out.size() > 3) grad_params.assign(grads_begin, lrs_begin);
   if (compute_grads && compute_lr_grads && out.end() > lrs_begin) grad_lrs.assign(lrs_begin, out.end());
-  return {out[0], grad_params, grad_lrs, out[1]};
+  return {out[0], grad_params, grad_lrs, out[1], out[2]};
 }
 
 // Fast adaptation builds no graph: the adapted params are plain tensors.

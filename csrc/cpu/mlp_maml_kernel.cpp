@@ -489,7 +489,7 @@ std::vector<at::Tensor> reduce_lr_grads(const Problem& pb, at::TensorList lrs, c
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> mlp_maml_loss_cpu(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> mlp_maml_loss_cpu(
     at::TensorList params, at::TensorList lrs, const at::Tensor& support_x, const at::Tensor& support_y,
     const at::Tensor& query_x, const at::Tensor& query_y, at::IntArrayRef layers,
     at::ArrayRef<double> activation_args, at::ArrayRef<double> step_weights, int64_t lr_mode,
@@ -594,7 +594,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
       grad_lrs = reduce_lr_grads<T>(pb, lrs, total, inv_tasks);
     }
   });
-  return {mean_loss, grad_params, grad_lrs, task_losses};
+  // An MLP has no batch norm: no statistics (the output keeps the layered core's signature).
+  at::Tensor bn_stats = at::empty({pb.tasks, pb.steps + 1, 2, 0}, params[0].options());
+  return {mean_loss, grad_params, grad_lrs, task_losses, bn_stats};
 }
 
 std::vector<at::Tensor> mlp_adapt_cpu(at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,

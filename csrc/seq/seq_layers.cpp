@@ -143,6 +143,8 @@ at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor&
     case SeqKind::kConv2d:
       return conv(ConvGeometry(L), x, w, b);
     case SeqKind::kBatchNorm: {
+      TORCH_CHECK(x.dim() >= 2 && x.size(1) == L.ints[1], "pymeta: BatchNorm over ", L.ints[1],
+                  " channels received an input of shape ", x.sizes());
       auto [y, mean, inv_std] = at::native_batch_norm(x, optional(w), optional(b), {}, {}, true, 0.0, L.arg);
       saved.aux = mean;
       saved.inv_std = inv_std;

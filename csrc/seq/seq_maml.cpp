@@ -7,12 +7,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/full_like.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "seq/seq_layers.h"
@@ -288,8 +290,25 @@ void add_scaled(Params& acc, const Params& t, double scale) {
   }
 }
 
+// Writes the batch statistics of every batch norm layer in `pass` into out (2, bn_channels): row
+// 0 the mean, row 1 the unbiased variance (what nn.BatchNorm's running_var averages).
+void record_bn_stats(const SeqNet& net, const SeqPass& pass, at::Tensor out) {
+  for (size_t l = 0; l < net.layers.size(); ++l) {
+    const SeqLayer& L = net.layers[l];
+    if (L.kind != SeqKind::kBatchNorm) continue;
+    const at::Tensor& x = pass.in[l];
+    const double n = static_cast<double>(x.numel() / x.size(1));
+    // The forward kept 1 / sqrt(biased variance + eps).
+    at::Tensor var = (pass.saved[l].inv_std.pow(-2) - L.arg).clamp_min_(0.0);
+    if (n > 1) var.mul_(n / (n - 1));
+    out[0].narrow(0, L.stats_offset, L.ints[1]).copy_(pass.saved[l].aux);
+    out[1].narrow(0, L.stats_offset, L.ints[1]).copy_(var);
+  }
+}
+
 // One task's inner loop: theta[j] after j steps (theta[0] the meta-params), the support pass
-// of every step when `keep_passes`, and the support gradients when `keep_grads`.
+// of every step when `keep_passes`, and the support gradients when `keep_grads`. When bn_stats
+// (steps + 1, 2, bn_channels) is defined, row j gets the batch statistics of the support at step j.
 struct InnerLoop {
   std::vector<Params> theta;
   std::vector<SeqPass> passes;
@@ -298,12 +317,13 @@ struct InnerLoop {
 
 InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params& theta0,
                          const std::vector<Params>& lr, const at::Tensor& sx, const at::Tensor& sy,
-                         bool keep_passes, bool keep_grads, int64_t lowest) {
+                         bool keep_passes, bool keep_grads, int64_t lowest, const at::Tensor& bn_stats) {
   InnerLoop out;
   out.theta.push_back(theta0);
   for (int64_t j = 0; j < pb.steps; ++j) {
     const Params& cur = out.theta.back();
     SeqPass pass = task.forward(cur, sx, j);
+    if (bn_stats.defined()) record_bn_stats(pb.net, pass, bn_stats[j]);
     task.loss(pass, sy, true);
     Params g = task.backward(pass, cur, lowest, keep_passes);
     Params next = cur;  // frozen params are shared, not copied
@@ -324,7 +344,7 @@ Params param_list(at::TensorList params) {
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> seq_maml_loss_kernel(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> seq_maml_loss_kernel(
     at::TensorList params, at::TensorList lrs, const at::Tensor& support_x, const at::Tensor& support_y,
     const at::Tensor& query_x, const at::Tensor& query_y, at::IntArrayRef layers, at::ArrayRef<double> layer_args,
     at::ArrayRef<double> step_weights, int64_t lr_mode, int64_t loss, bool first_order, bool compute_grads,
@@ -342,6 +362,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
   Params grad_acc(params.size());
   std::vector<Params> lr_acc(lr_rows(pb), Params(params.size()));
   std::vector<at::Tensor> losses(pb.tasks);
+  // Row j: the support's batch statistics at inner step j; row J: the query's after the last
+  // step (NaN while a zero step weight skips that query pass).
+  at::Tensor bn_stats = at::full({pb.tasks, J + 1, 2, pb.net.bn_channels},
+                                 std::numeric_limits<double>::quiet_NaN(), params[0].options());
   // Tasks run one after another, each op on ATen's intra-op threads. Spreading tasks over
   // threads instead would call oneDNN convolutions inside an OpenMP parallel region, where its
   // backward-weights kernels wait on a barrier for threads that never come (they hang).
@@ -350,13 +374,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     // The sweep reads each step's support pass (second order) and gradient (learned rates);
     // without either the inner loop only needs gradients down to the lowest adapted layer.
     const int64_t lowest = second_order ? 0 : pb.net.lowest_adapted;
-    InnerLoop inner = run_inner_loop(pb, task, theta0, lr, sx, sy, second_order, compute_lr_grads, lowest);
+    const at::Tensor task_stats = pb.net.bn_channels > 0 ? bn_stats[t] : at::Tensor();
+    InnerLoop inner =
+        run_inner_loop(pb, task, theta0, lr, sx, sy, second_order, compute_lr_grads, lowest, task_stats);
     at::Tensor task_loss;
     Params v(params.size());  // d(task loss) / d theta_j, from j = J down to 0
     auto add_query_term = [&](int64_t j) {
       const double w = step_weights[j - 1];
       if (w == 0.0) return;
       SeqPass pass = task.forward(inner.theta[j], qx, j);
+      if (j == J && task_stats.defined()) record_bn_stats(pb.net, pass, task_stats[J]);
       const at::Tensor l = task.loss(pass, qy, compute_grads) * w;
       task_loss = task_loss.defined() ? task_loss + l : l;
       if (compute_grads) add_scaled(v, task.backward(pass, inner.theta[j], 0, false), w);
@@ -406,7 +433,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     grad_lrs = reduce_lr_grads(pb, lrs, lr_acc);
     for (auto& g : grad_lrs) g.mul_(inv_tasks);
   }
-  return {mean_loss, grad_params, grad_lrs, task_losses};
+  return {mean_loss, grad_params, grad_lrs, task_losses, bn_stats};
 }
 
 std::vector<at::Tensor> seq_adapt_kernel(at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,
@@ -427,7 +454,7 @@ std::vector<at::Tensor> seq_adapt_kernel(at::TensorList params, at::TensorList l
   }
   for (int64_t t = 0; t < pb.tasks; ++t) {  // one task at a time, as in seq_maml_loss
     InnerLoop inner = run_inner_loop(pb, task, theta0, lr, support_x[t], support_y[t], false, false,
-                                     pb.net.lowest_adapted);
+                                     pb.net.lowest_adapted, at::Tensor());
     for (size_t p = 0; p < adapted.size(); ++p) adapted[p][t].copy_(inner.theta.back()[p]);
   }
   return adapted;

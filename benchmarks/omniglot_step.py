@@ -6,15 +6,19 @@ wrong in torch 2.13).
 
 Usage::
 
-    .venv/bin/python benchmarks/omniglot_step.py [--threads N] [--repeats R]
+    .venv/bin/python benchmarks/omniglot_step.py [--threads N] [--repeats R] [--retain-freed-memory]
 
 Timing as in compare.py (rounds rotate the implementations; medians), memory as the peak RSS of
 one meta-step beyond the RSS at its start (harness.peak_rss_bytes), all in this one process.
+``--retain-freed-memory`` first calls pymeta.memory.retain_freed_memory() (as ``python -m
+pymeta`` does), so freed activations are reused rather than faulted in again every task; the
+minor page faults and system time per meta-step are reported either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 
 import torch
@@ -22,6 +26,7 @@ from harness import peak_rss_bytes, rotated_timings
 from workloads import IMPLEMENTATIONS, ORDERS, available
 
 import pymeta
+from pymeta.memory import retain_freed_memory
 
 CONV_IMPLEMENTATIONS = (
     "pymeta_aware",
@@ -75,13 +80,23 @@ def gradient_errors(names: list[str]) -> dict[str, float]:
     return out
 
 
+def page_faults(fn) -> tuple[int, float]:
+    """Minor page faults and system CPU seconds of one ``fn()``."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
+    parser.add_argument("--retain-freed-memory", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    retained = args.retain_freed_memory and retain_freed_memory()
     names = [n for n in CONV_IMPLEMENTATIONS if available(n)]
     skipped = [n for n in CONV_IMPLEMENTATIONS if not available(n)]
     if skipped:
@@ -89,14 +104,15 @@ def main() -> int:
     print(
         f"omniglot-shaped meta-step: conv4 (64 channels), 5-way 1-shot, 15 queries per class, "
         f"meta-batch 8, 1 inner step; torch {torch.__version__}, {args.threads} thread(s), "
-        f"{args.repeats} rounds.\n"
+        f"{args.repeats} rounds; malloc: "
+        f"{'freed memory retained' if retained else 'glibc defaults'}.\n"
     )
     errors = gradient_errors(names)
     print(
         "| order | implementation | median s | IQR s | x faster vs per_task_loop | peak MiB (RSS) "
-        "| 2nd-order grad error vs per_task_loop (float64) |"
+        "| page faults | system s | 2nd-order grad error vs per_task_loop (float64) |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for order in args.orders:
         torch.manual_seed(0)
         model = pymeta.models.conv4(5)
@@ -110,13 +126,14 @@ def main() -> int:
         ref = timings["per_task_loop"]["median"]
         for name in names:
             t = timings[name]
+            faults, system_s = page_faults(fns[name])
             rss = peak_rss_bytes(fns[name])
             err = f"{errors[name]:.1e}" if order == "second" else ""
             mib = "" if rss is None else f"{rss / 2**20:.1f}"
             speedup = ref / t["median"]
             print(
                 f"| {order} | {name} | {t['median']:.3f} | {t['iqr']:.3f} | {speedup:.2f}x "
-                f"| {mib} | {err} |",
+                f"| {mib} | {faults} | {system_s:.3f} | {err} |",
                 flush=True,
             )
     return 0

@@ -56,4 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pymeta.memory import retain_freed_memory
+
+    retain_freed_memory()  # this process is ours: reuse freed activations (pymeta/memory.py)
     sys.exit(main())

@@ -1,0 +1,52 @@
+"""Keeping freed memory in the process, so that large tensors freed by one task are reused by the
+next instead of being handed back to the kernel and faulted in again.
+
+glibc's malloc serves large blocks (from 128 KiB, a threshold it raises as blocks are freed, up to
+32 MiB) with fresh mmap'ed pages and returns heap memory above a small threshold to the kernel on
+free. A meta-step allocates and frees the same activation-sized blocks task after task, so with
+those defaults every task pays a page fault per 4 KiB of activations and the kernel zeroes the
+pages again: measured on the omniglot-shaped meta-step, about 88,000 faults and 0.17 s of system
+time per step for ``ModelAwareMAML`` (which frees each task's activations as soon as it is done)
+and 34,000 for the per-task autograd loop; with ``retain_freed_memory()`` about 1,000. PyTorch's
+CPU performance guide makes the same point with a different allocator (jemalloc, tcmalloc).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+# mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest value glibc accepts on 64-bit systems
+
+
+def retain_freed_memory(trim_threshold: int = 2**30) -> bool:
+    """Makes glibc's malloc keep freed memory for reuse (process-wide, for the process's life).
+
+    Blocks up to 32 MiB then come from the heap instead of mmap, and free heap memory is given
+    back to the kernel only beyond ``trim_threshold`` bytes. The process's resident memory then
+    stays near its peak instead of falling between meta-steps. ``python -m pymeta`` calls this;
+    a library never does it behind its user's back, so call it yourself in training scripts.
+
+    Args:
+        trim_threshold: free bytes at the top of the heap kept before any is returned (>= 0,
+            below 2**31).
+
+    Returns:
+        True when applied; False where malloc is not glibc's (nothing changes).
+    """
+    if isinstance(trim_threshold, bool) or not isinstance(trim_threshold, int):
+        raise TypeError(
+            f"trim_threshold: expected an int, received {type(trim_threshold).__name__}"
+        )
+    if not 0 <= trim_threshold < 2**31:
+        raise ValueError(f"trim_threshold: expected 0 <= bytes < 2**31, received {trim_threshold}")
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return (
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+        and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    )

@@ -10,11 +10,12 @@ Public API:
     tasks: task samplers (Sinusoid, FewShot).
     datasets: Omniglot and its image loader.
     models: standard networks (conv4).
+    memory: retain_freed_memory (reuse freed activations instead of faulting pages in).
     ops: the fused, task-batched functional ops (``torch.ops.pymeta.*``).
 """
 
 from pymeta import _ops  # noqa: F401, I001  (first: registers torch.ops.pymeta.*)
-from pymeta import baselines, datasets, models, ops, reference, tasks
+from pymeta import baselines, datasets, memory, models, ops, reference, tasks
 from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.bn_running_stats import BnRunningStats
@@ -37,6 +38,7 @@ __all__ = [
     "tasks",
     "datasets",
     "models",
+    "memory",
     "HAS_COMPILED_CORE",
     "__version__",
 ]

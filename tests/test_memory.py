@@ -34,11 +34,12 @@ def faults(mode):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
-    _, default = faults("default")
+    round_faults = 4 * 4096  # four blocks of 4096 pages of 4 KiB
     applied, retained = faults("retain")
     assert applied == "True"
-    assert default > 20 * 4 * 3000  # 4096 pages of 4 KiB per block, faulted in every time
-    assert retained < default / 10
+    # The first round faults its pages in; every later one reuses them. (glibc's defaults
+    # fault 2.5 to 20 rounds' worth here, depending on what else sits on the heap.)
+    assert round_faults * 0.9 < retained < round_faults * 1.5
 
 
 def test_bad_threshold_is_explained():

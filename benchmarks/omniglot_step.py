@@ -7,6 +7,7 @@ wrong in torch 2.13).
 Usage::
 
     .venv/bin/python benchmarks/omniglot_step.py [--threads N] [--repeats R] [--retain-freed-memory]
+        [--meta-batch 8] [--k-query 15]
 
 Timing as in compare.py (rounds rotate the implementations; medians), memory as the peak RSS of
 one meta-step beyond the RSS at its start (harness.peak_rss_bytes), all in this one process.
@@ -94,6 +95,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
     parser.add_argument("--retain-freed-memory", action="store_true")
+    parser.add_argument("--meta-batch", type=int, default=8)
+    parser.add_argument("--k-query", type=int, default=15, help="query examples per class")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retained = args.retain_freed_memory and retain_freed_memory()
@@ -102,8 +105,9 @@ def main() -> int:
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}", file=sys.stderr)
     print(
-        f"omniglot-shaped meta-step: conv4 (64 channels), 5-way 1-shot, 15 queries per class, "
-        f"meta-batch 8, 1 inner step; torch {torch.__version__}, {args.threads} thread(s), "
+        f"omniglot-shaped meta-step: conv4 (64 channels), 5-way 1-shot, {args.k_query} queries "
+        f"per class, meta-batch {args.meta_batch}, 1 inner step; torch {torch.__version__}, "
+        f"{args.threads} thread(s), "
         f"{args.repeats} rounds; malloc: "
         f"{'freed memory retained' if retained else 'glibc defaults'}.\n"
     )
@@ -116,7 +120,7 @@ def main() -> int:
     for order in args.orders:
         torch.manual_seed(0)
         model = pymeta.models.conv4(5)
-        batch = make_batch(8, 5, 1, 15, torch.float32)
+        batch = make_batch(args.meta_batch, 5, 1, args.k_query, torch.float32)
         fns = {}
         for name in names:
             maml = build(name, model, order)

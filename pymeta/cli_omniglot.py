@@ -28,11 +28,23 @@ def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
     parser.add_argument("--checkpoint", default="runs/omniglot.pt")
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument(
+        "--test-query",
+        type=int,
+        default=15,
+        help="query examples per class of validation and test tasks (whatever --k-query was)",
+    )
+    parser.add_argument(
         "--eval-steps", type=int, default=None, help="adaptation steps at test time"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
     if not train:
+        parser.add_argument(
+            "--split",
+            choices=("test", "val"),
+            default="test",
+            help="held-out characters to evaluate on: test, or validation (for choosing settings)",
+        )
         return
     parser.add_argument(
         "--variant",
@@ -122,21 +134,26 @@ def _data(args, config):
     ds = pymeta.datasets.Omniglot(
         args.root, image_size=config["image_size"], cache_dir=args.cache_dir
     )
-    shots = dict(n_way=config["n_way"], k_shot=config["k_shot"], k_query=config["k_query"])
-    train = pymeta.tasks.FewShot(ds.split("train", rotations=config["rotations"]), **shots)
-    val = pymeta.tasks.FewShot(ds.split("val"), **shots)
-    test = pymeta.tasks.FewShot(ds.split("test"), **shots)
+    if args.test_query <= 0:
+        raise SystemExit(f"--test-query: expected a positive int, received {args.test_query}")
+    shots = dict(n_way=config["n_way"], k_shot=config["k_shot"])
+    train_split = ds.split("train", rotations=config["rotations"])
+    train = pymeta.tasks.FewShot(train_split, k_query=config["k_query"], **shots)
+    # Every model is validated and tested on the same tasks, however it was trained.
+    val = pymeta.tasks.FewShot(ds.split("val"), k_query=args.test_query, **shots)
+    test = pymeta.tasks.FewShot(ds.split("test"), k_query=args.test_query, **shots)
     return train, val, test
 
 
-def _report(maml, test_tasks, config, args) -> dict:
+def _report(maml, tasks, config, args, split="test") -> dict:
     from pymeta.evaluation import few_shot_accuracy
 
     steps = args.eval_steps or config["inner_steps"]
-    acc, ci = few_shot_accuracy(maml, test_tasks, args.test_tasks, steps=steps, seed=12345)
+    seed = 12345 if split == "test" else 777  # the tasks training validates on start at 777
+    acc, ci = few_shot_accuracy(maml, tasks, args.test_tasks, steps=steps, seed=seed)
     print(
-        f"test: {config['n_way']}-way {config['k_shot']}-shot, {args.test_tasks} tasks of held-out "
-        f"characters, {steps} adaptation step(s): "
+        f"{split}: {config['n_way']}-way {config['k_shot']}-shot, {args.test_tasks} tasks of "
+        f"held-out characters, {args.test_query} queries per class, {steps} adaptation step(s): "
         f"accuracy {100 * acc:.2f}% ± {100 * ci:.2f}% (95% CI)"
     )
     return {"accuracy": acc, "ci95": ci}
@@ -261,6 +278,7 @@ def evaluate(args) -> dict:
     config = blob["config"]
     maml = _build(config)
     maml.load_state_dict(blob["maml"])
-    _, _, test_tasks = _data(args, config)
+    _, val_tasks, test_tasks = _data(args, config)
     print(f"checkpoint {args.checkpoint}: step {blob['step']}, {_describe(config)}")
-    return _report(maml, test_tasks, config, args)
+    tasks = test_tasks if args.split == "test" else val_tasks
+    return _report(maml, tasks, config, args, args.split)

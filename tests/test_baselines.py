@@ -389,7 +389,7 @@ def test_pretrain_rejects():
 # ---------------------------------------------------------------------------- command line
 COMMON = (
     "--hidden 4 --image-size 16 --n-way 2 --k-query 2 --batch-size 8 --val-every 2 "
-    "--val-tasks 3 --test-tasks 6 --log-every 1 --no-progress --inner-steps 5"
+    "--val-tasks 3 --test-tasks 6 --test-query 2 --log-every 1 --no-progress --inner-steps 5"
 ).split()
 
 
@@ -418,7 +418,8 @@ def test_cli_pretrained_variant_trains_reports_and_evaluates(tiny_root, tmp_path
     assert train_pretrained(tiny_root, cache, ckpt, 4, "--plot", str(png)) == 0
     out = capsys.readouterr().out
     report = (
-        r"test: 2-way 1-shot, 6 tasks of held-out characters, 5 adaptation step\(s\): "
+        r"test: 2-way 1-shot, 6 tasks of held-out characters, 2 queries per class, "
+        r"5 adaptation step\(s\): "
         r"accuracy \d+\.\d\d% ± \d+\.\d\d% \(95% CI\)"
     )
     assert "validation accuracy" in out and "trained 4 steps" in out
@@ -430,7 +431,8 @@ def test_cli_pretrained_variant_trains_reports_and_evaluates(tiny_root, tmp_path
     assert blob["config"]["classes"] == classes == 4 * len(ds.split_names("train"))
     assert blob["maml"]["module.17.weight"].shape == (classes, 4)
     assert png.stat().st_size > 1000
-    assert run_cli("eval", tiny_root, cache, ckpt, "--test-tasks", "6", "--eval-steps", "3") == 0
+    eval_args = ["--test-tasks", "6", "--test-query", "2", "--eval-steps", "3"]
+    assert run_cli("eval", tiny_root, cache, ckpt, *eval_args) == 0
     out = capsys.readouterr().out
     assert "step 4, pretrained baseline" in out and "3 adaptation step(s)" in out
 
@@ -456,19 +458,22 @@ def test_cli_baseline_and_maml_are_tested_on_the_same_tasks(tiny_root, tmp_path,
     original, seen = pymeta.evaluation.few_shot_accuracy, []
 
     def spy(model, tasks, num_tasks, steps=None, batch_size=50, seed=0):
-        seen.append((type(model).__name__, tasks.examples, tasks.k_shot, num_tasks, seed))
+        seen.append(
+            (type(model).__name__, tasks.examples, tasks.k_shot, tasks.k_query, num_tasks, seed)
+        )
         return original(model, tasks, num_tasks, steps=steps, batch_size=batch_size, seed=seed)
 
     monkeypatch.setattr(pymeta.evaluation, "few_shot_accuracy", spy)
     cache = tmp_path / "cache"
-    quiet = ["--val-every", "0", "--test-tasks", "6", "--no-progress"]
+    quiet = ["--val-every", "0", "--test-tasks", "6", "--test-query", "2", "--no-progress"]
     train_pretrained(tiny_root, cache, tmp_path / "pre.pt", 2, *quiet)
     maml_args = ["--iterations", "2", "--hidden", "4", "--image-size", "16", "--n-way", "2"]
-    run_cli("train", tiny_root, cache, tmp_path / "maml.pt", *maml_args, "--k-query", "2", *quiet)
-    tests = [call for call in seen if call[3] == 6]  # the final test-set reports
+    # MAML trains with 1 query example per class, and is tested like the baseline, with 2.
+    run_cli("train", tiny_root, cache, tmp_path / "maml.pt", *maml_args, "--k-query", "1", *quiet)
+    tests = [call for call in seen if call[4] == 6]  # the final test-set reports
     assert [call[0] for call in tests] == ["Pretrained", "MAML"]
     (_, a, *rest_a), (_, b, *rest_b) = tests
-    assert torch.equal(a, b) and rest_a == rest_b
+    assert torch.equal(a, b) and rest_a == rest_b and rest_a[1] == 2
     pre = torch.load(tmp_path / "pre.pt", weights_only=False)["config"]
     maml = torch.load(tmp_path / "maml.pt", weights_only=False)["config"]
     assert (maml["inner_lr"], maml["inner_steps"]) == (0.4, 1) and "batch_size" not in maml

@@ -7,7 +7,7 @@ from pymeta.__main__ import main
 
 COMMON = (
     "--hidden 4 --image-size 16 --n-way 2 --k-query 2 --meta-batch 2 --val-every 2 --val-tasks 3 "
-    "--test-tasks 6 --log-every 1 --no-progress"
+    "--test-tasks 6 --test-query 2 --log-every 1 --no-progress"
 ).split()
 
 
@@ -49,12 +49,26 @@ def test_train_eval_and_plot(tiny_root, tmp_path, capsys):
                 str(ckpt),
                 "--test-tasks",
                 "6",
+                "--test-query",
+                "2",
                 "--no-progress",
             ]
         )
         == 0
     )
-    assert "step 4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 4" in out and "test: 2-way 1-shot, 6 tasks" in out
+    eval_val = [
+        "eval",
+        "omniglot",
+        "--root",
+        str(tiny_root),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    eval_val += ["--checkpoint", str(ckpt), "--test-tasks", "6", "--test-query", "2"]
+    assert main([*eval_val, "--split", "val", "--no-progress"]) == 0
+    assert "val: 2-way 1-shot, 6 tasks" in capsys.readouterr().out
 
 
 def test_resume_continues_exactly(tiny_root, tmp_path):

@@ -36,29 +36,7 @@ def test_train_eval_and_plot(tiny_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "validation accuracy" in out and "accuracy" in out and "95% CI" in out
     assert ckpt.is_file() and png.stat().st_size > 1000
-    assert (
-        main(
-            [
-                "eval",
-                "omniglot",
-                "--root",
-                str(tiny_root),
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--checkpoint",
-                str(ckpt),
-                "--test-tasks",
-                "6",
-                "--test-query",
-                "2",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "step 4" in out and "test: 2-way 1-shot, 6 tasks" in out
-    eval_val = [
+    evaluate = [
         "eval",
         "omniglot",
         "--root",
@@ -66,8 +44,19 @@ def test_train_eval_and_plot(tiny_root, tmp_path, capsys):
         "--cache-dir",
         str(tmp_path / "cache"),
     ]
-    eval_val += ["--checkpoint", str(ckpt), "--test-tasks", "6", "--test-query", "2"]
-    assert main([*eval_val, "--split", "val", "--no-progress"]) == 0
+    evaluate += [
+        "--checkpoint",
+        str(ckpt),
+        "--test-tasks",
+        "6",
+        "--test-query",
+        "2",
+        "--no-progress",
+    ]
+    assert main(evaluate) == 0
+    out = capsys.readouterr().out
+    assert "step 4" in out and "test: 2-way 1-shot, 6 tasks" in out
+    assert main([*evaluate, "--split", "val"]) == 0
     assert "val: 2-way 1-shot, 6 tasks" in capsys.readouterr().out
 
 

@@ -72,8 +72,9 @@ def _read_layer(name: str, child: nn.Module, position: int) -> NetLayerSpec | No
         if child.track_running_stats:
             raise ValueError(
                 f"{where}: ModelAwareMAML normalises with batch statistics (the MAML convention), "
-                "so it needs track_running_stats=False; running statistics would never be used "
-                "or updated"
+                "so it needs track_running_stats=False (the module's running statistics would "
+                "never be used or updated; ModelAwareMAML(..., track_bn_stats=True) keeps "
+                "per-step ones)"
             )
         spec.kind, spec.flag, spec.arg = KIND["batchnorm"], int(child.affine), float(child.eps)
         spec.ints = (0, child.num_features, 0, 0, 0, 0)  # [per-step weights, channels]

@@ -5,13 +5,14 @@ glibc's malloc serves large blocks (from 128 KiB, a threshold it raises as block
 32 MiB) with fresh mmap'ed pages and returns heap memory above a small threshold to the kernel on
 free. A meta-step allocates and frees the same activation-sized blocks task after task, so with
 those defaults a task can pay a page fault per 4 KiB of activations, and the kernel zeroes the
-pages again. Measured in a fresh process on the omniglot-shaped meta-step (1 thread, after 1 and
-8 warm-up steps): ``ModelAwareMAML`` (which frees each task's activations as soon as it is done)
-95,000–119,000 faults and 0.15–0.19 s of system time per step on top of 0.54–0.60 s of user time;
-the per-task autograd loop 20,000–28,000 faults and 0.03–0.04 s; with ``retain_freed_memory()``
-under 1,300 and under 0.005 s for both. How many faults the defaults cause depends on the
-process's history (glibc raises its thresholds as ever larger blocks are freed). PyTorch's CPU
-performance guide makes the same point with other allocators (jemalloc, tcmalloc).
+pages again. Measured in fresh processes on the omniglot-shaped second-order meta-step
+(``benchmarks/page_faults.py --warmup 4 --steps 2``, 1 thread): ``ModelAwareMAML`` (which frees
+each task's activations as soon as it is done) 99,160 faults and 0.164 s of system time per step
+on top of 0.588 s of user time; the per-task autograd loop 19,722 faults and 0.049 s; with
+``retain_freed_memory()`` 0 and 1 faults and no system time. How many faults the defaults
+cause depends on the process's history (glibc raises its thresholds as ever larger blocks are
+freed). PyTorch's CPU performance guide makes the same point with other allocators (jemalloc,
+tcmalloc).
 """
 
 from __future__ import annotations

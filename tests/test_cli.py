@@ -112,3 +112,11 @@ def test_eval_needs_a_checkpoint(tiny_root, tmp_path):
 def test_train_rejects_non_positive_settings(tiny_root, tmp_path):
     with pytest.raises(SystemExit, match="--iterations: expected a positive int, received 0"):
         run_train(tiny_root, tmp_path / "cache", tmp_path / "run.pt", 0)
+
+
+def test_eval_rejects_a_non_positive_test_query(tiny_root, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    assert run_train(tiny_root, tmp_path / "cache", ckpt, 1) == 0
+    args = ["eval", "omniglot", "--root", str(tiny_root), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match="--test-query: expected a positive int, received 0"):
+        main([*args, "--checkpoint", str(ckpt), "--test-query", "0", "--no-progress"])

@@ -18,6 +18,8 @@ Only what the benchmarks need is supported: fixed scalar inner learning rate, "m
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +79,28 @@ class PerTaskLoopMAML(_BaselineMAML):
             pred = functional_call(self.model, params, (batch.query_x[t],))
             query_losses.append(self.loss_fn(pred, batch.query_y[t]))
         return torch.stack(query_losses).mean()
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """Image batches and convolution weights in the channels-last layout (differentiably)."""
+    return t.to(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
+class ChannelsLastPerTaskLoopMAML(PerTaskLoopMAML):
+    """The per-task loop with images and convolution weights in the channels-last layout.
+
+    The layout pymeta.ModelAwareMAML's core uses on the CPU: a fairness check that separates
+    what the layout gains from what the core itself gains (benchmarks/omniglot_step.py).
+    """
+
+    def _adapted_params(self) -> dict[str, torch.Tensor]:
+        return {n: _channels_last(p) for n, p in super()._adapted_params().items()}
+
+    def meta_loss(self, batch) -> torch.Tensor:
+        # The loop indexes batch.<field>[t]: hand it per-task channels-last tensors.
+        fields = ("support_x", "support_y", "query_x", "query_y")
+        per_task = {f: [_channels_last(t) for t in getattr(batch, f)] for f in fields}
+        return super().meta_loss(SimpleNamespace(num_tasks=batch.num_tasks, **per_task))
 
 
 class TorchFuncMAML(_BaselineMAML):

@@ -24,6 +24,7 @@ import sys
 
 import torch
 from harness import peak_rss_bytes, rotated_timings
+from baselines import ChannelsLastPerTaskLoopMAML
 from workloads import IMPLEMENTATIONS, ORDERS, available
 
 import pymeta
@@ -33,6 +34,7 @@ CONV_IMPLEMENTATIONS = (
     "pymeta_aware",
     "pymeta",
     "per_task_loop",
+    "per_task_loop_channels_last",
     "torch_func",
     "learn2learn",
     "higher",
@@ -49,8 +51,12 @@ def make_batch(
     return pymeta.TaskBatch(x(k_shot), y(k_shot), x(k_query), y(k_query))
 
 
+# The loop with the channels-last layout that ModelAwareMAML's core uses on the CPU.
+CONV_ONLY = {"per_task_loop_channels_last": ChannelsLastPerTaskLoopMAML}
+
+
 def build(name: str, model, order: str):
-    return IMPLEMENTATIONS[name](
+    return {**IMPLEMENTATIONS, **CONV_ONLY}[name](
         model, inner_lr=0.4, inner_steps=1, first_order=order == "first", loss="cross_entropy"
     )
 
@@ -97,11 +103,16 @@ def main() -> int:
     parser.add_argument("--retain-freed-memory", action="store_true")
     parser.add_argument("--meta-batch", type=int, default=8)
     parser.add_argument("--k-query", type=int, default=15, help="query examples per class")
+    parser.add_argument(
+        "--implementations", nargs="+", choices=CONV_IMPLEMENTATIONS, default=CONV_IMPLEMENTATIONS,
+        help="per_task_loop (the reference) is always run",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retained = args.retain_freed_memory and retain_freed_memory()
-    names = [n for n in CONV_IMPLEMENTATIONS if available(n)]
-    skipped = [n for n in CONV_IMPLEMENTATIONS if not available(n)]
+    wanted = [n for n in CONV_IMPLEMENTATIONS if n in args.implementations or n == "per_task_loop"]
+    names = [n for n in wanted if available(n)]
+    skipped = [n for n in wanted if not available(n)]
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}", file=sys.stderr)
     print(

@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/bn_relu_pool.h"
 #include "seq/seq_layers.h"
 #include "seq_net.h"
 
@@ -32,11 +33,22 @@ struct SeqPass {
   std::vector<LayerSaved> saved;   // per layer
   at::Tensor probs;                // softmax of the output (cross-entropy)
   std::vector<at::Tensor> grad_out;  // grad_out[l]: dL/d(output of layer l), kept for hvp()
+  // fused[l]: layers l..l+2 (batch norm, ReLU, max pooling) ran as one block; the block keeps
+  // in[l] and in[l + 3] only, the statistics in saved[l] and the argmax in saved[l + 2].
+  std::vector<bool> fused;
 };
 
 class SeqTask {
  public:
-  SeqTask(const SeqNet& net, LossKind loss) : net_(net), loss_(loss) {}
+  SeqTask(const SeqNet& net, LossKind loss) : net_(net), loss_(loss), block_start_(net.layers.size(), false) {
+    const auto& layers = net.layers;
+    for (size_t l = 0; l + 2 < layers.size(); ++l) {
+      const SeqLayer &bn = layers[l], &act = layers[l + 1], &pool = layers[l + 2];
+      block_start_[l] = bn.kind == SeqKind::kBatchNorm && act.kind == SeqKind::kActivation &&
+                        act.activation() == Activation::kRelu && pool.kind == SeqKind::kMaxPool2d &&
+                        pool.ints == std::array<int64_t, 6>{2, 2, 2, 2, 0, 0};
+    }
+  }
 
   // The weight and bias layer L uses at inner step `step` (undefined when it has none).
   std::pair<at::Tensor, at::Tensor> layer_params(const Params& theta, const SeqLayer& L, int64_t step) const {
@@ -46,15 +58,31 @@ class SeqTask {
     return {w, b};
   }
 
-  SeqPass forward(const Params& theta, const at::Tensor& x, int64_t step) const {
+  // With `fuse`, batch norm -> ReLU -> 2x2 max pooling runs as one block where the CPU kernel
+  // takes the input (cpu/bn_relu_pool.h); such a pass has no hvp().
+  SeqPass forward(const Params& theta, const at::Tensor& x, int64_t step, bool fuse) const {
+    const size_t n = net_.layers.size();
     SeqPass pass;
     pass.step = step;
-    pass.saved.resize(net_.layers.size());
-    pass.in.reserve(net_.layers.size() + 1);
+    pass.saved.resize(n);
+    pass.fused.assign(n, false);
+    pass.in.reserve(n + 1);
     pass.in.push_back(x);
-    for (size_t l = 0; l < net_.layers.size(); ++l) {
-      auto [w, b] = layer_params(theta, net_.layers[l], step);
-      pass.in.push_back(seq_forward(net_.layers[l], pass.in.back(), w, b, pass.saved[l]));
+    for (size_t l = 0; l < n; ++l) {
+      const SeqLayer& L = net_.layers[l];
+      auto [w, b] = layer_params(theta, L, step);
+      const at::Tensor& in = pass.in.back();
+      if (fuse && block_start_[l] && bn_relu_pool_applies(in) && in.size(1) == L.ints[1]) {
+        BnReluPoolSaved s;
+        at::Tensor out = bn_relu_pool_forward(in, w, b, L.arg, s);
+        pass.saved[l] = {s.mean, s.inv_std};
+        pass.saved[l + 2].aux = s.argmax;
+        pass.fused[l] = true;
+        pass.in.insert(pass.in.end(), {at::Tensor(), at::Tensor(), out});
+        l += 2;
+        continue;
+      }
+      pass.in.push_back(seq_forward(L, in, w, b, pass.saved[l]));
     }
     return pass;
   }
@@ -85,6 +113,19 @@ class SeqTask {
     Params grads(theta.size());
     at::Tensor gy = pass.grad_out.back();
     for (int64_t l = static_cast<int64_t>(net_.layers.size()) - 1; l >= lowest; --l) {
+      if (l >= 2 && pass.fused[l - 2]) {  // the end of a fused block: back to its batch norm's input
+        const int64_t bn = l - 2;        // >= lowest: ReLU and pooling are never adapted
+        const SeqLayer& L = net_.layers[bn];
+        TORCH_CHECK(!keep, "pymeta: internal error: a fused pass cannot keep its gradients for hvp()");
+        auto [w, b] = layer_params(theta, L, pass.step);
+        const BnReluPoolSaved s{pass.saved[bn].aux, pass.saved[bn].inv_std, pass.saved[l].aux};
+        BnReluPoolGrads g = bn_relu_pool_backward(gy, pass.in[bn], w, pass.in[l + 1], s, bn > lowest);
+        if (L.w_param >= 0) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
+        if (L.b_param >= 0) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
+        gy = g.x;
+        l = bn;
+        continue;
+      }
       const SeqLayer& L = net_.layers[l];
       if (keep) pass.grad_out[l] = gy;
       auto [w, b] = layer_params(theta, L, pass.step);
@@ -101,6 +142,7 @@ class SeqTask {
   // forward-over-reverse differentiation. Needs forward(), loss(grad) and backward(0, keep).
   Params hvp(const SeqPass& pass, const Params& theta, const Params& u) const {
     const size_t n = net_.layers.size();
+    for (size_t l = 0; l < n; ++l) TORCH_CHECK(!pass.fused[l], "pymeta: internal error: hvp() of a fused pass");
     std::vector<at::Tensor> r_in(n + 1), r_saved(n);  // tangents of each layer's input
     for (size_t l = 0; l < n; ++l) {
       const SeqLayer& L = net_.layers[l];
@@ -151,6 +193,7 @@ class SeqTask {
 
   const SeqNet& net_;
   LossKind loss_;
+  std::vector<bool> block_start_;  // layer l starts a batch norm -> ReLU -> 2x2 max pooling block
 };
 
 // Everything the per-task pipeline reads, checked once.
@@ -322,7 +365,8 @@ InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params
   out.theta.push_back(theta0);
   for (int64_t j = 0; j < pb.steps; ++j) {
     const Params& cur = out.theta.back();
-    SeqPass pass = task.forward(cur, sx, j);
+    // Passes the reverse sweep's hvp() never reads may run fused blocks.
+    SeqPass pass = task.forward(cur, sx, j, !keep_passes);
     if (bn_stats.defined()) record_bn_stats(pb.net, pass, bn_stats[j]);
     task.loss(pass, sy, true);
     Params g = task.backward(pass, cur, lowest, keep_passes);
@@ -338,9 +382,21 @@ InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params
   return out;
 }
 
+// Image batches go through the network channels-last (N, H, W, C in memory) on the CPU: oneDNN
+// convolutions then run without reordering, and ATen's batch norm and pooling kernels vectorise
+// over channels; with the default layout a 1-channel first convolution and 2x2 max pooling are
+// 5-13x slower (benchmarks/omniglot_layout.py). Results are the same; only the strides differ.
+// Convolution weights (4-D) go channels-last too. A tensor with one channel is already
+// "contiguous" in both layouts, so the strides are set explicitly: ATen picks the layout of a
+// convolution's output from them.
+at::Tensor network_layout(const at::Tensor& x) {
+  if (x.dim() != 4 || !x.is_cpu()) return x;
+  return x.clone(at::MemoryFormat::ChannelsLast);
+}
+
 Params param_list(at::TensorList params) {
   Params out;
-  for (const auto& p : params) out.push_back(p.detach());
+  for (const auto& p : params) out.push_back(network_layout(p.detach()));
   return out;
 }
 
@@ -370,7 +426,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
   // threads instead would call oneDNN convolutions inside an OpenMP parallel region, where its
   // backward-weights kernels wait on a barrier for threads that never come (they hang).
   for (int64_t t = 0; t < pb.tasks; ++t) {
-    const at::Tensor sx = support_x[t], sy = support_y[t], qx = query_x[t], qy = query_y[t];
+    const at::Tensor sx = network_layout(support_x[t]), sy = support_y[t];
+    const at::Tensor qx = network_layout(query_x[t]), qy = query_y[t];
     // The sweep reads each step's support pass (second order) and gradient (learned rates);
     // without either the inner loop only needs gradients down to the lowest adapted layer.
     const int64_t lowest = second_order ? 0 : pb.net.lowest_adapted;
@@ -382,7 +439,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     auto add_query_term = [&](int64_t j) {
       const double w = step_weights[j - 1];
       if (w == 0.0) return;
-      SeqPass pass = task.forward(inner.theta[j], qx, j);
+      SeqPass pass = task.forward(inner.theta[j], qx, j, true);
       if (j == J && task_stats.defined()) record_bn_stats(pb.net, pass, task_stats[J]);
       const at::Tensor l = task.loss(pass, qy, compute_grads) * w;
       task_loss = task_loss.defined() ? task_loss + l : l;
@@ -453,7 +510,7 @@ std::vector<at::Tensor> seq_adapt_kernel(at::TensorList params, at::TensorList l
     adapted.push_back(at::empty(shape, p.options()));
   }
   for (int64_t t = 0; t < pb.tasks; ++t) {  // one task at a time, as in seq_maml_loss
-    InnerLoop inner = run_inner_loop(pb, task, theta0, lr, support_x[t], support_y[t], false, false,
+    InnerLoop inner = run_inner_loop(pb, task, theta0, lr, network_layout(support_x[t]), support_y[t], false, false,
                                      pb.net.lowest_adapted, at::Tensor());
     for (size_t p = 0; p < adapted.size(); ++p) adapted[p][t].copy_(inner.theta.back()[p]);
   }

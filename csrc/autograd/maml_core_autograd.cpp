@@ -30,6 +30,7 @@ struct CoreOptions {
   at::ArrayRef<double> layer_args, step_weights;
   int64_t lr_mode, loss;
   bool first_order, compute_grads, compute_lr_grads;
+  bool grad_mode;  // autograd was recording at the call (Function::forward runs without it)
 };
 
 bool any_requires_grad(at::TensorList tensors) {
@@ -46,8 +47,9 @@ class MamlLoss : public torch::autograd::Function<MamlLoss> {
                                at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
                                const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy,
                                const CoreOptions& o) {
-    const bool need_params = any_requires_grad(params);
-    const bool need_lrs = any_requires_grad(lrs);
+    // Under torch.no_grad() nothing will call backward: only gradients asked for are computed.
+    const bool need_params = o.grad_mode && any_requires_grad(params);
+    const bool need_lrs = o.grad_mode && any_requires_grad(lrs);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, grad_params, grad_lrs, task_losses, bn_stats] =
         op.call(params, lrs, sx, sy, qx, qy, o.layers, o.layer_args, o.step_weights, o.lr_mode, o.loss,
@@ -90,8 +92,8 @@ MamlLossResult maml_loss_autograd(at::TensorList params, at::TensorList lrs, con
                                   at::ArrayRef<double> step_weights, int64_t lr_mode, int64_t loss,
                                   bool first_order, bool compute_grads, bool compute_lr_grads) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").typed<MamlLossFn>();
-  const CoreOptions o{layers, layer_args, step_weights, lr_mode, loss, first_order, compute_grads,
-                      compute_lr_grads};
+  const CoreOptions o{layers,        layer_args,       step_weights, lr_mode, loss, first_order,
+                      compute_grads, compute_lr_grads, at::GradMode::is_enabled()};
   variable_list out = MamlLoss::apply(op, params, lrs, sx, sy, qx, qy, o);
   std::vector<at::Tensor> grad_params, grad_lrs;
   // out = [loss, task_losses, bn_stats, grad_params..., grad_lrs...] with the gradients present

@@ -43,167 +43,103 @@ std::vector<double> per_channel_sums(const Geometry& g, int64_t parts, const F& 
   return total;
 }
 
-// ---- per-image loops over raw pointers, built for AVX-512, AVX2 and baseline x86-64
-// (PYMETA_MULTIVERSION); `restrict` lets the compiler vectorise the channel loops.
-
-// acc[c] += sum of (x - shift[c]), acc[C + c] += sum of its square, over one image's pixels.
-template <typename T>
-inline void image_stats_impl(int64_t pixels, int64_t C, const T* __restrict x, const double* __restrict shift,
-                             double* __restrict acc) {
-  double* __restrict acc2 = acc + C;
-  for (int64_t p = 0; p < pixels; ++p) {
-    const T* __restrict v = x + p * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = static_cast<double>(v[c]) - shift[c];
-      acc[c] += d;
-      acc2[c] += d * d;
-    }
-  }
-}
-
-// One image's pooled output and argmax: y = x * scale + offset, max over each 2x2 window (the
-// first maximum in row-major order wins, as in ATen), then ReLU (which commutes with the
-// maximum). NaN needs no test here: a NaN or infinite input makes its channel's statistics, and
-// so every y of the channel, NaN, and the output stays NaN. (Testing y != y too, with | or ||,
-// stops GCC vectorising the loop.)
-template <typename T>
-inline void image_forward_impl(int64_t H, int64_t W, int64_t C, const T* __restrict x, const T* __restrict scale,
-                               const T* __restrict offset, T* __restrict out, T* __restrict arg) {
-  const int64_t Ho = H / 2, Wo = W / 2, row = W * C;
-  for (int64_t ph = 0; ph < Ho; ++ph) {
-    for (int64_t pw = 0; pw < Wo; ++pw) {
-      const T* __restrict p00 = x + (2 * ph * W + 2 * pw) * C;
-      const T* __restrict p01 = p00 + C;
-      const T* __restrict p10 = p00 + row;
-      const T* __restrict p11 = p10 + C;
-      T* __restrict o = out + (ph * Wo + pw) * C;
-      T* __restrict a = arg + (ph * Wo + pw) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        T best = p00[c] * scale[c] + offset[c];
-        T at = T(0);
-        const T y1 = p01[c] * scale[c] + offset[c];
-        const T y2 = p10[c] * scale[c] + offset[c];
-        const T y3 = p11[c] * scale[c] + offset[c];
-        const bool t1 = y1 > best;
-        best = t1 ? y1 : best;
-        at = t1 ? T(1) : at;
-        const bool t2 = y2 > best;
-        best = t2 ? y2 : best;
-        at = t2 ? T(2) : at;
-        const bool t3 = y3 > best;
-        best = t3 ? y3 : best;
-        at = t3 ? T(3) : at;
-        o[c] = best <= T(0) ? T(0) : best;  // keeps NaN, as ReLU does
-        a[c] = at;
-      }
-    }
-  }
-}
-
-// The batch-norm output's gradient gy is gout at each window's argmax where out > 0, else 0;
-// acc[c] += its sum, acc[C + c] += the sum of gy * x̂, over one image.
-template <typename T>
-inline void image_grad_sums_impl(int64_t H, int64_t W, int64_t C, const T* __restrict x, const T* __restrict gout,
-                                 const T* __restrict out, const T* __restrict arg, const T* __restrict mean,
-                                 const T* __restrict inv_std, double* __restrict acc) {
-  const int64_t Ho = H / 2, Wo = W / 2, row = W * C;
-  double* __restrict acc2 = acc + C;
-  for (int64_t ph = 0; ph < Ho; ++ph) {
-    for (int64_t pw = 0; pw < Wo; ++pw) {
-      const T* __restrict p00 = x + (2 * ph * W + 2 * pw) * C;
-      const T* __restrict p01 = p00 + C;
-      const T* __restrict p10 = p00 + row;
-      const T* __restrict p11 = p10 + C;
-      const int64_t k = (ph * Wo + pw) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        // Unconditional loads and selects, so the loop vectorises.
-        const T at = arg[k + c];
-        const T v0 = p00[c], v1 = p01[c], v2 = p10[c], v3 = p11[c], go = gout[k + c];
-        const T v = at == T(0) ? v0 : at == T(1) ? v1 : at == T(2) ? v2 : v3;
-        const double gy = out[k + c] <= T(0) ? 0.0 : static_cast<double>(go);  // NaN passes
-        acc[c] += gy;
-        acc2[c] += gy * ((static_cast<double>(v) - mean[c]) * inv_std[c]);
-      }
-    }
-  }
-}
-
-// dL/dx over one image: alpha (x - mean) + gamma everywhere, plus k gy at the argmaxes.
-template <typename T>
-inline void image_grad_x_impl(int64_t H, int64_t W, int64_t C, const T* __restrict x, const T* __restrict gout,
-                              const T* __restrict out, const T* __restrict arg, const T* __restrict mean,
-                              const T* __restrict k, const T* __restrict alpha, const T* __restrict gamma,
-                              T* __restrict gx) {
-  const int64_t Ho = H / 2, Wo = W / 2, row = W * C;
-  auto linear = [&](int64_t pixel) {  // a pixel in no window: gy = 0
-    const T* __restrict xs = x + pixel * C;
-    T* __restrict gs = gx + pixel * C;
-    for (int64_t c = 0; c < C; ++c) gs[c] = alpha[c] * (xs[c] - mean[c]) + gamma[c];
-  };
-  // Per pooled row, first k gy (zero where ReLU stopped the gradient).
-  std::vector<T> kg_row(Wo * C);
-  for (int64_t ph = 0; ph < Ho; ++ph) {
-    const int64_t q = ph * Wo * C;
-    T* __restrict kg_buf = kg_row.data();
-    for (int64_t pw = 0; pw < Wo; ++pw) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t e = pw * C + c;
-        kg_buf[e] = out[q + e] <= T(0) ? T(0) : k[c] * gout[q + e];  // NaN passes
-      }
-    }
-    for (int64_t pw = 0; pw < Wo; ++pw) {
-      const int64_t o = (2 * ph * W + 2 * pw) * C;
-      const T* __restrict x00 = x + o;
-      const T* __restrict x01 = x00 + C;
-      const T* __restrict x10 = x00 + row;
-      const T* __restrict x11 = x10 + C;
-      T* __restrict g00 = gx + o;
-      T* __restrict g01 = g00 + C;
-      T* __restrict g10 = g00 + row;
-      T* __restrict g11 = g10 + C;
-      const T* __restrict at = arg + q + pw * C;
-      const T* __restrict kg = kg_buf + pw * C;
-      for (int64_t c = 0; c < C; ++c) {
-        // All four selects first, then the stores: in this order GCC if-converts the loop.
-        const T al = alpha[c], mu = mean[c], ga = gamma[c], a = at[c], g = kg[c], z = T(0);
-        const T s0 = a == T(0) ? g : z, s1 = a == T(1) ? g : z, s2 = a == T(2) ? g : z, s3 = a == T(3) ? g : z;
-        g00[c] = al * (x00[c] - mu) + ga + s0;
-        g01[c] = al * (x01[c] - mu) + ga + s1;
-        g10[c] = al * (x10[c] - mu) + ga + s2;
-        g11[c] = al * (x11[c] - mu) + ga + s3;
-      }
-    }
-    if (W % 2 == 1) {  // the last column of both rows is in no window
-      linear(2 * ph * W + W - 1);
-      linear((2 * ph + 1) * W + W - 1);
-    }
-  }
-  for (int64_t p = 2 * Ho * W; p < H * W; ++p) linear(p);  // the last row, when H is odd
-}
-
-#define PYMETA_BN_RELU_POOL_DEFS(T)                                                                          \
-  PYMETA_MULTIVERSION void image_stats(int64_t pixels, int64_t C, const T* x, const double* shift,          \
-                                       double* acc) {                                                       \
-    image_stats_impl<T>(pixels, C, x, shift, acc);                                                          \
-  }                                                                                                         \
-  PYMETA_MULTIVERSION void image_forward(int64_t H, int64_t W, int64_t C, const T* x, const T* scale,       \
-                                         const T* offset, T* out, T* arg) {                          \
-    image_forward_impl<T>(H, W, C, x, scale, offset, out, arg);                                             \
-  }                                                                                                         \
-  PYMETA_MULTIVERSION void image_grad_sums(int64_t H, int64_t W, int64_t C, const T* x, const T* gout,      \
-                                           const T* out, const T* arg, const T* mean,                \
-                                           const T* inv_std, double* acc) {                                 \
-    image_grad_sums_impl<T>(H, W, C, x, gout, out, arg, mean, inv_std, acc);                                \
-  }                                                                                                         \
-  PYMETA_MULTIVERSION void image_grad_x(int64_t H, int64_t W, int64_t C, const T* x, const T* gout,         \
-                                        const T* out, const T* arg, const T* mean, const T* k,        \
-                                        const T* alpha, const T* gamma, T* gx) {                            \
-    image_grad_x_impl<T>(H, W, C, x, gout, out, arg, mean, k, alpha, gamma, gx);                            \
+// ---- The channel loops: one 2x2 window (four pixels of C channels, `p` rows apart) per call.
+// Each is a non-template function per dtype with `restrict` pointer parameters, built for
+// AVX-512, AVX2 and baseline x86-64 (PYMETA_MULTIVERSION): GCC vectorises these loops only with
+// restrict parameters, and a loop inlined from a template would be built for baseline x86-64.
+// Selects compute both sides and are written before the stores, which GCC if-converts.
+//
+// NaN needs no test in the forward: a NaN or infinite input makes its channel's statistics, and
+// so every y of the channel, NaN; the output then stays NaN (testing y != y too stops GCC
+// vectorising the loop).
+#define PYMETA_BN_RELU_POOL_DEFS(T)                                                                              \
+  /* acc[c] += sum of (x - shift[c]), acc2[c] += sum of its square, over `pixels` pixels. */                    \
+  PYMETA_MULTIVERSION void stats_pixels(int64_t pixels, int64_t C, const T* __restrict x,                        \
+                                        const double* __restrict shift, double* __restrict acc,                 \
+                                        double* __restrict acc2) {                                               \
+    for (int64_t p = 0; p < pixels; ++p) {                                                                       \
+      for (int64_t c = 0; c < C; ++c) {                                                                          \
+        const double d = static_cast<double>(x[p * C + c]) - shift[c];                                          \
+        acc[c] += d;                                                                                             \
+        acc2[c] += d * d;                                                                                        \
+      }                                                                                                          \
+    }                                                                                                            \
+  }                                                                                                              \
+  /* y = x * scale + offset at the four pixels; out = ReLU(max y) (ReLU commutes with the max), */             \
+  /* arg = the first maximum's position 0..3 in row-major order, as in ATen. */                                 \
+  PYMETA_MULTIVERSION void forward_window(int64_t C, const T* __restrict p0, const T* __restrict p1,            \
+                                          const T* __restrict p2, const T* __restrict p3,                      \
+                                          const T* __restrict scale, const T* __restrict offset,               \
+                                          T* __restrict out, T* __restrict arg) {                               \
+    for (int64_t c = 0; c < C; ++c) {                                                                            \
+      const T s = scale[c], o = offset[c];                                                                       \
+      const T y0 = p0[c] * s + o, y1 = p1[c] * s + o, y2 = p2[c] * s + o, y3 = p3[c] * s + o;                   \
+      T best = y0, at = T(0);                                                                                    \
+      const bool t1 = y1 > best;                                                                                 \
+      best = t1 ? y1 : best;                                                                                     \
+      at = t1 ? T(1) : at;                                                                                       \
+      const bool t2 = y2 > best;                                                                                 \
+      best = t2 ? y2 : best;                                                                                     \
+      at = t2 ? T(2) : at;                                                                                       \
+      const bool t3 = y3 > best;                                                                                 \
+      best = t3 ? y3 : best;                                                                                     \
+      at = t3 ? T(3) : at;                                                                                       \
+      out[c] = best <= T(0) ? T(0) : best; /* keeps NaN, as ReLU does */                                         \
+      arg[c] = at;                                                                                               \
+    }                                                                                                            \
+  }                                                                                                              \
+  /* gy = gout where out > 0 (or NaN), else 0, at the argmax: acc[c] += gy, acc2[c] += gy x̂. */                \
+  PYMETA_MULTIVERSION void grad_sums_window(                                                                     \
+      int64_t C, const T* __restrict p0, const T* __restrict p1, const T* __restrict p2,                        \
+      const T* __restrict p3, const T* __restrict gout, const T* __restrict out, const T* __restrict arg,       \
+      const T* __restrict mean, const T* __restrict inv_std, double* __restrict acc, double* __restrict acc2) { \
+    for (int64_t c = 0; c < C; ++c) {                                                                            \
+      const T a = arg[c], v0 = p0[c], v1 = p1[c], v2 = p2[c], v3 = p3[c], g = gout[c];                          \
+      const T v = a == T(0) ? v0 : a == T(1) ? v1 : a == T(2) ? v2 : v3;                                        \
+      const double gy = out[c] <= T(0) ? 0.0 : static_cast<double>(g);                                          \
+      acc[c] += gy;                                                                                              \
+      acc2[c] += gy * ((static_cast<double>(v) - mean[c]) * inv_std[c]);                                        \
+    }                                                                                                            \
+  }                                                                                                              \
+  /* dL/dx at the four pixels: alpha (x - mean) + gamma, plus k gy at the argmax. */                            \
+  PYMETA_MULTIVERSION void grad_x_window(                                                                        \
+      int64_t C, const T* __restrict p0, const T* __restrict p1, const T* __restrict p2,                        \
+      const T* __restrict p3, const T* __restrict gout, const T* __restrict out, const T* __restrict arg,       \
+      const T* __restrict k, const T* __restrict alpha, const T* __restrict mean, const T* __restrict gamma,    \
+      T* __restrict g0, T* __restrict g1, T* __restrict g2, T* __restrict g3) {                                 \
+    for (int64_t c = 0; c < C; ++c) {                                                                            \
+      const T a = arg[c], al = alpha[c], mu = mean[c], ga = gamma[c], z = T(0);                                 \
+      const T kgo = k[c] * gout[c];                                                                              \
+      const T kg = out[c] <= z ? z : kgo; /* NaN passes */                                                       \
+      const T s0 = a == T(0) ? kg : z, s1 = a == T(1) ? kg : z, s2 = a == T(2) ? kg : z, s3 = a == T(3) ? kg : z; \
+      g0[c] = al * (p0[c] - mu) + ga + s0;                                                                       \
+      g1[c] = al * (p1[c] - mu) + ga + s1;                                                                       \
+      g2[c] = al * (p2[c] - mu) + ga + s2;                                                                       \
+      g3[c] = al * (p3[c] - mu) + ga + s3;                                                                       \
+    }                                                                                                            \
+  }                                                                                                              \
+  /* dL/dx of a pixel in no window (the last row or column of an odd size): gy = 0 there. */                   \
+  PYMETA_MULTIVERSION void grad_x_pixel(int64_t C, const T* __restrict x, const T* __restrict alpha,             \
+                                        const T* __restrict mean, const T* __restrict gamma, T* __restrict g) { \
+    for (int64_t c = 0; c < C; ++c) g[c] = alpha[c] * (x[c] - mean[c]) + gamma[c];                               \
   }
 
 PYMETA_BN_RELU_POOL_DEFS(float)
 PYMETA_BN_RELU_POOL_DEFS(double)
 #undef PYMETA_BN_RELU_POOL_DEFS
+
+// Calls fn(p0, p1, p2, p3, q) for every 2x2 window of image i: the offsets of its four pixels
+// in x and of its pooled element.
+template <typename F>
+void for_each_window(const Geometry& g, int64_t i, const F& fn) {
+  const int64_t row = g.w * g.c;
+  for (int64_t ph = 0; ph < g.ho; ++ph) {
+    for (int64_t pw = 0; pw < g.wo; ++pw) {
+      const int64_t p0 = i * g.image() + (2 * ph * g.w + 2 * pw) * g.c;
+      fn(p0, p0 + g.c, p0 + row, p0 + row + g.c, i * g.pooled_image() + (ph * g.wo + pw) * g.c);
+    }
+  }
+}
 
 template <typename T>
 void forward_impl(const Geometry& g, const T* x, const T* w, const T* b, double eps, T* out, T* arg,
@@ -212,8 +148,9 @@ void forward_impl(const Geometry& g, const T* x, const T* w, const T* b, double 
   // Sums of (x - shift) and its square, shifted by one sample per channel so that a large mean
   // does not cancel the variance.
   const std::vector<double> shift(x, x + C);
-  const std::vector<double> sums = per_channel_sums(
-      g, 2, [&](int64_t i, double* acc) { image_stats(g.h * g.w, C, x + i * g.image(), shift.data(), acc); });
+  const std::vector<double> sums = per_channel_sums(g, 2, [&](int64_t i, double* acc) {
+    stats_pixels(g.h * g.w, C, x + i * g.image(), shift.data(), acc, acc + C);
+  });
   const double m = static_cast<double>(g.pixels());
   std::vector<T> scale(C), offset(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -230,8 +167,9 @@ void forward_impl(const Geometry& g, const T* x, const T* w, const T* b, double 
   }
   at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      image_forward(g.h, g.w, C, x + i * g.image(), scale.data(), offset.data(), out + i * g.pooled_image(),
-                    arg + i * g.pooled_image());
+      for_each_window(g, i, [&](int64_t p0, int64_t p1, int64_t p2, int64_t p3, int64_t q) {
+        forward_window(C, x + p0, x + p1, x + p2, x + p3, scale.data(), offset.data(), out + q, arg + q);
+      });
     }
   });
 }
@@ -240,9 +178,12 @@ template <typename T>
 void backward_impl(const Geometry& g, const T* gout, const T* x, const T* w, const T* out, const T* arg,
                    const T* mean, const T* inv_std, T* gx, T* gw, T* gb) {
   const int64_t C = g.c;
+  // The batch-norm output's gradient gy is gout at each window's argmax where out > 0, else 0;
+  // its per-channel sums of gy and gy * x̂:
   const std::vector<double> sums = per_channel_sums(g, 2, [&](int64_t i, double* acc) {
-    const int64_t q = i * g.pooled_image();
-    image_grad_sums(g.h, g.w, C, x + i * g.image(), gout + q, out + q, arg + q, mean, inv_std, acc);
+    for_each_window(g, i, [&](int64_t p0, int64_t p1, int64_t p2, int64_t p3, int64_t q) {
+      grad_sums_window(C, x + p0, x + p1, x + p2, x + p3, gout + q, out + q, arg + q, mean, inv_std, acc, acc + C);
+    });
   });
   for (int64_t c = 0; c < C && gw != nullptr; ++c) {
     gw[c] = static_cast<T>(sums[C + c]);
@@ -261,9 +202,19 @@ void backward_impl(const Geometry& g, const T* gout, const T* x, const T* w, con
   }
   at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t q = i * g.pooled_image();
-      image_grad_x(g.h, g.w, C, x + i * g.image(), gout + q, out + q, arg + q, mean, k.data(), alpha.data(),
-                   gamma.data(), gx + i * g.image());
+      for_each_window(g, i, [&](int64_t p0, int64_t p1, int64_t p2, int64_t p3, int64_t q) {
+        grad_x_window(C, x + p0, x + p1, x + p2, x + p3, gout + q, out + q, arg + q, k.data(), alpha.data(), mean,
+                      gamma.data(), gx + p0, gx + p1, gx + p2, gx + p3);
+      });
+      // Pixels in no window (odd sizes): the last column, and the last row.
+      auto pixel = [&](int64_t r, int64_t col) {
+        const int64_t p = i * g.image() + (r * g.w + col) * C;
+        grad_x_pixel(C, x + p, alpha.data(), mean, gamma.data(), gx + p);
+      };
+      for (int64_t r = 0; r < 2 * g.ho && g.w % 2 == 1; ++r) pixel(r, g.w - 1);
+      for (int64_t r = 2 * g.ho; r < g.h; ++r) {
+        for (int64_t col = 0; col < g.w; ++col) pixel(r, col);
+      }
     }
   });
 }

@@ -2,6 +2,8 @@
 // docs/model-aware.md ("Convolutional networks"); an undefined tensor stands for zero.
 #include "seq/seq_layers.h"
 
+#include "cpu/bn_tangent.h"
+
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/avg_pool2d.h>
 #include <ATen/ops/avg_pool2d_backward.h>
@@ -227,6 +229,9 @@ at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tenso
       return ry;
     }
     case SeqKind::kBatchNorm: {
+      if (rx.defined() && bn_tangent_applies(x)) {  // the fused CPU kernel: same formulas
+        return bn_r_forward_fused(x, saved.aux, saved.inv_std, rx, w, uw, ub, r_saved);
+      }
       const at::Tensor xhat = bn_xhat(x, saved);
       if (rx.defined()) r_saved = bn_project(rx, xhat, bn_inv_std(x, saved));
       if (!w.defined()) return r_saved;
@@ -275,6 +280,10 @@ LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tens
       return r;
     }
     case SeqKind::kBatchNorm: {
+      if (rgy.defined() && rx.defined() && bn_tangent_applies(x)) {  // the fused CPU kernel
+        BnTangentGrads f = bn_r_backward_fused(x, saved.aux, saved.inv_std, gy, rgy, rx, r_saved, w, uw, need_x);
+        return {f.x, f.w, f.b};
+      }
       const at::Tensor xhat = bn_xhat(x, saved);
       const at::Tensor s = bn_inv_std(x, saved);
       const at::Tensor& rxhat = r_saved;

@@ -2,8 +2,10 @@
 
 Counts the convolution multiply-adds of conv4 from its shapes, then profiles one meta-step
 (torch.profiler, self CPU time per op, averaged over ``--steps`` steps) for ModelAwareMAML and
-for the per-task autograd loop: both call the same ATen convolution, batch-norm and pooling
-kernels, which bounds what the model-aware core can gain.
+for the per-task autograd loop. Both call the same oneDNN convolutions; the core runs batch
+norm, ReLU and pooling in its own fused kernels (the profiler's self time of
+``pymeta::seq_maml_loss``, "fused (pymeta)") where the loop calls ATen's. Run it on a quiet
+machine: the profiler's own overhead inflates the small ops.
 
 Usage::
 
@@ -22,12 +24,14 @@ from torch import nn
 from torch.profiler import profile
 
 import pymeta
+from pymeta.memory import retain_freed_memory
 
 GROUPS = {
     "convolution": ("convolution",),
     "batch norm": ("batch_norm",),
     "max pooling": ("max_pool2d",),
     "ReLU": ("threshold_backward", "clamp_min", "relu"),
+    "fused (pymeta)": ("pymeta::",),
 }
 
 
@@ -49,6 +53,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    retain_freed_memory()  # as python -m pymeta does: no page faults in the profile
     torch.manual_seed(0)
     model = pymeta.models.conv4(5)
     batch = make_batch(8, 5, 1, 15, torch.float32)
@@ -68,7 +73,7 @@ def main() -> int:
                 meta_step(maml, model, batch)
         ms = defaultdict(float)
         for event in prof.key_averages():
-            if not event.key.startswith("aten::"):
+            if not event.key.startswith(("aten::", "pymeta::")):
                 continue
             group = next(
                 (g for g, keys in GROUPS.items() if any(k in event.key for k in keys)), "other"

@@ -7,11 +7,13 @@ wrong in torch 2.13).
 Usage::
 
     .venv/bin/python benchmarks/omniglot_step.py [--threads N] [--repeats R] [--retain-freed-memory]
-        [--meta-batch 8] [--k-query 15]
+        [--meta-batch 8] [--k-query 15] [--implementations pymeta_aware ...]
 
 Timing as in compare.py (rounds rotate the implementations; medians), memory as the peak RSS of
 one meta-step beyond the RSS at its start (harness.peak_rss_bytes), all in this one process.
-``--retain-freed-memory`` first calls pymeta.memory.retain_freed_memory() (as ``python -m
+``per_task_loop_channels_last`` is the per-task loop with images and convolution weights in the
+channels-last layout that ModelAwareMAML's core uses on the CPU: it shows what the layout alone
+gains. ``--retain-freed-memory`` first calls pymeta.memory.retain_freed_memory() (as ``python -m
 pymeta`` does), so freed activations are reused rather than faulted in again every task; the
 minor page faults and system time per meta-step are reported either way.
 """
@@ -23,8 +25,8 @@ import resource
 import sys
 
 import torch
-from harness import peak_rss_bytes, rotated_timings
 from baselines import ChannelsLastPerTaskLoopMAML
+from harness import peak_rss_bytes, rotated_timings
 from workloads import IMPLEMENTATIONS, ORDERS, available
 
 import pymeta
@@ -104,7 +106,10 @@ def main() -> int:
     parser.add_argument("--meta-batch", type=int, default=8)
     parser.add_argument("--k-query", type=int, default=15, help="query examples per class")
     parser.add_argument(
-        "--implementations", nargs="+", choices=CONV_IMPLEMENTATIONS, default=CONV_IMPLEMENTATIONS,
+        "--implementations",
+        nargs="+",
+        choices=CONV_IMPLEMENTATIONS,
+        default=CONV_IMPLEMENTATIONS,
         help="per_task_loop (the reference) is always run",
     )
     args = parser.parse_args()

@@ -35,6 +35,14 @@ def conv_net(name, seed=0):
             nn.Conv2d(4, 4, 3, padding=1), bn(4), nn.ReLU(), nn.MaxPool2d(2),
         )  # fmt: skip
         return with_head(body, (1, 8, 8), 3).double(), (1, 8, 8)
+    if name == "odd-sizes":  # the fused batch norm + ReLU + 2x2 max pooling block (query sets,
+        # first-order and adapt-only passes) at odd sizes, where a row and a column fall in no
+        # pooling window, with and without affine batch norm
+        body = nn.Sequential(  # 9 x 7 -> 4 x 3 -> 2 x 1
+            nn.Conv2d(1, 3, 3, padding=1), bn(3, affine=False), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 4, 3, padding=1), bn(4), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        return with_head(body, (1, 9, 7), 3).double(), (1, 9, 7)
     if name == "strided-avgpool-smooth":  # strides, asymmetric kernels and padding, no bias,
         # batch norm without affine, smooth activations, avg pooling both ways, BatchNorm1d
         body = nn.Sequential(
@@ -47,7 +55,7 @@ def conv_net(name, seed=0):
     raise KeyError(name)
 
 
-NETS = ["conv-bn-relu-maxpool", "strided-avgpool-smooth"]
+NETS = ["conv-bn-relu-maxpool", "odd-sizes", "strided-avgpool-smooth"]
 
 
 def batch_for(example, loss, tasks=3, k=4, q=5, classes=3, seed=1, dtype=torch.float64):

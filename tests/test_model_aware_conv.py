@@ -242,6 +242,47 @@ def test_float32_matches_model_agnostic_maml():
         assert float((g - w).abs().max()) < 1e-4 * scale
 
 
+def test_meta_loss_under_no_grad_computes_no_gradients():
+    # Evaluation under torch.no_grad() gets the same loss without the query sets' backward
+    # passes and the reverse sweep; the inner loop still differentiates the support loss.
+    model, example = conv_net("conv-bn-relu-maxpool")
+    maml = pymeta.ModelAwareMAML(model, inner_lr=0.3, loss="cross_entropy", first_order=True)
+    batch = batch_for(example, "cross_entropy")
+
+    def conv_backwards(fn):
+        with torch.profiler.profile() as prof:
+            loss = fn()
+        calls = sum(e.count for e in prof.key_averages() if e.key == "aten::convolution_backward")
+        return loss, calls
+
+    with_grad, calls_with = conv_backwards(lambda: maml.meta_loss(batch))
+    with torch.no_grad():
+        without, calls_without = conv_backwards(lambda: maml.meta_loss(batch))
+    assert rel_err(without, with_grad.detach()) < TOL
+    # One inner step: each task's support backward runs through both convolutions either way;
+    # the query backward only with gradients.
+    assert calls_without == 2 * batch.num_tasks
+    assert calls_with == 4 * batch.num_tasks
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_parameter_propagates_like_model_agnostic_maml(bad):
+    # The fused batch norm + ReLU + pooling kernel tests no element for NaN: a non-finite value
+    # must still reach the loss and every gradient, as it does through pymeta.MAML.
+    model, example = conv_net("odd-sizes")
+    with torch.no_grad():
+        model[0].bias[1] = bad
+    batch = batch_for(example, "cross_entropy")
+    params = list(model.parameters())
+    for maml in (
+        pymeta.ModelAwareMAML(model, loss="cross_entropy"),
+        pymeta.MAML(model, loss="cross_entropy"),
+    ):
+        loss = maml.meta_loss(batch)
+        assert loss.isnan()
+        assert all(g.isnan().any() for g in grads_of(loss, params))
+
+
 # ----------------------------------------------------------------------------- adaptation
 def test_adapt_matches_model_agnostic_adapt():
     model, example = conv_net("conv-bn-relu-maxpool")

@@ -1,10 +1,11 @@
 // Batch norm (batch statistics) -> ReLU -> 2x2 max pooling with stride 2, as one CPU block: the
-// tail of every conv4 block. ATen runs it as five passes over the full-size activation (statistics,
-// normalise, ReLU, pool, plus the zero fill of each backward) and keeps the normalised and ReLU
-// outputs; this block reads the batch-norm input three times forward and twice backward, and keeps
-// only the pooled output and the argmax. The model-aware core uses it
-// for passes that need no Hessian-vector product (query sets, first-order and adapt-only inner
-// loops); the R-operator rules still run layer by layer (seq_layers.cpp).
+// tail of every conv4 block. ATen runs it layer by layer: about five full-size passes forward
+// (statistics, normalise, ReLU, pool) and as many backward (with the pooling backward's zero
+// fill), keeping the normalised and ReLU outputs. This block reads the batch-norm input twice
+// forward (statistics, then normalise + pool + ReLU) and twice backward (per-channel sums, then
+// dL/dx), and keeps only the pooled output and the argmax. The model-aware core uses it for passes
+// that need no Hessian-vector product (query sets, first-order and adapt-only inner loops); the
+// R-operator rules still run layer by layer (seq_layers.cpp, cpu/bn_tangent.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -13,4 +13,17 @@ inline std::atomic<int64_t>& activation_cache_limit() {
   return limit;
 }
 
+// The layered core's CPU fast paths, both on by default: the channels-last layout for images
+// and convolution weights, and the fused kernels (cpu/bn_relu_pool.h, cpu/bn_tangent.h). Off,
+// the core runs every layer in ATen ops, as it does on CUDA: tests switch them off to keep those
+// rules tested on the CPU, and benchmarks/omniglot_step.py to measure what each path gains.
+inline std::atomic<bool>& cpu_channels_last() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+inline std::atomic<bool>& cpu_fused_kernels() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
 }  // namespace pymeta

@@ -32,4 +32,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_activation_cache_limit",
         [](int64_t bytes) { pymeta::activation_cache_limit().store(bytes < 0 ? 0 : bytes); },
         "Sets that cap; 0 makes the sweep recompute every activation (least memory).");
+  m.def("cpu_fast_paths", [] {
+        return pybind11::make_tuple(pymeta::cpu_channels_last().load(), pymeta::cpu_fused_kernels().load());
+      },
+        "(channels_last, fused_kernels): whether the layered core's CPU fast paths are on.");
+  m.def("set_cpu_fast_paths",
+        [](bool channels_last, bool fused_kernels) {
+          pymeta::cpu_channels_last().store(channels_last);
+          pymeta::cpu_fused_kernels().store(fused_kernels);
+        },
+        pybind11::arg("channels_last"), pybind11::arg("fused_kernels"),
+        "Switches the layered core's CPU fast paths (both on by default); off, every layer runs in ATen "
+        "ops in the default layout, as on CUDA. For tests and benchmarks.");
 }

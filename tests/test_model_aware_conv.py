@@ -98,6 +98,28 @@ def test_equals_model_agnostic_maml(net, steps, first_order, loss):
     assert_close_grads(grads_of(la, params), grads_of(lb, params))
 
 
+@pytest.mark.parametrize("paths", [(True, False), (False, False)], ids=["channels-last", "aten"])
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_without_the_cpu_fast_paths(paths, net, first_order):
+    # The same parity with the fused kernels off (channels-last ATen ops) and with both CPU fast
+    # paths off (ATen ops in the default layout: the rules the core runs on CUDA).
+    saved = pymeta._C.cpu_fast_paths()
+    pymeta._C.set_cpu_fast_paths(*paths)
+    try:
+        assert pymeta._C.cpu_fast_paths() == paths
+        model, example = conv_net(net)
+        kwargs = dict(inner_lr=0.3, inner_steps=2, first_order=first_order, loss="cross_entropy")
+        aware, agnostic = pymeta.ModelAwareMAML(model, **kwargs), pymeta.MAML(model, **kwargs)
+        batch = batch_for(example, "cross_entropy")
+        params = list(model.parameters())
+        la, lb = aware.meta_loss(batch), agnostic.meta_loss(batch)
+        assert rel_err(la, lb) < TOL
+        assert_close_grads(grads_of(la, params), grads_of(lb, params))
+    finally:
+        pymeta._C.set_cpu_fast_paths(*saved)
+
+
 def test_conv4_equals_model_agnostic_maml():
     torch.manual_seed(0)
     model = pymeta.models.conv4(3, hidden=6, image_size=16).double()

@@ -2,6 +2,7 @@
 // docs/model-aware.md ("Convolutional networks"); an undefined tensor stands for zero.
 #include "seq/seq_layers.h"
 
+#include "core_settings.h"
 #include "cpu/bn_tangent.h"
 
 #include <ATen/TensorOperators.h>
@@ -229,7 +230,7 @@ at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tenso
       return ry;
     }
     case SeqKind::kBatchNorm: {
-      if (rx.defined() && bn_tangent_applies(x)) {  // the fused CPU kernel: same formulas
+      if (rx.defined() && cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel
         return bn_r_forward_fused(x, saved.aux, saved.inv_std, rx, w, uw, ub, r_saved);
       }
       const at::Tensor xhat = bn_xhat(x, saved);
@@ -280,7 +281,7 @@ LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tens
       return r;
     }
     case SeqKind::kBatchNorm: {
-      if (rgy.defined() && rx.defined() && bn_tangent_applies(x)) {  // the fused CPU kernel
+      if (rgy.defined() && rx.defined() && cpu_fused_kernels() && bn_tangent_applies(x)) {  // fused
         BnTangentGrads f = bn_r_backward_fused(x, saved.aux, saved.inv_std, gy, rgy, rx, r_saved, w, uw, need_x);
         return {f.x, f.w, f.b};
       }

@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "core_settings.h"
 #include "cpu/bn_relu_pool.h"
 #include "seq/seq_layers.h"
 #include "seq_net.h"
@@ -72,7 +73,7 @@ class SeqTask {
       const SeqLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, step);
       const at::Tensor& in = pass.in.back();
-      if (fuse && block_start_[l] && bn_relu_pool_applies(in) && in.size(1) == L.ints[1]) {
+      if (fuse && block_start_[l] && cpu_fused_kernels() && bn_relu_pool_applies(in) && in.size(1) == L.ints[1]) {
         BnReluPoolSaved s;
         at::Tensor out = bn_relu_pool_forward(in, w, b, L.arg, s);
         pass.saved[l] = {s.mean, s.inv_std};
@@ -383,14 +384,14 @@ InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params
 }
 
 // Image batches go through the network channels-last (N, H, W, C in memory) on the CPU: oneDNN
-// convolutions then run without reordering, and ATen's batch norm and pooling kernels vectorise
-// over channels; with the default layout a 1-channel first convolution and 2x2 max pooling are
-// 5-13x slower (benchmarks/omniglot_layout.py). Results are the same; only the strides differ.
-// Convolution weights (4-D) go channels-last too. A tensor with one channel is already
-// "contiguous" in both layouts, so the strides are set explicitly: ATen picks the layout of a
-// convolution's output from them.
+// convolutions then run without reordering, and per-channel loops (ATen's and the fused kernels')
+// run over contiguous channels; the default layout makes conv4's 1-channel first convolution and
+// its 2x2 max pooling several times slower (benchmarks/omniglot_step.py's pymeta_aware_aten row).
+// Results are the same; only the strides differ. Convolution weights (4-D) go channels-last too.
+// A tensor with one channel is already "contiguous" in both layouts, so the strides are set
+// explicitly: ATen picks the layout of a convolution's output from them.
 at::Tensor network_layout(const at::Tensor& x) {
-  if (x.dim() != 4 || !x.is_cpu()) return x;
+  if (x.dim() != 4 || !x.is_cpu() || !cpu_channels_last()) return x;
   return x.clone(at::MemoryFormat::ChannelsLast);
 }
 

@@ -3,6 +3,7 @@
 // and per-image partial sums are added in image order, so results do not depend on the thread
 // count.
 #include "cpu/bn_relu_pool.h"
+#include "cpu/fixed_order_sums.h"
 #include "cpu/multiversion.h"
 
 #include <ATen/Dispatch.h>
@@ -26,22 +27,6 @@ struct Geometry {
   int64_t pooled_image() const { return ho * wo * c; }  // elements of one pooled image
   int64_t pixels() const { return n * h * w; }          // values per channel
 };
-
-// `parts` sums of C channels per image (image_sums(i, acc) adds image i's into acc), reduced in
-// image order.
-template <typename F>
-std::vector<double> per_channel_sums(const Geometry& g, int64_t parts, const F& image_sums) {
-  const int64_t width = parts * g.c;
-  std::vector<double> partial(g.n * width, 0.0);
-  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) image_sums(i, partial.data() + i * width);
-  });
-  std::vector<double> total(width, 0.0);
-  for (int64_t i = 0; i < g.n; ++i) {
-    for (int64_t k = 0; k < width; ++k) total[k] += partial[i * width + k];
-  }
-  return total;
-}
 
 // ---- The channel loops: one 2x2 window (four pixels of C channels, `p` rows apart) per call.
 // Each is a non-template function per dtype with `restrict` pointer parameters, built for
@@ -148,7 +133,7 @@ void forward_impl(const Geometry& g, const T* x, const T* w, const T* b, double 
   // Sums of (x - shift) and its square, shifted by one sample per channel so that a large mean
   // does not cancel the variance.
   const std::vector<double> shift(x, x + C);
-  const std::vector<double> sums = per_channel_sums(g, 2, [&](int64_t i, double* acc) {
+  const std::vector<double> sums = fixed_order_sums(g.n, 2 * C, [&](int64_t i, double* acc) {
     stats_pixels(g.h * g.w, C, x + i * g.image(), shift.data(), acc, acc + C);
   });
   const double m = static_cast<double>(g.pixels());
@@ -180,7 +165,7 @@ void backward_impl(const Geometry& g, const T* gout, const T* x, const T* w, con
   const int64_t C = g.c;
   // The batch-norm output's gradient gy is gout at each window's argmax where out > 0, else 0;
   // its per-channel sums of gy and gy * x̂:
-  const std::vector<double> sums = per_channel_sums(g, 2, [&](int64_t i, double* acc) {
+  const std::vector<double> sums = fixed_order_sums(g.n, 2 * C, [&](int64_t i, double* acc) {
     for_each_window(g, i, [&](int64_t p0, int64_t p1, int64_t p2, int64_t p3, int64_t q) {
       grad_sums_window(C, x + p0, x + p1, x + p2, x + p3, gout + q, out + q, arg + q, mean, inv_std, acc, acc + C);
     });

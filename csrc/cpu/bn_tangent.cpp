@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/fixed_order_sums.h"
 #include "cpu/multiversion.h"
 
 namespace pymeta {
@@ -110,19 +111,11 @@ at::Tensor like_x(const at::Tensor& t, const at::Tensor& x) {
 // `parts` per-channel sums over all rows: block_sums(r0, rows, acc) adds rows [r0, r0 + rows).
 template <typename F>
 std::vector<double> channel_sums(int64_t rows, int64_t C, int64_t parts, const F& block_sums) {
-  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows, width = parts * C;
-  std::vector<double> partial(blocks * width, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t r0 = k * kBlockRows;
-      block_sums(r0, std::min(kBlockRows, rows - r0), partial.data() + k * width);
-    }
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+  return fixed_order_sums(blocks, parts * C, [&](int64_t k, double* acc) {
+    const int64_t r0 = k * kBlockRows;
+    block_sums(r0, std::min(kBlockRows, rows - r0), acc);
   });
-  std::vector<double> total(width, 0.0);
-  for (int64_t k = 0; k < blocks; ++k) {
-    for (int64_t j = 0; j < width; ++j) total[j] += partial[k * width + j];
-  }
-  return total;
 }
 
 // Calls fn(r0, rows) over blocks of rows, in parallel.

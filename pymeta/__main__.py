@@ -55,8 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> int:
+    """The program: ``python -m pymeta`` and the installed ``pymeta`` console script both start
+    here, so they behave the same."""
     from pymeta.memory import retain_freed_memory
 
     retain_freed_memory()  # this process is ours: reuse freed activations (pymeta/memory.py)
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

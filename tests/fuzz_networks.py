@@ -1,0 +1,257 @@
+"""Random networks, MAML settings and task batches for the fuzz tests (tests/test_fuzz.py).
+
+Everything is drawn through a ``Chooser`` (integer, choice, boolean, uniform), so the same
+samplers serve hypothesis (``HypothesisChooser``: shrinkable, printed on failure) and a plain
+``random.Random`` (``RandomChooser``: the crash fuzzing in a subprocess, which must not need
+hypothesis). A network is drawn as a *recipe*, a plain dict that prints readably, and built
+with ``build_model``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+import pymeta
+
+ACTIVATIONS = ("relu", "leaky", "tanh", "sigmoid", "none")
+
+
+class RandomChooser:
+    """Draws from a ``random.Random``."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.rng.randint(lo, hi)
+
+    def choice(self, options):
+        return options[self.rng.randrange(len(options))]
+
+    def boolean(self) -> bool:
+        return self.rng.random() < 0.5
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return self.rng.uniform(lo, hi)
+
+
+class HypothesisChooser:
+    """Draws through hypothesis' ``draw`` (inside ``st.composite`` or ``st.data()``)."""
+
+    def __init__(self, draw):
+        from hypothesis import strategies as st
+
+        self.draw, self.st = draw, st
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.draw(self.st.integers(lo, hi))
+
+    def choice(self, options):
+        return self.draw(self.st.sampled_from(list(options)))
+
+    def boolean(self) -> bool:
+        return self.draw(self.st.booleans())
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return self.draw(self.st.floats(lo, hi, allow_nan=False, allow_infinity=False))
+
+
+# ----------------------------------------------------------------------------- recipes
+def activation(c) -> tuple:
+    name = c.choice(ACTIVATIONS)
+    return (name, round(c.uniform(0.01, 0.5), 3)) if name == "leaky" else (name,)
+
+
+def mlp_recipe(c) -> dict:
+    """An MLP: optional leading Flatten of a 2-d example, 1-3 Linear layers (with or without
+    bias), an activation (or none) after each hidden one, optionally nested in a Sequential."""
+    flatten = c.boolean()
+    example = (c.integer(1, 3), c.integer(1, 3)) if flatten else (c.integer(1, 5),)
+    depth = c.integer(1, 3)
+    widths = [c.integer(1, 8) for _ in range(depth - 1)] + [c.integer(1, 4)]
+    return dict(
+        kind="mlp",
+        example=example,
+        flatten=flatten,
+        widths=widths,
+        bias=[c.boolean() for _ in widths],
+        acts=[activation(c) for _ in widths[:-1]],
+        nested=c.boolean(),
+        seed=c.integer(0, 2**16),
+    )
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def conv_recipe(c) -> dict:
+    """A small conv net: 1-2 blocks of Conv2d (stride, padding, bias), optional BatchNorm2d
+    (batch statistics, affine or not), optional activation and optional max/avg pooling; then
+    Flatten, an optional hidden Linear (+ optional BatchNorm1d, activation) and a Linear head."""
+    channels, h, w = c.integer(1, 2), c.integer(3, 7), c.integer(3, 7)
+    example = (channels, h, w)
+    blocks = []
+    for _ in range(c.integer(1, 2)):
+        kh, kw = c.integer(1, min(3, h)), c.integer(1, min(3, w))
+        conv = dict(
+            out=c.integer(1, 3), kernel=(kh, kw), stride=(c.integer(1, 2), c.integer(1, 2)),
+            padding=(c.integer(0, kh // 2 + 1), c.integer(0, kw // 2 + 1)), bias=c.boolean(),
+        )  # fmt: skip
+        h = _out_size(h, kh, conv["stride"][0], conv["padding"][0])
+        w = _out_size(w, kw, conv["stride"][1], conv["padding"][1])
+        block = dict(conv=conv, bn=c.choice((None, "affine", "plain")), act=activation(c))
+        block["pool"] = None
+        if min(h, w) >= 2 and c.boolean():
+            k = c.integer(1, 2)
+            stride, pad = c.integer(1, 2), c.integer(0, k // 2)
+            kind = c.choice(("max", "avg"))
+            block["pool"] = dict(kind=kind, kernel=k, stride=stride, padding=pad)
+            if kind == "avg":
+                block["pool"]["count_include_pad"] = c.boolean()
+            h, w = _out_size(h, k, stride, pad), _out_size(w, k, stride, pad)
+        blocks.append(block)
+        if min(h, w) < 1:
+            break
+    hidden = None
+    if c.boolean():
+        hidden = dict(width=c.integer(2, 6), bn1d=c.boolean(), act=activation(c))
+    return dict(
+        kind="conv", example=example, blocks=blocks, hidden=hidden, out=c.integer(1, 4),
+        seed=c.integer(0, 2**16),
+    )  # fmt: skip
+
+
+def network_recipe(c) -> dict:
+    return mlp_recipe(c) if c.boolean() else conv_recipe(c)
+
+
+def _activation_module(act: tuple) -> nn.Module:
+    name = act[0]
+    if name == "leaky":
+        return nn.LeakyReLU(act[1])
+    return {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "none": nn.Identity}[name]()
+
+
+def build_model(recipe: dict, dtype=torch.float64) -> tuple[nn.Sequential, tuple, int]:
+    """(model, example shape, outputs) for a recipe; None when a conv recipe leaves no pixels."""
+    torch.manual_seed(recipe["seed"])
+    if recipe["kind"] == "mlp":
+        layers: list[nn.Module] = [nn.Flatten()] if recipe["flatten"] else []
+        n_in = 1
+        for size in recipe["example"]:
+            n_in *= size
+        for i, (width, bias) in enumerate(zip(recipe["widths"], recipe["bias"])):
+            layers.append(nn.Linear(n_in, width, bias=bias))
+            if i < len(recipe["acts"]):
+                layers.append(_activation_module(recipe["acts"][i]))
+            n_in = width
+        if recipe["nested"] and len(layers) >= 2:
+            layers = [nn.Sequential(*layers[:2]), *layers[2:]]
+        return nn.Sequential(*layers).to(dtype), recipe["example"], recipe["widths"][-1]
+    layers = []
+    channels = recipe["example"][0]
+    for block in recipe["blocks"]:
+        conv = block["conv"]
+        layers.append(
+            nn.Conv2d(channels, conv["out"], conv["kernel"], conv["stride"], conv["padding"],
+                      bias=conv["bias"])
+        )  # fmt: skip
+        channels = conv["out"]
+        if block["bn"]:
+            layers.append(
+                nn.BatchNorm2d(channels, affine=block["bn"] == "affine", track_running_stats=False)
+            )
+        layers.append(_activation_module(block["act"]))
+        pool = block["pool"]
+        if pool:
+            if pool["kind"] == "max":
+                layers.append(nn.MaxPool2d(pool["kernel"], pool["stride"], pool["padding"]))
+            else:
+                layers.append(
+                    nn.AvgPool2d(pool["kernel"], pool["stride"], pool["padding"],
+                                 count_include_pad=pool["count_include_pad"])
+                )  # fmt: skip
+    body = nn.Sequential(*layers)
+    with torch.no_grad():
+        try:
+            features = body(torch.zeros(2, *recipe["example"])).flatten(1).shape[1]
+        except RuntimeError:
+            return None
+    layers.append(nn.Flatten())
+    hidden = recipe["hidden"]
+    if hidden:
+        layers.append(nn.Linear(features, hidden["width"]))
+        if hidden["bn1d"]:
+            layers.append(nn.BatchNorm1d(hidden["width"], track_running_stats=False))
+        layers.append(_activation_module(hidden["act"]))
+        features = hidden["width"]
+    layers.append(nn.Linear(features, recipe["out"]))
+    return nn.Sequential(*layers).to(dtype), recipe["example"], recipe["out"]
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+
+
+def settings_recipe(c) -> dict:
+    """MAML settings both variants take, and the batch sizes: T tasks, K support, Q query."""
+    return dict(
+        loss=c.choice(("mse", "cross_entropy")),
+        inner_steps=c.integer(1, 3),
+        first_order=c.boolean(),
+        inner_lr=round(c.uniform(0.0, 0.5), 4),
+        learn_inner_lr=c.choice((False, "scalar", "per_parameter")),
+        tasks=c.integer(1, 3),
+        k=c.integer(1, 4),
+        q=c.integer(1, 4),
+        seed=c.integer(0, 2**16),
+    )
+
+
+def make_batch(example, outputs, loss, tasks, k, q, seed, dtype=torch.float64):
+    """A TaskBatch of random inputs (T, K|Q, *example) and targets for the loss."""
+    g = torch.Generator().manual_seed(seed)
+
+    def x(n):
+        return torch.randn(tasks, n, *example, generator=g, dtype=dtype)
+
+    def y(n):
+        if loss == "mse":
+            return torch.randn(tasks, n, outputs, generator=g, dtype=dtype)
+        return torch.randint(0, outputs, (tasks, n), generator=g)
+
+    return pymeta.TaskBatch(x(k), y(k), x(q), y(q))
+
+
+def learner_kwargs(s: dict) -> dict:
+    keys = ("loss", "inner_steps", "first_order", "inner_lr", "learn_inner_lr")
+    return {key: s[key] for key in keys}
+
+
+def randomize_learned_lrs(pairs, seed: int) -> None:
+    """Copies the same random rates (in [0.01, 0.3)) into each pair of rate tensors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a, b in pairs:
+            value = 0.01 + 0.29 * torch.rand(a.shape, generator=g, dtype=a.dtype)
+            a.copy_(value)
+            b.copy_(value)
+
+
+def grad_errors(got: list, want: list) -> list[float]:
+    """Per tensor: max |got - want| / max |want|; a tensor whose exact gradient is zero (a conv
+    bias before batch norm: both sides give rounding noise) is measured against the largest
+    gradient of all instead."""
+    top = max([float(w.abs().max()) for w in want if w.numel()] + [1e-300])
+    errors = []
+    for g, w in zip(got, want):
+        if not w.numel():
+            continue
+        scale = float(w.abs().max())
+        scale = scale if scale > 1e-8 * top else top
+        errors.append(float((g - w).abs().max()) / scale)
+    return errors

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call
-
 from pymeta._checks import check_tensor
 from pymeta.ops import sgd_update_unchecked
+from pymeta.task_forward import call_module
 
 
 class Learner:
@@ -23,7 +22,7 @@ class Learner:
 
     def __call__(self, *args, **kwargs):
         fixed = self._maml._fixed()
-        return functional_call(self._maml.module, (self.params, fixed), args, kwargs)
+        return call_module(self._maml.module, {**self.params, **fixed}, args, kwargs)
 
     def parameters(self):
         """The current adapted parameters."""

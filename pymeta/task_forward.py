@@ -19,6 +19,26 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 VECTORIZE_CHOICES = ("auto", True, False)
 
 
+def call_module(module: nn.Module, params: dict, args: tuple, kwargs: dict | None = None):
+    """``module(*args, **kwargs)`` with ``params`` (named_parameters() name -> tensor) in place
+    of its parameters, exact for modules used more than once and for tied parameters.
+
+    ``functional_call``'s own tying swaps a module used twice twice, and its restore then leaves
+    the replacement tensors in the user's module (torch 2.13); so every distinct (module,
+    attribute) slot of a parameter is named once here, and torch's tying is not used.
+    """
+    first, expanded = {}, dict(params)
+    for mod_name, mod in module.named_modules():  # each module object once
+        for attr, p in mod._parameters.items():
+            if p is None:
+                continue
+            name = f"{mod_name}.{attr}" if mod_name else attr
+            canonical = first.setdefault(id(p), name)  # named_parameters() keeps the first
+            if canonical != name and canonical in params:
+                expanded[name] = params[canonical]
+    return functional_call(module, expanded, args, kwargs, tie_weights=False)
+
+
 def has_batch_norm(module: nn.Module) -> bool:
     return any(isinstance(m, (_BatchNorm, _InstanceNorm)) for m in module.modules())
 
@@ -61,7 +81,7 @@ class TaskForward:
 
     def _vmapped(self, params, fixed, x):
         def one_task(task_params, task_x):
-            return functional_call(self.module, (task_params, fixed), (task_x,))
+            return call_module(self.module, {**task_params, **fixed}, (task_x,))
 
         return vmap(one_task)(params, x)
 
@@ -69,5 +89,5 @@ class TaskForward:
         outs = []
         for t in range(x.shape[0]):
             task_params = {name: value[t] for name, value in params.items()}
-            outs.append(functional_call(self.module, (task_params, fixed), (x[t],)))
+            outs.append(call_module(self.module, {**task_params, **fixed}, (x[t],)))
         return torch.stack(outs)

@@ -5,26 +5,28 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 
-def reference_meta_loss(model, batch, lrs, steps, first_order, loss_fn):
+def reference_meta_loss(model, batch, lrs, steps, first_order, loss_fn, forward=None):
     """Mean query loss over tasks; lrs: one shared scalar tensor or one tensor per parameter
-    (in named_parameters order). Gradients flow to the model's parameters and to lrs."""
+    (in named_parameters order). Gradients flow to the model's parameters and to lrs.
+
+    ``forward(params, x)`` runs the network with a dict of parameters (named_parameters names);
+    the default is ``functional_call``. Tests of shared modules pass a hand-written one, so that
+    the reference does not depend on how functional_call treats them."""
     names = [n for n, _ in model.named_parameters()]
+    if forward is None:
+        forward = lambda params, x: functional_call(model, params, (x,))  # noqa: E731
     losses = []
     for t in range(batch.num_tasks):
         params = dict(model.named_parameters())
         for _ in range(steps):
-            loss = loss_fn(
-                functional_call(model, params, (batch.support_x[t],)), batch.support_y[t]
-            )
+            loss = loss_fn(forward(params, batch.support_x[t]), batch.support_y[t])
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order)
             params = {
                 n: params[n]
                 - (lrs[0] if len(lrs) == 1 else lrs[i]) * (g.detach() if first_order else g)
                 for i, (n, g) in enumerate(zip(names, grads))
             }
-        losses.append(
-            loss_fn(functional_call(model, params, (batch.query_x[t],)), batch.query_y[t])
-        )
+        losses.append(loss_fn(forward(params, batch.query_x[t]), batch.query_y[t]))
     return torch.stack(losses).mean()
 
 

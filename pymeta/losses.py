@@ -34,8 +34,11 @@ class TaskLoss:
             raise TypeError(f"loss: expected a str or a callable, received {type(spec).__name__}")
         self.builtin = isinstance(spec, str)
 
-    def check_targets(self, name: str, target: torch.Tensor, batched: bool) -> None:
-        """Checks the dtype and layout of targets for this loss."""
+    def check_targets(
+        self, name: str, target: torch.Tensor, batched: bool, classes: int | None = None
+    ) -> None:
+        """Checks the dtype and layout of targets for this loss, and cross-entropy class indices
+        against ``classes`` (the model's output width; when not known yet, that they are >= 0)."""
         if self.name == "cross_entropy" and self.builtin:
             if target.dtype != torch.long:
                 raise TypeError(
@@ -48,6 +51,7 @@ class TaskLoss:
                     f"{name}: cross_entropy expects class indices of shape "
                     f"{'(T, K)' if batched else '(K,)'}, received {tuple(target.shape)}"
                 )
+            check_class_range(name, target, classes)
         elif self.name == "mse" and self.builtin and not target.is_floating_point():
             raise TypeError(
                 f"{name}: mse expects floating-point targets, received dtype {target.dtype}"
@@ -57,8 +61,11 @@ class TaskLoss:
         """Mean loss of one task. pred: (K, ...), target: (K, ...) -> scalar."""
         return self.fn(pred, target)
 
-    def per_task(self, pred: torch.Tensor, target: torch.Tensor, vectorize: bool) -> torch.Tensor:
-        """Mean loss of each task. pred: (T, K, ...), target: (T, K, ...) -> (T,)."""
+    def per_task(
+        self, pred: torch.Tensor, target: torch.Tensor, vectorize: bool, name: str = "targets"
+    ) -> torch.Tensor:
+        """Mean loss of each task. pred: (T, K, ...), target: (T, K, ...) -> (T,); ``name``
+        is the targets' argument name in errors."""
         tasks = pred.shape[0]
         if self.builtin and self.name == "mse":
             if pred.shape != target.shape:
@@ -69,10 +76,22 @@ class TaskLoss:
             return (pred - target).square().reshape(tasks, -1).mean(1)
         if self.builtin:
             k = target.shape[1]
-            flat = F.cross_entropy(
-                pred.reshape(tasks * k, -1), target.reshape(-1), reduction="none"
-            )
+            logits = pred.reshape(tasks * k, -1)
+            check_class_range(name, target, logits.shape[1])
+            flat = F.cross_entropy(logits, target.reshape(-1), reduction="none")
             return flat.view(tasks, k).mean(1)
         if vectorize:
             return torch.func.vmap(self.fn)(pred, target)
         return torch.stack([self.fn(pred[t], target[t]) for t in range(tasks)])
+
+
+def check_class_range(name: str, target: torch.Tensor, classes: int | None) -> None:
+    """Class indices in [0, classes), or >= 0 when ``classes`` is None. F.cross_entropy would
+    take -100 as its ignore_index and drop the example, and the core cannot index past the
+    model's output: both are refused here, for both variants."""
+    if not target.numel():
+        return
+    lo, hi = int(target.min()), int(target.max())
+    if lo < 0 or (classes is not None and hi >= classes):
+        expected = "class indices >= 0" if classes is None else f"class indices in [0, {classes})"
+        raise ValueError(f"{name}: expected {expected}, received values in [{lo}, {hi}]")

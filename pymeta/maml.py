@@ -95,8 +95,10 @@ class MAML(nn.Module):
         self._check_data("batch.query_x", batch.query_x, "batch.query_y", batch.query_y, True)
         self._example_ndim = batch.support_x.dim() - 2
         params = self._expand(batch.num_tasks)
-        params = self._inner_loop(params, batch.support_x, batch.support_y, self.inner_steps, True)
-        return self._task_losses(params, batch.query_x, batch.query_y).mean()
+        params = self._inner_loop(
+            params, batch.support_x, batch.support_y, self.inner_steps, True, "batch.support_y"
+        )
+        return self._task_losses(params, batch.query_x, batch.query_y, "batch.query_y").mean()
 
     def adapt(
         self,
@@ -126,7 +128,7 @@ class MAML(nn.Module):
         support_x, support_y = support_as_batch(support_x, support_y, batched)
         self._check_data("support_x", support_x, "support_y", support_y, True)
         params = [p.detach() for p in self._expand(support_x.shape[0])]
-        params = self._inner_loop(params, support_x, support_y, steps, False)
+        params = self._inner_loop(params, support_x, support_y, steps, False, "support_y")
         return AdaptedModel(
             self._forward,
             dict(zip(self._adapted_names, params)),
@@ -151,12 +153,15 @@ class MAML(nn.Module):
             current[n].unsqueeze(0).expand(tasks, *current[n].shape) for n in self._adapted_names
         ]
 
-    def _task_losses(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-        """Per-task mean losses (T,) of per-task params (T, ...) on x (T, K, ...)."""
+    def _task_losses(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, y_name):
+        """Per-task mean losses (T,) of per-task params (T, ...) on x (T, K, ...); y_name names
+        the targets in errors."""
         pred = self._forward(dict(zip(self._adapted_names, params)), self._fixed(), x)
-        return self.loss.per_task(pred, y, self._forward.vectorized)
+        return self.loss.per_task(pred, y, self._forward.vectorized, y_name)
 
-    def _inner_loop(self, params, x, y, steps: int, differentiable: bool) -> list[torch.Tensor]:
+    def _inner_loop(
+        self, params, x, y, steps: int, differentiable: bool, y_name: str
+    ) -> list[torch.Tensor]:
         """``steps`` SGD steps on every task at once. params: (T, ...) each.
 
         One autograd call per step gives every task's gradient: the losses of different tasks
@@ -171,7 +176,7 @@ class MAML(nn.Module):
             with torch.enable_grad():
                 if not differentiable:
                     params = [p.detach().requires_grad_() for p in params]
-                losses = self._task_losses(params, x, y)
+                losses = self._task_losses(params, x, y, y_name)
                 grads = torch.autograd.grad(
                     losses.sum(), params, create_graph=create_graph, allow_unused=True
                 )

@@ -17,10 +17,10 @@ from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.bn_running_stats import BnRunningStats
 from pymeta.losses import LOSS_NAMES, TaskLoss
-from pymeta.mlp_spec import MlpSpec
+from pymeta.mlp_spec import MlpSpec, flatten_sequential
 from pymeta.net_spec import NetSpec
 from pymeta.task_batch import TaskBatch
-from pymeta.task_forward import TaskForward
+from pymeta.task_forward import TaskForward, call_module
 
 LR_MODES = ("scalar", "per_layer_step", "per_parameter")
 _LR_MODE_CODES = {"scalar": 0, "per_layer_step": 1, "per_parameter": 2}
@@ -121,7 +121,9 @@ class ModelAwareMAML(nn.Module):
             raise ValueError(f"inner_lr: expected a finite number >= 0, received {inner_lr!r}")
         self.lr_mode = lr_mode
         self.learn_inner_lr = learn_inner_lr
-        self.adapted = self.spec.resolve_adapted(adapt_layers)
+        self._leaves = [child for _, child in flatten_sequential(model)]
+        self._requires_grad = self._trainable_layers()
+        self.adapted = self._resolve_adapted(adapt_layers)
         self.step_weights = self._resolve_step_weights(multi_step_loss)
         if self._layered:
             self._layer_codes, self._layer_args = self.spec.core_layers(self.adapted)
@@ -179,6 +181,72 @@ class ModelAwareMAML(nn.Module):
     def _param_layers(self) -> list:
         return self.spec.parametric_layers if self._layered else self.spec.layers
 
+    def _layer_where(self, layer) -> str:
+        name = layer.weight_name.rsplit(".", 1)[0]
+        return f"model.{name} ({type(self.module.get_submodule(name)).__name__})"
+
+    def _trainable_layers(self) -> list[bool]:
+        """Per parametric layer: whether its parameters have requires_grad (a layer must be
+        all frozen or all trainable: the core adapts whole layers)."""
+        named = dict(self.module.named_parameters())
+        out = []
+        for layer in self._param_layers():
+            names = [n for n in (layer.weight_name, layer.bias_name) if n]
+            flags = {n.rsplit(".", 1)[1]: named[n].requires_grad for n in names}
+            if len(set(flags.values())) > 1:
+                frozen = [a for a, f in flags.items() if not f]
+                trained = [a for a, f in flags.items() if f]
+                raise ValueError(
+                    f"{self._layer_where(layer)}: {', '.join(frozen)} has requires_grad=False "
+                    f"but {', '.join(trained)} has requires_grad=True; ModelAwareMAML adapts "
+                    "whole layers, so freeze all of a layer's parameters or none, or use "
+                    "pymeta.MAML (which adapts each parameter that requires grad)"
+                )
+            out.append(all(flags.values()))
+        return out
+
+    def _resolve_adapted(self, adapt_layers) -> list[bool]:
+        """Which parametric layers adapt. As in pymeta.MAML, frozen layers (requires_grad=False)
+        are neither adapted nor meta-learned; naming one in adapt_layers is an error."""
+        trainable = self._requires_grad
+        if not any(trainable):
+            raise ValueError(
+                "model: expected at least one parameter with requires_grad=True, received none"
+            )
+        adapted = self.spec.resolve_adapted(adapt_layers)
+        if adapt_layers is None:
+            adapted = [a and t for a, t in zip(adapted, trainable)]
+        for layer, a, t in zip(self._param_layers(), adapted, trainable):
+            if a and not t:
+                name = self._layer_where(layer).split(" ", 1)[1]
+                raise ValueError(
+                    f"adapt_layers: model[{layer.position}] {name} is frozen (requires_grad="
+                    "False); frozen layers are not adapted"
+                )
+        if not any(adapted):
+            raise ValueError(
+                "adapt_layers: expected at least one trainable layer to adapt, received none"
+            )
+        return adapted
+
+    def _check_model(self) -> None:
+        """Hooks, swapped layers or changed requires_grad since construction would make the core
+        compute a network other than the module's: refused (cheap: a walk over the layers)."""
+        leaves = [child for _, child in flatten_sequential(self.module)]
+        if len(leaves) != len(self._leaves) or any(
+            a is not b for a, b in zip(leaves, self._leaves)
+        ):
+            raise ValueError(
+                "model: its layers changed since construction; build a new ModelAwareMAML"
+            )
+        now = self._trainable_layers()
+        for layer, was, is_ in zip(self._param_layers(), self._requires_grad, now):
+            if was != is_:
+                raise ValueError(
+                    f"{self._layer_where(layer)}: requires_grad changed since construction "
+                    f"(was {was}, now {is_}); build a new ModelAwareMAML"
+                )
+
     def _adapted_params(self) -> list[nn.Parameter]:
         named = dict(self.module.named_parameters())
         out = []
@@ -199,7 +267,12 @@ class ModelAwareMAML(nn.Module):
                 for name in (layer.weight_name, layer.bias_name):
                     self._step_bn_index[name] = len(rows)
                     p = named[name].detach()
-                    rows.append(nn.Parameter(p.unsqueeze(0).repeat(self.inner_steps + 1, 1)))
+                    rows.append(
+                        nn.Parameter(
+                            p.unsqueeze(0).repeat(self.inner_steps + 1, 1),
+                            requires_grad=named[name].requires_grad,
+                        )
+                    )
         self.bn_steps = nn.ParameterList(rows)
 
     def _make_bn_running_stats(self, track: bool) -> None:
@@ -276,6 +349,7 @@ class ModelAwareMAML(nn.Module):
         """
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch: expected a pymeta.TaskBatch, received {type(batch).__name__}")
+        self._check_model()
         sx = self._inputs("batch.support_x", batch.support_x)
         qx = self._inputs("batch.query_x", batch.query_x)
         sy = self._targets("batch.support_y", batch.support_y)
@@ -328,6 +402,7 @@ class ModelAwareMAML(nn.Module):
         """
         check_tensor("support_x", support_x)
         check_tensor("support_y", support_y)
+        self._check_model()
         steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
         task_forward = self._query_forward(bn_stats, steps)
         lrs = [lr.detach() for lr in self.inner_lrs()]
@@ -428,7 +503,7 @@ class ModelAwareMAML(nn.Module):
             params = {n: p.to("meta") for n, p in self.module.named_parameters()}
             probe = torch.empty((2, *example), dtype=x.dtype, device="meta")
             try:
-                out = torch.func.functional_call(self.module, params, (probe,))
+                out = call_module(self.module, params, (probe,))
             except (RuntimeError, ValueError) as err:
                 raise ValueError(
                     f"{name}: the model cannot take examples of shape {example} "
@@ -445,23 +520,17 @@ class ModelAwareMAML(nn.Module):
         return (self.spec.layers[-1].linear.out_features,)
 
     def _targets(self, name: str, y: torch.Tensor) -> torch.Tensor:
-        self.loss.check_targets(name, y, batched=True)
         out_shape = self._out_features()
+        classes = out_shape[0] if len(out_shape) == 1 else None
+        self.loss.check_targets(name, y, batched=True, classes=classes)
         if self.loss.name == "mse" and (y.dim() < 3 or tuple(y.shape[2:]) != out_shape):
             raise ValueError(
                 f"{name}: mse expects targets (T, K, {', '.join(map(str, out_shape))}) like the "
                 f"model's output, received shape {tuple(y.shape)}"
             )
-        out = out_shape[-1]
-        if self.loss.name == "cross_entropy" and len(out_shape) != 1:
+        if self.loss.name == "cross_entropy" and classes is None:
             raise ValueError(
                 f"{name}: cross-entropy needs (N, classes) model outputs, the model gives "
                 f"(N, {', '.join(map(str, out_shape))})"
             )
-        if self.loss.name == "cross_entropy" and y.numel():
-            lo, hi = int(y.min()), int(y.max())
-            if lo < 0 or hi >= out:
-                raise ValueError(
-                    f"{name}: expected class indices in [0, {out}), received values in [{lo}, {hi}]"
-                )
         return y

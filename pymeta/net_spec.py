@@ -50,7 +50,7 @@ def _read_layer(name: str, child: nn.Module, position: int) -> NetLayerSpec | No
     params = dict(weight_name=f"{name}.weight", bias_name=None)
     if getattr(child, "bias", None) is not None:
         params["bias_name"] = f"{name}.bias"
-    if isinstance(child, nn.Identity):
+    if type(child) is nn.Identity:
         return None
     if type(child) is nn.Linear:
         spec.kind, spec.flag = KIND["linear"], int(child.bias is not None)
@@ -133,7 +133,7 @@ class NetSpec:
                 f"model: ModelAwareMAML expects an nn.Sequential of {SUPPORTED}, received "
                 f"{type(model).__name__}; use pymeta.MAML for any other nn.Module"
             )
-        leaves = list(flatten_sequential(model))
+        leaves = flatten_sequential(model)
         layers = [
             spec
             for position, (name, child) in enumerate(leaves)

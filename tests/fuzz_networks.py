@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import pymeta
+from pymeta.mlp_spec import flatten_sequential
 
 ACTIVATIONS = ("relu", "leaky", "tanh", "sigmoid", "none")
 
@@ -243,15 +244,62 @@ def randomize_learned_lrs(pairs, seed: int) -> None:
 
 
 def grad_errors(got: list, want: list) -> list[float]:
-    """Per tensor: max |got - want| / max |want|; a tensor whose exact gradient is zero (a conv
-    bias before batch norm: both sides give rounding noise) is measured against the largest
-    gradient of all instead."""
+    """Per tensor: max |got - want| / max(max |want|, 1e-3 * the largest gradient of all).
+
+    The floor is for gradients that are small only by cancellation of large terms (a conv
+    weight or bias before batch norm, exactly scale- or shift-invariant up to eps): any two
+    summation orders differ there by rounding of the large terms, not of the result.
+    """
     top = max([float(w.abs().max()) for w in want if w.numel()] + [1e-300])
-    errors = []
-    for g, w in zip(got, want):
-        if not w.numel():
-            continue
-        scale = float(w.abs().max())
-        scale = scale if scale > 1e-8 * top else top
-        errors.append(float((g - w).abs().max()) / scale)
-    return errors
+    return [
+        float((g - w).abs().max()) / max(float(w.abs().max()), 1e-3 * top)
+        for g, w in zip(got, want)
+        if w.numel()
+    ]
+
+
+def parametric_positions(model: nn.Sequential, skip_batch_norm: bool = False) -> list[int]:
+    """model[i] indices (nested Sequentials flattened) of the layers with parameters."""
+    return [
+        i
+        for i, (_, m) in enumerate(flatten_sequential(model))
+        if any(True for _ in m.parameters())
+        and not (skip_batch_norm and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)))
+    ]
+
+
+def options_recipe(c, model: nn.Sequential, inner_steps: int) -> dict:
+    """ModelAwareMAML's own options: adapt_layers (None, "head", or a random non-empty set of
+    indices, some negative), lr_mode, multi_step_loss, per_step_bn (with affine batch norm)."""
+    affine_bn = any(
+        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine for m in model.modules()
+    )
+    per_step_bn = affine_bn and c.boolean()
+    positions = parametric_positions(model, skip_batch_norm=per_step_bn)
+    adapt = c.choice(("all", "head", "indices"))
+    if adapt == "indices":
+        leaves = len(list(flatten_sequential(model)))
+        picked = [p for p in positions if c.boolean()] or [c.choice(positions)]
+        adapt_layers = [p - leaves if c.boolean() else p for p in picked]
+    else:
+        adapt_layers = None if adapt == "all" else "head"
+    multi = c.choice(("last", "mean", "weights"))
+    if multi == "weights":
+        multi_step_loss = [round(c.uniform(0.0, 1.0), 3) for _ in range(inner_steps)]
+        if not any(multi_step_loss):  # all zero: no loss to compare
+            multi_step_loss[-1] = 1.0
+    else:
+        multi_step_loss = multi == "mean"
+    return dict(
+        adapt_layers=adapt_layers,
+        lr_mode=c.choice(("scalar", "per_layer_step", "per_parameter")),
+        multi_step_loss=multi_step_loss,
+        per_step_bn=per_step_bn,
+    )
+
+
+def reordered(batch: pymeta.TaskBatch) -> pymeta.TaskBatch:
+    """The same tasks with the examples of every set in reverse order: the same meta-loss and
+    meta-gradient in exact arithmetic, a different summation order in floating point."""
+    return pymeta.TaskBatch(*(t.flip(1) for t in (batch.support_x, batch.support_y,
+                                                   batch.query_x, batch.query_y)))  # fmt: skip

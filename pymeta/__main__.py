@@ -6,18 +6,29 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line: the full usage of `train omniglot` is a screen long."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pymeta", description="pymeta command line")
+    """Parses ``argv`` (default ``sys.argv[1:]``) and runs the command; every flag is checked
+    before any work starts. Returns 0; a bad flag raises SystemExit with one line."""
+    from pymeta.training import positive_int
+
+    parser = _Parser(prog="pymeta", description="pymeta command line")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="short sinusoid meta-training with before/after-adaptation MSE"
     )
-    demo.add_argument("--iterations", type=int, default=3000)
-    demo.add_argument("--meta-batch", type=int, default=25)
+    demo.add_argument("--iterations", type=positive_int, default=3000)
+    demo.add_argument("--meta-batch", type=positive_int, default=25)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="intra-op threads (1 is fastest for these small tensors)",
     )
@@ -45,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from pymeta.demo import run_demo
 
-        if args.iterations <= 0:
-            parser.error(f"--iterations: expected a positive int, received {args.iterations}")
         torch.set_num_threads(args.threads)
         run_demo(args.iterations, args.meta_batch, args.seed, progress=not args.no_progress)
     else:
@@ -59,9 +68,13 @@ def run() -> int:
     """The program: ``python -m pymeta`` and the installed ``pymeta`` console script both start
     here, so they behave the same."""
     from pymeta.memory import retain_freed_memory
+    from pymeta.training import CheckpointError
 
     retain_freed_memory()  # this process is ours: reuse freed activations (pymeta/memory.py)
-    return main()
+    try:
+        return main()
+    except CheckpointError as err:  # names the file and says why: no traceback needed
+        raise SystemExit(f"pymeta: error: {err}") from None
 
 
 if __name__ == "__main__":

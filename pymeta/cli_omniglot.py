@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import torch
 
-DEFAULT_ROOT = os.environ.get("PYMETA_OMNIGLOT", "../shared/data/omniglot")
+BENCHMARK = "omniglot"
 # What a checkpoint must agree on to be resumed or evaluated.
 MODEL_KEYS = ("n_way", "hidden", "image_size", "variant")
 VARIANTS = ("agnostic", "aware", "pretrained")
@@ -22,21 +23,38 @@ VARIANTS = ("agnostic", "aware", "pretrained")
 ADAPT_DEFAULTS = {"maml": (0.4, 1), "pretrained": (0.05, 100)}
 
 
+def default_root() -> Path:
+    """``$PYMETA_OMNIGLOT`` when set, else ``shared/data/omniglot`` beside the repository that
+    holds this package (a source checkout's layout): never relative to the current folder."""
+    env = os.environ.get("PYMETA_OMNIGLOT")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+
+
 def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
-    parser.add_argument("--root", default=DEFAULT_ROOT, help="folder with the Omniglot zips")
+    from pymeta.training import add_resume_arguments, positive_float, positive_int
+
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=default_root(),
+        help="folder with the Omniglot zips (default: $PYMETA_OMNIGLOT, else "
+        "shared/data/omniglot beside the repository)",
+    )
     parser.add_argument("--cache-dir", default=None, help="tensor cache (default ~/.cache/pymeta)")
     parser.add_argument("--checkpoint", default="runs/omniglot.pt")
-    parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument("--test-tasks", type=positive_int, default=600)
     parser.add_argument(
         "--test-query",
-        type=int,
+        type=positive_int,
         default=15,
         help="query examples per class of validation and test tasks (whatever --k-query was)",
     )
     parser.add_argument(
-        "--eval-steps", type=int, default=None, help="adaptation steps at test time"
+        "--eval-steps", type=positive_int, default=None, help="adaptation steps at test time"
     )
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--no-progress", action="store_true")
     if not train:
         parser.add_argument(
@@ -46,48 +64,63 @@ def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
             help="held-out characters to evaluate on: test, or validation (for choosing settings)",
         )
         return
+    from pymeta.training import non_negative_int
+
     parser.add_argument(
         "--variant",
         choices=VARIANTS,
         default="agnostic",
         help="MAML (agnostic, aware) or the pretrain-then-fine-tune baseline (pretrained)",
     )
-    parser.add_argument("--n-way", type=int, default=5)
-    parser.add_argument("--k-shot", type=int, default=1)
-    parser.add_argument("--k-query", type=int, default=15)
-    parser.add_argument("--meta-batch", type=int, default=32)
+    parser.add_argument("--n-way", type=positive_int, default=5)
+    parser.add_argument("--k-shot", type=positive_int, default=1)
+    parser.add_argument("--k-query", type=positive_int, default=15)
+    parser.add_argument("--meta-batch", type=positive_int, default=32)
     parser.add_argument(
-        "--batch-size", type=int, default=128, help="pretrained: examples per pretraining step"
+        "--batch-size",
+        type=positive_int,
+        default=128,
+        help="pretrained: examples per pretraining step",
     )
     parser.add_argument(
         "--inner-lr",
-        type=float,
+        type=positive_float,
         default=None,
         help="adaptation learning rate (default 0.4; pretrained: 0.05, head fine-tuning)",
     )
     parser.add_argument(
         "--inner-steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="adaptation steps (default 1; pretrained: 100, head fine-tuning)",
     )
     parser.add_argument("--first-order", action="store_true")
-    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--iterations", type=positive_int, default=2000)
     parser.add_argument(
-        "--lr", type=float, default=1e-3, help="(meta-)optimizer (Adam) learning rate"
+        "--lr", type=positive_float, default=1e-3, help="(meta-)optimizer (Adam) learning rate"
     )
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=28,
+        help="images are resized to this side (conv4 needs at least 16)",
+    )
     parser.add_argument(
         "--no-rotations", action="store_true", help="no 90-degree class augmentation"
     )
-    parser.add_argument("--val-every", type=int, default=250)
-    parser.add_argument("--val-tasks", type=int, default=100)
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument(
-        "--resume", action="store_true", help="continue from --checkpoint if it exists"
+        "--val-every", type=non_negative_int, default=250, help="0: validate only at the end"
     )
+    parser.add_argument("--val-tasks", type=positive_int, default=100)
+    parser.add_argument("--log-every", type=positive_int, default=25)
+    parser.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=100,
+        help="0: save only at the end",
+    )
+    add_resume_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="write learning curves to this PNG")
 
@@ -134,8 +167,6 @@ def _data(args, config):
     ds = pymeta.datasets.Omniglot(
         args.root, image_size=config["image_size"], cache_dir=args.cache_dir
     )
-    if args.test_query <= 0:
-        raise SystemExit(f"--test-query: expected a positive int, received {args.test_query}")
     shots = dict(n_way=config["n_way"], k_shot=config["k_shot"])
     train_split = ds.split("train", rotations=config["rotations"])
     train = pymeta.tasks.FewShot(train_split, k_query=config["k_query"], **shots)
@@ -159,8 +190,17 @@ def _report(maml, tasks, config, args, split="test") -> dict:
     return {"accuracy": acc, "ci95": ci}
 
 
+def _check_root(root: Path) -> None:
+    if not root.is_dir():
+        raise SystemExit(
+            f"--root: expected a folder of Omniglot zips or images, received {str(root)!r} "
+            "(pass --root or set $PYMETA_OMNIGLOT)"
+        )
+
+
 def _config(args) -> dict:
-    """The run's settings: everything a resumed run must share with the checkpoint."""
+    """The run's settings: everything a resumed run must share with the checkpoint. Checks
+    what argparse cannot (SystemExit, one line) before any work starts."""
     pretrained = args.variant == "pretrained"
     keys = ["variant", "n_way", "k_shot", "k_query", "inner_lr", "inner_steps"]
     keys += ["batch_size"] if pretrained else ["meta_batch", "first_order"]
@@ -172,21 +212,34 @@ def _config(args) -> dict:
     if config["inner_steps"] is None:
         config["inner_steps"] = default_steps
     config["rotations"] = not args.no_rotations
-    positive = ["n_way", "k_shot", "k_query", "batch_size" if pretrained else "meta_batch"]
-    for name in positive + ["inner_steps", "iterations", "hidden"]:
-        if config[name] <= 0:
-            raise SystemExit(
-                f"--{name.replace('_', '-')}: expected a positive int, received {config[name]}"
-            )
+    from pymeta.models import CONV4_MIN_IMAGE_SIZE
+
+    if config["image_size"] < CONV4_MIN_IMAGE_SIZE:
+        raise SystemExit(
+            f"--image-size: expected at least {CONV4_MIN_IMAGE_SIZE} (conv4's four 2x2 "
+            f"poolings), received {config['image_size']}"
+        )
     return config
 
 
 def train(args) -> dict:
     from pymeta.baselines import pretrain
-    from pymeta.training import History, meta_train, plot_history, resume, save_checkpoint
+    from pymeta.training import (
+        check_checkpoint_path,
+        meta_train,
+        open_resume,
+        plot_history,
+        restore,
+        save_checkpoint,
+    )
 
-    torch.set_num_threads(args.threads)
     config = _config(args)
+    check_checkpoint_path(args.checkpoint, must_exist=False)
+    _check_root(args.root)
+    resumed = None
+    if args.resume or args.resume_if_exists:  # before decoding any data
+        resumed = open_resume(args.checkpoint, BENCHMARK, config, args.resume_if_exists)
+    torch.set_num_threads(args.threads)
     pretrained = config["variant"] == "pretrained"
     torch.manual_seed(config["seed"])
     train_tasks, val_tasks, test_tasks = _data(args, config)
@@ -195,9 +248,7 @@ def train(args) -> dict:
     maml = _build(config)
     optimizer = torch.optim.Adam(maml.parameters(), lr=config["lr"])
     generator = torch.Generator().manual_seed(config["seed"])
-    step, history = 0, History()
-    if args.resume:
-        step, history = resume(args.checkpoint, config, maml, optimizer, generator)
+    step, history = restore(resumed, maml, optimizer, generator)
 
     from pymeta.evaluation import few_shot_accuracy
 
@@ -215,6 +266,7 @@ def train(args) -> dict:
     def checkpoint(done, hist):
         save_checkpoint(
             args.checkpoint,
+            benchmark=BENCHMARK,
             config=config,
             maml=maml,
             optimizer=optimizer,
@@ -271,10 +323,12 @@ def train(args) -> dict:
 
 
 def evaluate(args) -> dict:
-    from pymeta.training import load_checkpoint
+    from pymeta.training import check_checkpoint_path, load_checkpoint
 
+    check_checkpoint_path(args.checkpoint, must_exist=True)
+    _check_root(args.root)
+    blob = load_checkpoint(args.checkpoint, BENCHMARK)
     torch.set_num_threads(args.threads)
-    blob = load_checkpoint(args.checkpoint)
     config = blob["config"]
     maml = _build(config)
     maml.load_state_dict(blob["maml"])

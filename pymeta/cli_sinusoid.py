@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+BENCHMARK = "sinusoid"
 VARIANTS = ("agnostic", "aware", "pretrained")
 # Seeds of the evaluation tasks: distinct from each other and from the training generator's
 # default (--seed 0), so no model is tested on tasks it was selected on.
@@ -39,14 +40,27 @@ PLOT_TASKS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
+    from pymeta.training import (
+        add_resume_arguments,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
+
     parser.add_argument("--checkpoint", default="runs/sinusoid.pt")
     parser.add_argument(
-        "--test-tasks", type=int, default=600, help="test tasks (mean ± 95%% CI over them)"
+        "--test-tasks",
+        type=positive_int,
+        default=600,
+        help="test tasks (mean ± 95%% CI over them)",
     )
     parser.add_argument(
-        "--query-points", type=int, default=100, help="query points per test task (MSE on them)"
+        "--query-points",
+        type=positive_int,
+        default=100,
+        help="query points per test task (MSE on them)",
     )
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--plot",
@@ -62,27 +76,31 @@ def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
         default="aware",
         help="MAML (aware: fused MLP core; agnostic: autograd) or the pretrained baseline",
     )
-    parser.add_argument("--k-shot", type=int, default=10, help="support points per task (K)")
-    parser.add_argument("--k-query", type=int, default=10, help="query points per task")
-    parser.add_argument("--meta-batch", type=int, default=25, help="tasks per (meta-)step")
-    parser.add_argument("--inner-lr", type=float, default=0.01, help="MAML inner SGD step size α")
+    parser.add_argument(
+        "--k-shot", type=positive_int, default=10, help="support points per task (K)"
+    )
+    parser.add_argument("--k-query", type=positive_int, default=10, help="query points per task")
+    parser.add_argument("--meta-batch", type=positive_int, default=25, help="tasks per (meta-)step")
+    parser.add_argument(
+        "--inner-lr", type=positive_float, default=0.01, help="MAML inner SGD step size α"
+    )
     parser.add_argument(
         "--finetune-lr",
-        type=float,
+        type=positive_float,
         default=None,
         help="pretrained: fine-tuning SGD step size (default: chosen on validation tasks from "
         + ", ".join(map(str, FINETUNE_GRID))
         + ")",
     )
-    parser.add_argument("--iterations", type=int, default=70000)
+    parser.add_argument("--iterations", type=positive_int, default=70000)
     parser.add_argument(
-        "--lr", type=float, default=1e-3, help="(meta-)optimizer (Adam) learning rate"
+        "--lr", type=positive_float, default=1e-3, help="(meta-)optimizer (Adam) learning rate"
     )
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--checkpoint-every", type=int, default=1000)
+    parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument(
-        "--resume", action="store_true", help="continue from --checkpoint if it exists"
+        "--checkpoint-every", type=non_negative_int, default=1000, help="0: save only at the end"
     )
+    add_resume_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="initial weights and training tasks")
 
 
@@ -105,26 +123,9 @@ def _build(config: dict):
     return cls(net, inner_lr=config["inner_lr"], inner_steps=1, loss="mse")
 
 
-def _check_settings(args, names_int: list[str], names_rate: list[str]) -> None:
-    for name in names_int:
-        value = getattr(args, name)
-        if value <= 0:
-            raise SystemExit(
-                f"--{name.replace('_', '-')}: expected a positive int, received {value}"
-            )
-    for name in names_rate:
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise SystemExit(
-                f"--{name.replace('_', '-')}: expected a finite number > 0, received {value}"
-            )
-
-
 def _config(args) -> dict:
-    """The run's settings: everything a resumed run must share with the checkpoint."""
-    ints = ["k_shot", "k_query", "meta_batch", "iterations", "log_every", "checkpoint_every"]
-    _check_settings(args, ints + ["test_tasks", "query_points", "threads"], [])
-    _check_settings(args, [], ["inner_lr", "finetune_lr", "lr"])
+    """The run's settings: everything a resumed run must share with the checkpoint. Checks
+    what argparse cannot (SystemExit, one line) before any work starts."""
     if args.finetune_lr is not None and args.variant != "pretrained":
         raise SystemExit(
             f"--finetune-lr: only for --variant pretrained, received --variant {args.variant}"
@@ -300,22 +301,31 @@ def plot_tasks(model, config: dict, path, num_tasks: int = PLOT_TASKS) -> None:
 
 def train(args) -> dict:
     from pymeta.tasks import Sinusoid
-    from pymeta.training import History, meta_train, resume, save_checkpoint
+    from pymeta.training import (
+        check_checkpoint_path,
+        meta_train,
+        open_resume,
+        restore,
+        save_checkpoint,
+    )
 
     config = _config(args)
+    check_checkpoint_path(args.checkpoint, must_exist=False)
+    resumed = None
+    if args.resume or args.resume_if_exists:
+        resumed = open_resume(args.checkpoint, BENCHMARK, config, args.resume_if_exists)
     torch.set_num_threads(args.threads)
     pretrained = config["variant"] == "pretrained"
     torch.manual_seed(config["seed"])
     model = _build(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     generator = torch.Generator().manual_seed(config["seed"])
-    step, history = 0, History()
-    if args.resume:
-        step, history = resume(args.checkpoint, config, model, optimizer, generator)
+    step, history = restore(resumed, model, optimizer, generator)
 
     def checkpoint(done, hist):
         save_checkpoint(
             args.checkpoint,
+            benchmark=BENCHMARK,
             config=config,
             maml=model,
             optimizer=optimizer,
@@ -355,16 +365,12 @@ def train(args) -> dict:
 
 
 def evaluate(args) -> dict:
-    from pymeta.training import load_checkpoint
+    from pymeta.training import check_checkpoint_path, load_checkpoint
 
-    _check_settings(args, ["test_tasks", "query_points", "threads"], [])
+    check_checkpoint_path(args.checkpoint, must_exist=True)
+    blob = load_checkpoint(args.checkpoint, BENCHMARK)
     torch.set_num_threads(args.threads)
-    blob = load_checkpoint(args.checkpoint)
     config = blob["config"]
-    if config.get("variant") not in VARIANTS or "n_way" in config or "meta_batch" not in config:
-        raise SystemExit(
-            f"--checkpoint: expected a checkpoint of `train sinusoid`, received {args.checkpoint}"
-        )
     model = _build(config)
     model.load_state_dict(blob["maml"])
     print(f"checkpoint {args.checkpoint}: step {blob['step']}, {_describe(config)}")

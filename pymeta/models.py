@@ -6,6 +6,9 @@ from torch import nn
 
 from pymeta._checks import check_positive_int
 
+# Four 2x2 poolings: a smaller image leaves conv4 no pixel for its head.
+CONV4_MIN_IMAGE_SIZE = 16
+
 
 def conv4(
     n_way: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28
@@ -32,9 +35,10 @@ def conv4(
         ("image_size", image_size),
     ):
         check_positive_int(name, value)
-    if image_size < 16:
+    if image_size < CONV4_MIN_IMAGE_SIZE:
         raise ValueError(
-            f"image_size: expected at least 16 (four 2x2 poolings), received {image_size}"
+            f"image_size: expected at least {CONV4_MIN_IMAGE_SIZE} (four 2x2 poolings), "
+            f"received {image_size}"
         )
     layers: list[nn.Module] = []
     channels = in_channels

@@ -1,16 +1,40 @@
-"""Meta-training loop with progress, periodic validation and checkpoints that resume exactly."""
+"""Meta-training loop with progress and periodic validation, and the files it writes:
+checkpoints that resume exactly and load safely.
+
+A checkpoint (and the Omniglot tensor cache, which uses the same writer and reader) is a
+``torch.save`` dict holding only tensors, numbers, strings, ``None`` and lists, tuples and dicts
+of those, so it loads with ``torch.load(weights_only=True)``: a file holding anything else (a
+pickled object whose ``__reduce__`` would run code) is refused, never executed. It also stores
+its format name and version and the SHA-256 of its content (see ``content_digest``), checked on
+every load, so a truncated, corrupted or edited file is an error naming it, never a silently
+different model. Writes go to ``<file>.<pid>.tmp`` and are renamed into place, so a crash never
+leaves a half-written file; a writer's leftover ``.tmp`` is removed once it is dead.
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import math
 import os
+import pickle
 import random
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+CHECKPOINT_FORMAT = "pymeta-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or cache file that cannot be used: missing, empty, truncated, corrupted,
+    holding something other than plain data, or made by another command. The message names
+    the file."""
 
 
 @dataclass
@@ -26,59 +50,326 @@ class History:
     seconds: float = 0.0
 
 
+# ---------------------------------------------------------------------------- safe files
+def content_digest(value) -> str:
+    """SHA-256 (hex) of plain data: tensors (dtype, shape and bytes), numbers, strings, None,
+    and lists, tuples and dicts of those, in order. Anything else is a TypeError."""
+    h = hashlib.sha256()
+    _digest(value, h)
+    return h.hexdigest()
+
+
+def _digest(value, h) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(value.shape)}:".encode())
+        h.update(memoryview(t.view(torch.uint8).numpy()))
+    elif isinstance(value, dict):
+        h.update(f"d{len(value)}:".encode())
+        for key, item in value.items():
+            _digest(key, h)
+            _digest(item, h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{'l' if isinstance(value, list) else 't'}{len(value)}:".encode())
+        for item in value:
+            _digest(item, h)
+    elif value is None or isinstance(value, (bool, int, str)):
+        h.update(f"{type(value).__name__}{len(repr(value))}:{value!r}".encode())
+    elif isinstance(value, float):
+        h.update(f"float:{value.hex()};".encode())
+    elif isinstance(value, (torch.dtype, torch.device)):
+        h.update(f"{type(value).__name__}:{value};".encode())
+    else:
+        raise TypeError(
+            f"value: expected tensors, numbers, strings, None and lists/tuples/dicts of those, "
+            f"received {type(value).__name__}"
+        )
+
+
+def _writer_tmp(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_tmp(path) -> list[Path]:
+    """Removes ``<path>.<pid>.tmp`` files whose writing process is gone (a save interrupted by a
+    crash or kill) and returns them; a live writer's file is left alone."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    prefix = path.name + "."
+    for tmp in path.parent.iterdir():
+        pid = tmp.name[len(prefix) : -len(".tmp")]
+        if tmp.name.startswith(prefix) and tmp.name.endswith(".tmp") and pid.isdigit():
+            if int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def _unpickling_detail(message: str) -> str:
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in message.splitlines()]
+    detail = [line for line in lines if line and not line.startswith(boilerplate)]
+    return detail[0] if detail else "unpickling failed"
+
+
+def save_file(path, blob: dict, file_format: str) -> None:
+    """Writes ``blob`` (plain data only, see ``content_digest``) with its format, version and
+    SHA-256, atomically: to ``<path>.<pid>.tmp``, then renamed over ``path``.
+
+    Raises:
+        TypeError: ``blob`` holds something other than plain data (nothing is written).
+    """
+    path = Path(path)
+    body = {"format": file_format, "version": FORMAT_VERSION, **blob}
+    body["sha256"] = content_digest(body)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path)
+    tmp = _writer_tmp(path)
+    try:
+        torch.save(body, tmp)
+        os.replace(tmp, path)  # never leave a half-written file in place
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # interrupted or failed (disk full, Ctrl-C): no leftovers
+        raise
+
+
+def load_file(path, file_format: str, what: str = "checkpoint") -> dict:
+    """Reads a file written by ``save_file`` with ``torch.load(weights_only=True)`` and checks
+    its format, version and SHA-256; tensors land on the CPU.
+
+    Args:
+        path: the file.
+        file_format: the format it must have been saved with.
+        what: the name errors start with ("checkpoint", "cache").
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, empty, truncated, corrupted,
+            holds anything but plain data (refused unread: no code in it runs), is of another
+            format or version, or its content does not match its SHA-256.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what}: expected an existing file, received {str(path)!r}")
+    remove_stale_tmp(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what}: {str(path)!r} is empty (an interrupted copy?)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses any global it does not know, and any opcode it cannot read,
+        # before calling anything. Keep torch's detail line, not its advice to retry unsafely.
+        detail = _unpickling_detail(str(err))
+        if "GLOBAL" in detail.upper():
+            raise CheckpointError(
+                f"{what}: refusing to load {str(path)!r}: it holds something other than "
+                f"tensors, numbers and strings, which could run code ({detail})"
+            ) from None
+        raise CheckpointError(
+            f"{what}: {str(path)!r} is truncated or corrupted, or holds data weights_only "
+            f"cannot read; refusing to load it ({detail})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(
+            f"{what}: {str(path)!r} is truncated or corrupted, not a readable torch.save file "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''})"
+        ) from None
+    if not isinstance(blob, dict) or blob.get("format") != file_format:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(
+            f"{what}: expected a {file_format} file in {str(path)!r}, received "
+            f"{found or 'a file without a format (not pymeta, or from before format 1)'}"
+        )
+    if blob.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{what}: expected format version {FORMAT_VERSION} in {str(path)!r}, received "
+            f"{blob.get('version')!r}"
+        )
+    stored = blob.pop("sha256", None)
+    try:
+        actual = content_digest(blob)
+    except TypeError as err:
+        raise CheckpointError(f"{what}: {str(path)!r} holds unexpected data ({err})") from None
+    if stored != actual:
+        raise CheckpointError(
+            f"{what}: {str(path)!r} is corrupted: its content does not match its stored SHA-256 "
+            f"(expected {stored}, received {actual})"
+        )
+    return blob
+
+
+# ---------------------------------------------------------------------------- command line
+def _number(kind, convert, accept, expected: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, received {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, received {value}")
+        return value
+
+    parse.__name__ = kind  # argparse names the type in its own messages
+    return parse
+
+
+# argparse ``type=`` values: a bad flag is a one-line usage error before any work starts.
+positive_int = _number("positive_int", int, lambda v: v > 0, "a positive int")
+non_negative_int = _number("non_negative_int", int, lambda v: v >= 0, "an int >= 0")
+positive_float = _number(
+    "positive_float", float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"
+)
+
+
+def check_checkpoint_path(path, must_exist: bool) -> None:
+    """Refuses (SystemExit, one line) a ``--checkpoint`` that cannot be written or read: a
+    folder, a path under a regular file, or (``must_exist``) a missing file."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"--checkpoint: expected a file path, received the folder {str(path)!r}")
+    if must_exist and not path.is_file():
+        raise SystemExit(f"--checkpoint: expected an existing file, received {str(path)!r}")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SystemExit(
+                    f"--checkpoint: expected a path under a folder, received {str(path)!r} "
+                    f"under the regular file {str(parent)!r}"
+                )
+            break
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--resume`` (the checkpoint must exist) and ``--resume-if-exists`` (for jobs that are
+    rerun as they are after a preemption)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume", action="store_true", help="continue exactly from --checkpoint (must exist)"
+    )
+    group.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="continue from --checkpoint when it exists, else start from scratch",
+    )
+
+
+# ---------------------------------------------------------------------------- checkpoints
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The global RNG states as plain data: torch's (a uint8 tensor) and Python's (its
+    ``random.getstate()`` as version, int64 tensor and gauss_next)."""
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+    }
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
 
 
 def save_checkpoint(
-    path, *, config: dict, maml, optimizer, step: int, task_generator, history: History
-):
-    """Everything a resumed run needs to continue exactly as if never stopped."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path,
+    *,
+    benchmark: str,
+    config: dict,
+    maml,
+    optimizer,
+    step: int,
+    task_generator,
+    history: History,
+) -> None:
+    """Everything a resumed run needs to continue exactly as if never stopped, as a safe file
+    (see the module docstring): keys ``benchmark`` (the ``train`` command that wrote it),
+    ``config``, ``maml`` (state dict), ``optimizer`` (state dict), ``step``,
+    ``task_generator`` (uint8 state), ``rng`` (see ``rng_state``), ``history``."""
     blob = {
+        "benchmark": benchmark,
         "config": config,
         "maml": maml.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "task_generator": task_generator.get_state(),
         "rng": rng_state(),
-        "history": history.__dict__,
+        "history": dict(history.__dict__),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint
+    save_file(path, blob, CHECKPOINT_FORMAT)
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, benchmark: str | None = None) -> dict:
+    """A checkpoint written by ``save_checkpoint``, verified (see ``load_file``).
+
+    Args:
+        path: the checkpoint file.
+        benchmark: when given, the ``train`` command it must come from ("omniglot", ...).
+
+    Raises:
+        CheckpointError: see ``load_file``; or the checkpoint is of another benchmark.
+    """
+    blob = load_file(path, CHECKPOINT_FORMAT, "checkpoint")
+    if benchmark is not None and blob.get("benchmark") != benchmark:
+        raise CheckpointError(
+            f"checkpoint: expected a checkpoint of `train {benchmark}`, received one of "
+            f"`train {blob.get('benchmark')}` in {str(path)!r}"
+        )
+    return blob
+
+
+def open_resume(path, benchmark: str, config: dict, missing_ok: bool = False) -> dict | None:
+    """The checkpoint to resume from, checked before any work: it exists (else SystemExit, or
+    None when ``missing_ok``), is intact and of ``benchmark`` (else CheckpointError), was made
+    with the same settings (all of ``config`` but ``iterations``) and a step no later than
+    ``config["iterations"]`` (else SystemExit)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint: expected an existing file, received {str(path)!r}")
-    return torch.load(path, weights_only=False)
-
-
-def resume(path, config: dict, model, optimizer, task_generator) -> tuple[int, History]:
-    """Restores a run saved by save_checkpoint, if ``path`` exists: model, optimizer, task
-    generator and RNG state, so it continues exactly. Returns (step, history); (0, empty) when
-    there is no checkpoint. Raises SystemExit when the checkpoint's settings (all of ``config``
-    but ``iterations``) differ."""
-    path = Path(path)
-    if not path.is_file():
-        return 0, History()
-    blob = load_checkpoint(path)
+    if not path.exists():
+        if missing_ok:
+            return None
+        raise SystemExit(
+            f"--resume: expected an existing checkpoint, received {str(path)!r} (use "
+            "--resume-if-exists to start from scratch when there is none)"
+        )
+    blob = load_checkpoint(path, benchmark)
     mismatch = [k for k in config if k != "iterations" and blob["config"].get(k) != config[k]]
     if mismatch:
         raise SystemExit(f"--resume: the checkpoint was made with other settings: {mismatch}")
+    if blob["step"] > config["iterations"]:
+        raise SystemExit(
+            f"--iterations: expected at least the checkpoint's step {blob['step']} to resume "
+            f"{str(path)!r}, received {config['iterations']}"
+        )
+    return blob
+
+
+def restore(blob: dict | None, model, optimizer, task_generator) -> tuple[int, History]:
+    """Loads a checkpoint from ``open_resume`` into a freshly built run: model, optimizer, task
+    generator and global RNG states, so it continues exactly. Returns (step, history); (0, an
+    empty History) for None (nothing to resume)."""
+    if blob is None:
+        return 0, History()
     model.load_state_dict(blob["maml"])
     optimizer.load_state_dict(blob["optimizer"])
     task_generator.set_state(blob["task_generator"])
     set_rng_state(blob["rng"])
-    print(f"resuming from step {blob['step']} of {path}")
+    print(f"resuming from step {blob['step']}")
     return blob["step"], History(**blob["history"])
 
 

@@ -424,7 +424,7 @@ def test_cli_pretrained_variant_trains_reports_and_evaluates(tiny_root, tmp_path
     )
     assert "validation accuracy" in out and "trained 4 steps" in out
     assert len(re.findall(report, out)) == 1
-    blob = torch.load(ckpt, weights_only=False)
+    blob = torch.load(ckpt, weights_only=True)
     # conv4 with one logit per training class (characters x 4 rotations).
     ds = pymeta.datasets.Omniglot(tiny_root, image_size=16, cache_dir=cache)
     classes = ds.split("train", rotations=True).shape[0]
@@ -443,7 +443,7 @@ def test_cli_pretrained_resumes_exactly(tiny_root, tmp_path):
     train_pretrained(tiny_root, cache, straight, 6, "--checkpoint-every", "3")
     train_pretrained(tiny_root, cache, split, 3, "--checkpoint-every", "3")
     train_pretrained(tiny_root, cache, split, 6, "--checkpoint-every", "3", "--resume")
-    a, b = torch.load(straight, weights_only=False), torch.load(split, weights_only=False)
+    a, b = torch.load(straight, weights_only=True), torch.load(split, weights_only=True)
     assert a["step"] == b["step"] == 6
     for key, value in a["maml"].items():
         assert torch.equal(value, b["maml"][key]), key
@@ -474,7 +474,7 @@ def test_cli_baseline_and_maml_are_tested_on_the_same_tasks(tiny_root, tmp_path,
     assert [call[0] for call in tests] == ["Pretrained", "MAML"]
     (_, a, *rest_a), (_, b, *rest_b) = tests
     assert torch.equal(a, b) and rest_a == rest_b and rest_a[1] == 2
-    pre = torch.load(tmp_path / "pre.pt", weights_only=False)["config"]
-    maml = torch.load(tmp_path / "maml.pt", weights_only=False)["config"]
+    pre = torch.load(tmp_path / "pre.pt", weights_only=True)["config"]
+    maml = torch.load(tmp_path / "maml.pt", weights_only=True)["config"]
     assert (maml["inner_lr"], maml["inner_steps"]) == (0.4, 1) and "batch_size" not in maml
     assert pre["inner_lr"] == 0.05 and "meta_batch" not in pre

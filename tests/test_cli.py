@@ -66,7 +66,7 @@ def test_resume_continues_exactly(tiny_root, tmp_path):
     run_train(tiny_root, cache, straight, 6, "--checkpoint-every", "3")
     run_train(tiny_root, cache, split, 3, "--checkpoint-every", "3")
     run_train(tiny_root, cache, split, 6, "--checkpoint-every", "3", "--resume")
-    a, b = torch.load(straight, weights_only=False), torch.load(split, weights_only=False)
+    a, b = torch.load(straight, weights_only=True), torch.load(split, weights_only=True)
     assert a["step"] == b["step"] == 6
     for key, value in a["maml"].items():
         assert torch.equal(value, b["maml"][key]), key
@@ -84,8 +84,8 @@ def test_aware_variant_trains_the_same_model_as_the_agnostic_one(tiny_root, tmp_
     cache = tmp_path / "cache"
     run_train(tiny_root, cache, tmp_path / "agnostic.pt", 3)
     run_train(tiny_root, cache, tmp_path / "aware.pt", 3, "--variant", "aware")
-    a = torch.load(tmp_path / "agnostic.pt", weights_only=False)["maml"]
-    b = torch.load(tmp_path / "aware.pt", weights_only=False)["maml"]
+    a = torch.load(tmp_path / "agnostic.pt", weights_only=True)["maml"]
+    b = torch.load(tmp_path / "aware.pt", weights_only=True)["maml"]
     shared = [k for k in a if k in b and k.startswith("module.")]
     assert len(shared) == 18  # conv4: 4 x (conv weight, bias, bn weight, bias) + the head
     # Convolution biases in front of batch norm have an exact-zero gradient, so Adam turns
@@ -96,7 +96,7 @@ def test_aware_variant_trains_the_same_model_as_the_agnostic_one(tiny_root, tmp_
 
 
 def test_eval_needs_a_checkpoint(tiny_root, tmp_path):
-    with pytest.raises(ValueError, match="checkpoint: expected an existing file"):
+    with pytest.raises(SystemExit, match="--checkpoint: expected an existing file"):
         main(
             [
                 "eval",
@@ -109,14 +109,157 @@ def test_eval_needs_a_checkpoint(tiny_root, tmp_path):
         )
 
 
-def test_train_rejects_non_positive_settings(tiny_root, tmp_path):
-    with pytest.raises(SystemExit, match="--iterations: expected a positive int, received 0"):
-        run_train(tiny_root, tmp_path / "cache", tmp_path / "run.pt", 0)
+def usage_error(capsys, argv) -> str:
+    """The one-line message a bad command line exits with (argparse's or the CLI's own)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    code = info.value.code
+    message = code if isinstance(code, str) else capsys.readouterr().err
+    assert code != 0 and message.strip() and "\n" not in message.strip(), message
+    return message
 
 
-def test_eval_rejects_a_non_positive_test_query(tiny_root, tmp_path):
-    ckpt = tmp_path / "run.pt"
-    assert run_train(tiny_root, tmp_path / "cache", ckpt, 1) == 0
-    args = ["eval", "omniglot", "--root", str(tiny_root), "--cache-dir", str(tmp_path / "cache")]
-    with pytest.raises(SystemExit, match="--test-query: expected a positive int, received 0"):
-        main([*args, "--checkpoint", str(ckpt), "--test-query", "0", "--no-progress"])
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any data decoding or training fails the test: errors must come first."""
+    import pymeta.datasets.omniglot
+    import pymeta.training
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the flags were checked")
+
+    monkeypatch.setattr(pymeta.datasets.omniglot.Omniglot, "_decode", forbidden)
+    monkeypatch.setattr(pymeta.training, "meta_train", forbidden)
+    monkeypatch.setattr("pymeta.demo.run_demo", forbidden)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--log-every", "0"], "--log-every: expected a positive int, received 0"),
+        (["--val-tasks", "0"], "--val-tasks: expected a positive int, received 0"),
+        (["--test-tasks", "0"], "--test-tasks: expected a positive int, received 0"),
+        (["--test-query", "0"], "--test-query: expected a positive int, received 0"),
+        (["--eval-steps", "0"], "--eval-steps: expected a positive int, received 0"),
+        (["--eval-steps", "-2"], "--eval-steps: expected a positive int, received -2"),
+        (["--threads", "0"], "--threads: expected a positive int, received 0"),
+        (["--iterations", "0"], "--iterations: expected a positive int, received 0"),
+        (["--n-way", "0"], "--n-way: expected a positive int, received 0"),
+        (["--k-shot", "-1"], "--k-shot: expected a positive int, received -1"),
+        (["--k-query", "0"], "--k-query: expected a positive int, received 0"),
+        (["--meta-batch", "0"], "--meta-batch: expected a positive int, received 0"),
+        (["--batch-size", "0"], "--batch-size: expected a positive int, received 0"),
+        (["--inner-steps", "0"], "--inner-steps: expected a positive int, received 0"),
+        (["--hidden", "0"], "--hidden: expected a positive int, received 0"),
+        (["--val-every", "-1"], "--val-every: expected an int >= 0, received -1"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every: expected an int >= 0, received -1"),
+        (["--lr", "inf"], "--lr: expected a finite number > 0, received inf"),
+        (["--inner-lr", "-0.1"], "--inner-lr: expected a finite number > 0, received -0.1"),
+        (["--n-way", "two"], "--n-way: expected a positive int, received 'two'"),
+        (["--image-size", "15"], "--image-size: expected at least 16 (conv4's four 2x2"),
+        (["--resume", "--resume-if-exists"], "--resume-if-exists: not allowed with argument"),
+    ],
+)
+def test_train_flags_are_checked_before_any_work(flags, message, tiny_root, tmp_path, capsys,
+                                                 no_work):  # fmt: skip
+    argv = ["train", "omniglot", "--root", str(tiny_root), "--cache-dir", str(tmp_path / "c")]
+    argv += ["--checkpoint", str(tmp_path / "run.pt"), *COMMON, *flags]
+    assert message in usage_error(capsys, argv)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "run.pt").exists()
+
+
+def test_a_checkpoint_path_under_a_regular_file_is_refused_before_training(
+    tiny_root, tmp_path, capsys, no_work
+):
+    (tmp_path / "file").write_text("not a folder")
+    ckpt = tmp_path / "file" / "run.pt"
+    message = usage_error(
+        capsys,
+        ["train", "omniglot", "--root", str(tiny_root), "--checkpoint", str(ckpt), *COMMON],
+    )
+    assert f"--checkpoint: expected a path under a folder, received '{ckpt}'" in message
+    message = usage_error(capsys, ["train", "sinusoid", "--checkpoint", str(ckpt)])
+    assert "under the regular file" in message
+    message = usage_error(capsys, ["train", "sinusoid", "--checkpoint", str(tmp_path)])
+    assert "--checkpoint: expected a file path, received the folder" in message
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--test-tasks", "0"], "--test-tasks: expected a positive int, received 0"),
+        (["--test-query", "0"], "--test-query: expected a positive int, received 0"),
+        (["--eval-steps", "0"], "--eval-steps: expected a positive int, received 0"),
+        (["--threads", "0"], "--threads: expected a positive int, received 0"),
+    ],
+)
+def test_eval_flags_are_checked_before_any_work(flags, message, tiny_root, tmp_path, capsys,
+                                                no_work):  # fmt: skip
+    argv = ["eval", "omniglot", "--root", str(tiny_root), "--checkpoint", str(tmp_path / "x.pt")]
+    assert message in usage_error(capsys, [*argv, *flags])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--meta-batch", "0"], "--meta-batch: expected a positive int, received 0"),
+        (["--iterations", "0"], "--iterations: expected a positive int, received 0"),
+        (["--threads", "0"], "--threads: expected a positive int, received 0"),
+    ],
+)
+def test_demo_flags_are_checked_before_any_work(flags, message, capsys, no_work):
+    assert message in usage_error(capsys, ["demo", *flags])
+
+
+def test_default_root_does_not_depend_on_the_current_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import pymeta
+    from pymeta import cli_omniglot
+
+    monkeypatch.delenv("PYMETA_OMNIGLOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    root = cli_omniglot.default_root()
+    repository = Path(pymeta.__file__).resolve().parents[1]
+    assert root.is_absolute() and root == repository.parent / "shared" / "data" / "omniglot"
+    monkeypatch.setenv("PYMETA_OMNIGLOT", str(tmp_path / "elsewhere"))
+    assert cli_omniglot.default_root() == tmp_path / "elsewhere"
+
+
+def test_a_missing_root_is_a_one_line_error(tmp_path, capsys, no_work):
+    missing = tmp_path / "missing"
+    argv = ["train", "omniglot", "--root", str(missing), "--checkpoint", str(tmp_path / "r.pt")]
+    message = usage_error(capsys, argv)
+    assert f"--root: expected a folder of Omniglot zips or images, received '{missing}'" in message
+
+
+def test_console_script_is_the_same_program_as_python_m_pymeta(tmp_path):
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "pymeta"]
+    assert script.value == "pymeta.__main__:run"
+    installed = Path(sys.executable).parent / "pymeta"
+    if not installed.is_file():
+        pytest.skip("no installed pymeta script next to this interpreter")
+    argv = ["train", "sinusoid", "--log-every", "0"]
+    a = subprocess.run([str(installed), *argv], capture_output=True, text=True, cwd=tmp_path)
+    b = subprocess.run([sys.executable, "-m", "pymeta", *argv], capture_output=True, text=True,
+                       cwd=tmp_path)  # fmt: skip
+    assert a.returncode == b.returncode == 2 and a.stdout == b.stdout == ""
+    assert a.stderr == b.stderr and "--log-every: expected a positive int" in a.stderr
+
+
+def test_run_reports_an_unusable_checkpoint_in_one_line(tmp_path, monkeypatch):
+    from pymeta.__main__ import run
+
+    called = []  # run() must set up memory as the program does (not for this test process)
+    monkeypatch.setattr("pymeta.memory.retain_freed_memory", lambda: called.append(1))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"")
+    monkeypatch.setattr("sys.argv", ["pymeta", "eval", "sinusoid", "--checkpoint", str(bad)])
+    with pytest.raises(SystemExit, match=rf"^pymeta: error: checkpoint: '{bad}' is empty"):
+        run()
+    assert called == [1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import os
@@ -10,7 +11,10 @@ from pathlib import Path
 
 import torch
 
+from pymeta.training import CheckpointError, load_file, save_file
+
 SPLITS = ("train", "val", "test")
+CACHE_FORMAT = "pymeta-omniglot-cache"
 
 
 def load_image(path_or_file, image_size: int = 28) -> torch.Tensor:
@@ -42,9 +46,10 @@ def load_image(path_or_file, image_size: int = 28) -> torch.Tensor:
 
 
 def _character_files(root: Path):
-    """(alphabet, character, drawing name, bytes loader) for every PNG, zips and folders alike;
-    a character seen in an earlier source is skipped (the two minimal splits share Greek and
-    Latin)."""
+    """(alphabet, character, drawing name, source, member, fingerprint) for every PNG, zips and
+    folders alike; a character seen in an earlier source is skipped (the two minimal splits
+    share Greek and Latin). The fingerprint identifies the content: a zip member's CRC-32 and
+    size, a file's size and modification time."""
     sources = sorted(root.glob("*.zip")) + sorted(
         p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
@@ -52,26 +57,61 @@ def _character_files(root: Path):
     out = []
     for source in sources:
         if source.suffix == ".zip":
-            with zipfile.ZipFile(source) as z:
-                names = [n for n in z.namelist() if n.lower().endswith(".png")]
-            entries = [(tuple(n.split("/")[-3:]), source, n) for n in names]
-        else:
+            try:
+                with zipfile.ZipFile(source) as z:
+                    infos = [i for i in z.infolist() if i.filename.lower().endswith(".png")]
+            except (zipfile.BadZipFile, OSError) as err:
+                raise ValueError(
+                    f"root: expected readable zips, received {str(source)!r} ({err})"
+                ) from None
             entries = [
-                (tuple(p.relative_to(source).parts[-3:]), source, p) for p in source.rglob("*.png")
-            ]
-        for (alphabet, character, drawing), src, member in sorted(entries, key=lambda e: e[0]):
+                (tuple(i.filename.split("/")[-3:]), source, i.filename,
+                 f"{i.CRC:08x}:{i.file_size}")
+                for i in infos
+            ]  # fmt: skip
+        else:
+            entries = []
+            for p in source.rglob("*.png"):
+                stat = p.stat()
+                entries.append(
+                    (tuple(p.relative_to(source).parts[-3:]), source, p,
+                     f"{stat.st_size}:{stat.st_mtime_ns}")
+                )  # fmt: skip
+        for (alphabet, character, drawing), src, member, print_ in sorted(
+            entries, key=lambda e: e[0]
+        ):
             key = (alphabet, character)
             if seen_in.setdefault(key, str(src)) != str(src):
                 continue
-            out.append((alphabet, character, drawing, src, member))
+            out.append((alphabet, character, drawing, src, member, print_))
     return out
+
+
+def _check_drawing_counts(files) -> None:
+    """Every character must have the same number of drawings (the (C, D, ...) tensor), and
+    none is cut to fit: a character with another count is an error that names it."""
+    counts = collections.Counter(f"{a}/{c}" for a, c, *_ in files)
+    usual, _ = collections.Counter(counts.values()).most_common(1)[0]
+    odd = {name: n for name, n in counts.items() if n != usual}
+    if odd:
+        sources = {f"{a}/{c}": Path(src).name for a, c, _, src, *_ in files}
+        listed = ", ".join(f"{name!r} ({sources[name]}) has {n}" for name, n in sorted(odd.items()))
+        raise ValueError(
+            f"root: expected {usual} drawings for every character, like the other "
+            f"{len(counts) - len(odd)}, received: {listed}"
+        )
 
 
 class Omniglot:
     """Omniglot characters as tensors, with character-disjoint meta-train/val/test splits.
 
-    The first load decodes every PNG (see ``load_image``) and caches one tensor file; later
-    loads read the cache.
+    The first load decodes every PNG (see ``load_image``) and caches one tensor file, keyed on
+    the sources' contents (zip members' CRC-32 and size, loose files' size and modification
+    time); later loads read it. The cache is written and read like a checkpoint
+    (``pymeta.training.save_file``/``load_file``: plain data only, ``weights_only=True``,
+    SHA-256 checked): a corrupted or foreign cache file is an error that names it (delete it
+    to rebuild), never code run or wrong images. Every character must have the same number
+    of drawings; one that differs is an error naming it, never a silent truncation.
 
     Args:
         root: a folder holding the Omniglot zips (e.g. images_background_small1.zip) and/or
@@ -113,16 +153,14 @@ class Omniglot:
         files = _character_files(root)
         if not files:
             raise ValueError(f"root: found no PNG images in {str(root)!r} (zips or folders)")
-        cache = self._cache_path(root, files, image_size, cache_dir)
+        _check_drawing_counts(files)
+        cache, source = self._cache_path(files, image_size, cache_dir)
         if cache.exists():
-            blob = torch.load(cache)
-            self.images, self.names = blob["images"], blob["names"]
+            self.images, self.names = self._read_cache(cache, source)
         else:
             self.images, self.names = self._decode(files, image_size)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save({"images": self.images, "names": self.names}, tmp)
-            os.replace(tmp, cache)
+            blob = {"source": source, "images": self.images, "names": self.names}
+            save_file(cache, blob, CACHE_FORMAT)
         order = torch.randperm(len(self.names), generator=torch.Generator().manual_seed(seed))
         n_train = round(split_fractions[0] * len(order))
         n_val = round(split_fractions[1] * len(order))
@@ -133,33 +171,55 @@ class Omniglot:
         }
 
     @staticmethod
-    def _cache_path(root: Path, files, image_size: int, cache_dir) -> Path:
-        digest = hashlib.sha1()
-        for alphabet, character, drawing, src, _ in files:
-            digest.update(f"{Path(src).name}/{alphabet}/{character}/{drawing}\n".encode())
+    def _cache_path(files, image_size: int, cache_dir) -> tuple[Path, str]:
+        """The cache file and the full key of its sources: every file's name and content
+        fingerprint, so a changed zip or image never reuses an old cache."""
+        digest = hashlib.sha256()
+        for alphabet, character, drawing, src, _, print_ in files:
+            digest.update(f"{Path(src).name}/{alphabet}/{character}/{drawing}:{print_}\n".encode())
         folder = Path(
             cache_dir or os.environ.get("PYMETA_CACHE") or Path.home() / ".cache" / "pymeta"
         )
-        return folder / f"omniglot-{image_size}-{digest.hexdigest()[:16]}.pt"
+        key = digest.hexdigest()
+        return folder / f"omniglot-{image_size}-{key[:16]}.pt", key
+
+    @staticmethod
+    def _read_cache(cache: Path, source: str):
+        try:
+            blob = load_file(cache, CACHE_FORMAT, "cache")
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; delete it to rebuild the cache") from None
+        if blob.get("source") != source:
+            raise CheckpointError(
+                f"cache: {str(cache)!r} was built from other files (expected source key "
+                f"{source[:16]}..., received {str(blob.get('source'))[:16]}...); delete it to "
+                "rebuild the cache"
+            )
+        return blob["images"], blob["names"]
 
     @staticmethod
     def _decode(files, image_size: int):
         by_char: dict[str, list[torch.Tensor]] = {}
         zips: dict[str, zipfile.ZipFile] = {}
         try:
-            for alphabet, character, _, src, member in files:
-                if str(src).endswith(".zip"):
-                    z = zips.setdefault(str(src), zipfile.ZipFile(src))
-                    img = load_image(z.read(member), image_size)
-                else:
-                    img = load_image(member, image_size)
+            for alphabet, character, _, src, member, _ in files:
+                try:
+                    if str(src).endswith(".zip"):
+                        z = zips.setdefault(str(src), zipfile.ZipFile(src))
+                        img = load_image(z.read(member), image_size)
+                    else:
+                        img = load_image(member, image_size)
+                except (ValueError, OSError, zipfile.BadZipFile) as err:
+                    raise ValueError(
+                        f"root: expected readable images, received {member!s} in "
+                        f"{str(src)!r} ({err})"
+                    ) from None
                 by_char.setdefault(f"{alphabet}/{character}", []).append(img)
         finally:
             for z in zips.values():
                 z.close()
-        drawings = min(len(v) for v in by_char.values())
         names = sorted(by_char)
-        images = torch.stack([torch.stack(by_char[n][:drawings]) for n in names])
+        images = torch.stack([torch.stack(by_char[n]) for n in names])
         return images.mul(255).round().to(torch.uint8), names
 
     @property

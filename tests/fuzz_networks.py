@@ -303,3 +303,92 @@ def reordered(batch: pymeta.TaskBatch) -> pymeta.TaskBatch:
     meta-gradient in exact arithmetic, a different summation order in floating point."""
     return pymeta.TaskBatch(*(t.flip(1) for t in (batch.support_x, batch.support_y,
                                                    batch.query_x, batch.query_y)))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- invalid calls
+def _unsupported_layer(c) -> nn.Module:
+    return c.choice((
+        lambda: nn.Dropout(0.1), lambda: nn.LayerNorm(3), lambda: nn.Conv1d(1, 2, 1),
+        lambda: nn.BatchNorm2d(2), lambda: nn.Conv2d(2, 2, 3, groups=2),
+        lambda: nn.Conv2d(1, 2, 3, dilation=2), lambda: nn.Conv2d(1, 2, 3, padding="same"),
+        lambda: nn.MaxPool2d(2, ceil_mode=True), lambda: nn.AvgPool2d(2, divisor_override=3),
+        lambda: nn.Flatten(0), lambda: nn.GELU(), lambda: nn.Softmax(-1),
+    ))()  # fmt: skip
+
+
+def invalid_constructor(c, model: nn.Sequential) -> tuple[str, dict | nn.Module]:
+    """(argument name, bad ModelAwareMAML keyword arguments or a bad model)."""
+    name = c.choice((
+        "inner_steps", "inner_lr", "lr_mode", "learn_inner_lr", "adapt_layers", "loss",
+        "multi_step_loss", "per_step_bn", "track_bn_stats", "model",
+    ))  # fmt: skip
+    if name == "inner_steps":
+        return name, {name: c.choice((0, -1, 1.5, True, "2", None))}
+    if name == "inner_lr":
+        return name, {name: c.choice((float("nan"), float("inf"), -0.1, "0.1", True, None))}
+    if name == "lr_mode":
+        return name, {name: c.choice(("per_layer", "", None, 1))}
+    if name == "learn_inner_lr":
+        return name, {name: c.choice(("per_layer_step", "yes", 1, None))}
+    if name == "adapt_layers":
+        leaves = len(list(flatten_sequential(model)))
+        plain = [i for i in range(leaves) if i not in parametric_positions(model)]
+        bad = [[], "tail", 3, [1.5], [True], [leaves + c.integer(0, 3)], [-leaves - 1]]
+        if plain:
+            bad.append([c.choice(plain)])
+        return name, {name: c.choice(bad)}
+    if name == "loss":
+        return name, {name: c.choice(("hinge", "MSE", 3, None))}
+    if name == "multi_step_loss":
+        return name, {
+            "inner_steps": 2,
+            name: c.choice(([1.0], [1.0, 2.0, 3.0], [float("nan"), 1.0], 3, None, ["a", 1])),
+        }
+    if name in ("per_step_bn", "track_bn_stats"):
+        return name, {name: c.choice(("yes", 1, None))}
+    layers = list(flatten_sequential(model))
+    position = c.integer(0, len(layers))
+    modules = [m for _, m in layers]
+    modules.insert(position, _unsupported_layer(c))
+    return "model", nn.Sequential(*modules)
+
+
+def invalid_batch_parts(c, example, outputs, loss, dtype=torch.float64) -> tuple[str, dict]:
+    """(field named in the error, TaskBatch parts with one random defect)."""
+    t, k, q = c.integer(1, 3), c.integer(1, 3), c.integer(1, 3)
+    parts = make_batch(example, outputs, loss, t, k, q, c.integer(0, 99), dtype).__dict__.copy()
+    field = c.choice(("support_x", "support_y", "query_x", "query_y"))
+    x = parts[field]
+    defect = c.choice(("tasks", "examples", "empty", "dtype", "nonfinite", "shape", "labels"))
+    if defect == "tasks":
+        parts[field] = torch.cat([x, x[:1]]) if c.boolean() or t == 1 else x[:-1]
+        if field == "support_x":  # then the others disagree with it
+            field = "support_y"
+    elif defect == "examples" and field.endswith("_y"):
+        parts[field] = torch.cat([x, x[:, :1]], 1)
+    elif defect in ("empty", "examples"):
+        side = field.split("_")[0]
+        parts[side + "_x"], parts[side + "_y"] = parts[side + "_x"][:, :0], parts[side + "_y"][:, :0]
+        field = side + "_x"
+    elif defect == "dtype":
+        if field.endswith("_x"):
+            parts[field] = x.to(c.choice((torch.float32, torch.int64, torch.float16)))
+        else:
+            for name in ("support_y", "query_y"):  # both: TaskBatch wants them alike
+                y = parts[name]
+                parts[name] = y.float() if loss == "cross_entropy" else y.long()
+            field = "support_y"
+    elif defect == "nonfinite" and x.is_floating_point():
+        x = x.clone()
+        x.view(-1)[c.integer(0, x.numel() - 1)] = c.choice((float("nan"), float("inf"), -float("inf")))
+        parts[field] = x
+    elif defect == "labels" and loss == "cross_entropy":
+        y = parts["support_y"].clone()
+        y.view(-1)[c.integer(0, y.numel() - 1)] = c.choice((outputs, outputs + 5, -1, -100))
+        parts["support_y"], field = y, "support_y"
+    else:  # one more feature (or image channel) in every input: the model cannot take it
+        dim = 2 if len(example) == 3 else -1
+        for name in ("support_x", "query_x"):
+            parts[name] = torch.cat([parts[name], parts[name].narrow(dim, 0, 1)], dim)
+        field = "support_x"
+    return field, parts

@@ -28,6 +28,8 @@ from fuzz_networks import (
     conv_recipe,
     grad_errors,
     has_batch_norm,
+    invalid_batch_parts,
+    invalid_constructor,
     learner_kwargs,
     make_batch,
     mlp_recipe,
@@ -175,3 +177,56 @@ def want_last_step(maml, batch, loss_fn):
         return reference_loss(maml, batch, lr_lookup(maml), loss_fn).detach()
     finally:
         maml.step_weights = weights
+
+
+# ----------------------------------------------------------------------------- invalid input
+def assert_named_error(call, argument: str):
+    """call() raises a ValueError or TypeError whose message names ``argument``."""
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    assert argument in str(info.value), f"{argument!r} not named in: {info.value}"
+
+
+@fuzz(60)
+@given(recipe=networks, data=st.data())
+def test_invalid_constructor_arguments_are_named(recipe, data):
+    out = build_model(recipe)
+    assume(out is not None)
+    model = out[0]
+    name, bad = data.draw(
+        st.composite(lambda draw: invalid_constructor(HypothesisChooser(draw), model))(),
+        label="invalid",
+    )
+    if name == "model":
+        assert_named_error(lambda: pymeta.ModelAwareMAML(bad), "model")
+    else:
+        assert_named_error(lambda: pymeta.ModelAwareMAML(model, **bad), name)
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+
+
+@fuzz(60)
+@given(recipe=networks, loss=st.sampled_from(["mse", "cross_entropy"]), data=st.data())
+def test_invalid_batches_are_named(recipe, loss, data):
+    """A batch with one defect (task counts, set sizes, empty sets, dtypes, NaN/inf, shapes,
+    class labels) is refused by TaskBatch or by meta_loss and adapt, naming the field."""
+    out = build_model(recipe)
+    assume(out is not None)
+    model, example, outputs = out
+    field, parts = data.draw(
+        st.composite(
+            lambda draw: invalid_batch_parts(HypothesisChooser(draw), example, outputs, loss)
+        )(),
+        label="invalid",
+    )
+    maml = pymeta.ModelAwareMAML(model, loss=loss)
+    note(f"core: {maml.core_kind}")
+    try:
+        batch = pymeta.TaskBatch(**parts)
+    except (ValueError, TypeError) as err:
+        assert field in str(err), f"{field!r} not named in: {err}"
+        return
+    assert_named_error(lambda: maml.meta_loss(batch), f"batch.{field}")
+    if field.startswith("support"):
+        assert_named_error(
+            lambda: maml.adapt(batch.support_x, batch.support_y, batched=True), field
+        )

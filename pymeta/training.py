@@ -114,7 +114,10 @@ def remove_stale_tmp(path) -> list[Path]:
         pid = tmp.name[len(prefix) : -len(".tmp")]
         if tmp.name.startswith(prefix) and tmp.name.endswith(".tmp") and pid.isdigit():
             if int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                tmp.unlink(missing_ok=True)
+                try:
+                    tmp.unlink()
+                except OSError:  # gone already, or a read-only folder: nothing to clean
+                    continue
                 removed.append(tmp)
     return removed
 

@@ -1,5 +1,6 @@
 """Omniglot loading (on a tiny data set made in the Omniglot layout), FewShot tasks, conv4."""
 
+import os
 import zipfile
 
 import pytest
@@ -138,3 +139,72 @@ def test_conv4_shapes_and_maml_step():
     assert all(p.grad is not None for p in net.parameters())
     with pytest.raises(ValueError, match="image_size: expected at least 16"):
         pymeta.models.conv4(5, image_size=8)
+
+
+def test_a_character_with_fewer_drawings_is_an_error_naming_it(tiny_root, tmp_path):
+    # Drop one drawing of Runic/character02: before, every character was cut to 3 drawings.
+    path = tiny_root / "images_background_small1.zip"
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            if "/Runic/character02/" not in name or not name.endswith("_04.png"):
+                z.writestr(name, data)
+    with pytest.raises(
+        ValueError,
+        match=r"root: expected 4 drawings for every character, like the other 9, received: "
+        r"'Runic/character02' \(images_background_small1.zip\) has 3",
+    ):
+        Omniglot(tiny_root, cache_dir=tmp_path / "cache")
+
+
+def test_the_cache_is_keyed_on_file_contents_not_names(tiny_root, tmp_path):
+    from conftest import make_zip
+
+    cache = tmp_path / "cache"
+    old = Omniglot(tiny_root, cache_dir=cache)
+    # The same names, other images (another seed), then the same modification time.
+    path = tiny_root / "images_background_small2.zip"
+    stat = path.stat()
+    make_zip(path, "images_background_small2", [("Greek", 3), ("Tifinagh", 3)], seed=99)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    new = Omniglot(tiny_root, cache_dir=cache)
+    fresh = Omniglot(tiny_root, cache_dir=tmp_path / "fresh")
+    assert new.names == old.names and torch.equal(new.images, fresh.images)
+    assert not torch.equal(new.images, old.images)
+    assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_the_cache_of_a_folder_follows_changed_files(tiny_root, tmp_path):
+    from conftest import png_bytes
+
+    folder = tmp_path / "unpacked"
+    for z in tiny_root.glob("*.zip"):
+        zipfile.ZipFile(z).extractall(folder)
+    old = Omniglot(folder, cache_dir=tmp_path / "cache")
+    (png,) = folder.glob("images_background_small1/Runic/character01/*_01.png")
+    png.write_bytes(png_bytes(12345))
+    new = Omniglot(folder, cache_dir=tmp_path / "cache")
+    i = new.names.index("Runic/character01")
+    assert not torch.equal(new.images[i, 0], old.images[i, 0])
+    torch.testing.assert_close(
+        new.images[i, 0].float() / 255, load_image(png), atol=1 / 255, rtol=0
+    )
+
+
+def test_a_corrupt_zip_is_an_error_naming_it(tiny_root, tmp_path):
+    bad = tiny_root / "images_background_small3.zip"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match=rf"root: expected readable zips, received '{bad}'"):
+        Omniglot(tiny_root, cache_dir=tmp_path / "cache")
+    bad.unlink()
+    # A damaged member (its CRC-32 no longer matches) names the zip and the member.
+    path = tiny_root / "images_background_small1.zip"
+    member = "images_background_small1/Runic/character01/0100_01.png"
+    with zipfile.ZipFile(path) as z:
+        offset = z.getinfo(member).header_offset
+    data = bytearray(path.read_bytes())
+    data[offset + 200] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"root: expected readable images, received {member} in"):
+        Omniglot(tiny_root, cache_dir=tmp_path / "cache")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from pymeta._checks import check_tensor
 from pymeta.ops import sgd_update_unchecked
 from pymeta.task_forward import call_module

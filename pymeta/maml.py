@@ -27,7 +27,8 @@ class MAML(nn.Module):
 
     The meta-parameters are the module's parameters plus, if learned, the inner learning rates:
     ``maml.parameters()`` is what a meta-optimizer takes. Parameters with
-    ``requires_grad=False`` stay fixed in the inner loop.
+    ``requires_grad=False`` stay fixed in the inner loop. Modules used more than once and tied
+    parameters (one Parameter in two modules) are exact: one parameter, every use.
 
     Batch norm follows the MAML paper: in training mode it normalizes with the statistics of
     the batch at hand (support set in the inner loop, query set after), per task. Running
@@ -39,7 +40,8 @@ class MAML(nn.Module):
         inner_lr: initial inner learning rate α.
         inner_steps: inner gradient steps during ``meta_loss`` and, by default, ``adapt``.
         first_order: drop second-order terms (FOMAML).
-        loss: "mse", "cross_entropy" (targets are int64 class indices), or a callable
+        loss: "mse", "cross_entropy" (targets are int64 class indices in [0, classes), the
+            model's output width; -100, cross-entropy's ignore_index, is refused), or a callable
             ``loss(pred, target) -> scalar`` giving one task's mean loss.
         learn_inner_lr: False, True/"scalar" (one learned rate) or "per_parameter" (Meta-SGD).
         vectorize: "auto", True or False: batch tasks with vmap, or loop over tasks.

@@ -19,6 +19,10 @@ class MlpLayerSpec:
     activation: int = 0
     slope: float = 0.0
 
+    @property
+    def module(self) -> nn.Linear:
+        return self.linear
+
 
 # Every layer type that a model-aware reader knows (net_spec's list; the MLP reader takes a
 # subset). Other types get the readers' own "not supported" errors.
@@ -70,17 +74,17 @@ def _where(name: str, module) -> str:
 
 def _check_runs_as_is(name: str, module: nn.Module) -> None:
     """No hooks and no forward other than the class's own."""
-    where = _where(name, module)
+    state = vars(module)
     for attr, what in _MODULE_HOOKS.items():
-        if getattr(module, attr, None):
+        if state.get(attr):
             raise ValueError(
-                f"{where}: has a {what}, which ModelAwareMAML's core would not run; remove it "
-                f"or {_USE_MAML}"
+                f"{_where(name, module)}: has a {what}, which ModelAwareMAML's core would not "
+                f"run; remove it or {_USE_MAML}"
             )
-    if "forward" in vars(module):
+    if "forward" in state:
         raise ValueError(
-            f"{where}: overrides forward on the instance, which ModelAwareMAML's core would not "
-            f"run; {_USE_MAML}"
+            f"{_where(name, module)}: overrides forward on the instance, which ModelAwareMAML's "
+            f"core would not run; {_USE_MAML}"
         )
 
 
@@ -100,8 +104,10 @@ def _collect_leaves(module: nn.Module, prefix: str, out: list) -> None:
             continue
         if child is not None:
             _check_runs_as_is(qual, child)
-            base = next((t for t in CORE_LAYER_TYPES if isinstance(child, t)), None)
-            if base is not None and type(child) is not base:
+            base = type(child) in CORE_LAYER_TYPES or next(
+                (t for t in CORE_LAYER_TYPES if isinstance(child, t)), None
+            )
+            if base not in (None, True):
                 raise ValueError(
                     f"{_where(qual, child)}: a subclass of nn.{base.__name__}; ModelAwareMAML "
                     f"runs only the exact layer types (not the subclass's code); {_USE_MAML}"
@@ -118,11 +124,10 @@ def _check_sharing(leaves: list) -> None:
     for name, child in leaves:
         if child is None:
             continue
+        # Leaves are exact layer types without submodules: their _parameters are all they hold.
+        params = [(a, p) for a, p in child._parameters.items() if p is not None]
         if id(child) in seen_module:
-            stateful = any(True for _ in child.parameters()) or isinstance(
-                child, nn.modules.batchnorm._BatchNorm
-            )
-            if stateful:
+            if params or isinstance(child, nn.modules.batchnorm._BatchNorm):
                 raise ValueError(
                     f"model.{seen_module[id(child)]} and model.{name} are the same "
                     f"nn.{type(child).__name__} (one module used twice); ModelAwareMAML's core "
@@ -131,7 +136,7 @@ def _check_sharing(leaves: list) -> None:
                 )
             continue
         seen_module[id(child)] = name
-        for attr, p in child.named_parameters():
+        for attr, p in params:
             qual = f"{name}.{attr}"
             if id(p) in seen_param:
                 raise ValueError(

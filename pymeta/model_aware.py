@@ -41,14 +41,24 @@ class ModelAwareMAML(nn.Module):
             at most one activation) run in the core's fused MLP kernels. Networks that also
             have Conv2d, BatchNorm1d/2d (batch statistics, ``track_running_stats=False``, the
             MAML convention), MaxPool2d or AvgPool2d run in its layered kernels (e.g.
-            ``pymeta.models.conv4``). Anything else raises an error pointing to ``pymeta.MAML``.
+            ``pymeta.models.conv4``). Anything else raises an error pointing to ``pymeta.MAML``,
+            and so does what the core would not reproduce exactly: forward/backward hooks
+            (module or global, also when added after construction), subclasses of the layer
+            types, a container with its own forward, a layer with parameters or batch norm used
+            twice, tied parameters, and a layer with some parameters frozen and some not. A
+            parameterless layer (activation, pooling, Flatten) may be used more than once.
+            Layers whose parameters all have ``requires_grad=False`` stay fixed and get no
+            gradient, as in ``pymeta.MAML``. The model is read at construction: swapping a
+            layer or changing requires_grad afterwards is an error at the next call.
         inner_lr: initial inner learning rate α (finite, >= 0).
         inner_steps: inner steps per task.
         first_order: drop second-order terms (FOMAML).
-        loss: "mse" or "cross_entropy" (int64 class targets).
+        loss: "mse" or "cross_entropy" (int64 class targets in [0, classes); cross-entropy's
+            ignore_index -100 is refused, as by ``pymeta.MAML``).
         adapt_layers: None (every layer with parameters adapts), "head" (the last Linear, as
-            in ANIL), or a list of ``model[i]`` indices of layers with parameters. Frozen
-            layers keep their meta-gradients.
+            in ANIL), or a list of ``model[i]`` indices of layers with parameters. Layers that
+            do not adapt keep their meta-gradients. Frozen layers (requires_grad=False) never
+            adapt; naming one here is an error.
         lr_mode: "scalar" (one rate), "per_layer_step" (one per adapted layer and inner step,
             as in MAML++), "per_parameter" (one per element of each adapted parameter, as in
             Meta-SGD).
@@ -181,18 +191,18 @@ class ModelAwareMAML(nn.Module):
     def _param_layers(self) -> list:
         return self.spec.parametric_layers if self._layered else self.spec.layers
 
-    def _layer_where(self, layer) -> str:
-        name = layer.weight_name.rsplit(".", 1)[0]
-        return f"model.{name} ({type(self.module.get_submodule(name)).__name__})"
+    @staticmethod
+    def _layer_where(layer) -> str:
+        return f"model.{layer.weight_name.rsplit('.', 1)[0]} ({type(layer.module).__name__})"
 
     def _trainable_layers(self) -> list[bool]:
         """Per parametric layer: whether its parameters have requires_grad (a layer must be
         all frozen or all trainable: the core adapts whole layers)."""
-        named = dict(self.module.named_parameters())
         out = []
         for layer in self._param_layers():
-            names = [n for n in (layer.weight_name, layer.bias_name) if n]
-            flags = {n.rsplit(".", 1)[1]: named[n].requires_grad for n in names}
+            flags = {"weight": layer.module.weight.requires_grad}
+            if layer.bias_name:
+                flags["bias"] = layer.module.bias.requires_grad
             if len(set(flags.values())) > 1:
                 frozen = [a for a, f in flags.items() if not f]
                 trained = [a for a, f in flags.items() if f]

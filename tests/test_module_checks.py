@@ -7,7 +7,7 @@ refused up front with a named error, and the user's model is never modified by a
 import pytest
 import torch
 import torch.nn.functional as F
-from parity import reference_meta_loss, rel_err
+from parity import lr_lookup, randomize_lrs, reference_loss, reference_meta_loss, rel_err
 from torch import nn
 
 import pymeta
@@ -57,7 +57,9 @@ def class_batch(features=4, classes=3, tasks=3, k=6, q=5, seed=1):
 def image_batch(tasks=2, k=4, q=3, seed=2):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return pymeta.TaskBatch(r(tasks, k, 1, 6, 6), r(tasks, k, 1), r(tasks, q, 1, 6, 6), r(tasks, q, 1))
+    return pymeta.TaskBatch(
+        r(tasks, k, 1, 6, 6), r(tasks, k, 1), r(tasks, q, 1, 6, 6), r(tasks, q, 1)
+    )
 
 
 def grads(loss, params):
@@ -98,8 +100,9 @@ def tied_forward(params, x):
     return F.linear(h, params["4.weight"], params["4.bias"])
 
 
-@pytest.mark.parametrize("net, forward", [(shared_linear_net, shared_linear_forward),
-                                          (tied_net, tied_forward)])  # fmt: skip
+@pytest.mark.parametrize(
+    "net, forward", [(shared_linear_net, shared_linear_forward), (tied_net, tied_forward)]
+)
 @pytest.mark.parametrize("vectorize", ["auto", False])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_maml_shared_and_tied_parameters_match_a_plain_loop(net, forward, vectorize, first_order):
@@ -135,9 +138,15 @@ def shared_act_conv():
     torch.manual_seed(3)
     relu, pool = nn.ReLU(), nn.MaxPool2d(2)
     return nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), relu, pool, nn.Conv2d(3, 3, 3, padding=1), relu, pool,
-        nn.Flatten(), nn.Linear(3, 1),
-    ).double()  # fmt: skip
+        nn.Conv2d(1, 3, 3, padding=1),
+        relu,
+        pool,
+        nn.Conv2d(3, 3, 3, padding=1),
+        relu,
+        pool,
+        nn.Flatten(),
+        nn.Linear(3, 1),
+    ).double()
 
 
 @pytest.mark.parametrize(
@@ -162,8 +171,9 @@ def shared_block_net():
 
 def shared_bn_net():
     bn = nn.BatchNorm2d(1, affine=False, track_running_stats=False)
-    return nn.Sequential(nn.Conv2d(1, 1, 3), bn, nn.Conv2d(1, 1, 3), bn, nn.Flatten(),
-                         nn.Linear(4, 1))  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(1, 1, 3), bn, nn.Conv2d(1, 1, 3), bn, nn.Flatten(), nn.Linear(4, 1)
+    )
 
 
 @pytest.mark.parametrize(
@@ -188,8 +198,9 @@ def test_model_aware_failing_call_leaves_the_model_alone():
     aware = pymeta.ModelAwareMAML(model)
     before = snapshot(model)
     b = image_batch()
-    wrong = pymeta.TaskBatch(b.support_x[..., :1, :1], b.support_y, b.query_x[..., :1, :1],
-                             b.query_y)  # fmt: skip
+    wrong = pymeta.TaskBatch(
+        b.support_x[..., :1, :1], b.support_y, b.query_x[..., :1, :1], b.query_y
+    )
     with pytest.raises(ValueError, match=r"batch.support_x: the model cannot take examples"):
         aware.meta_loss(wrong)
     assert_unchanged(model, before)
@@ -206,9 +217,12 @@ def frozen_mlp():
 def frozen_conv():
     torch.manual_seed(5)
     model = nn.Sequential(
-        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
-        nn.Flatten(), nn.Linear(48, 3),
-    ).double()  # fmt: skip
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3, track_running_stats=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(48, 3),
+    ).double()
     model[0].requires_grad_(False)
     model[1].requires_grad_(False)
     return model
@@ -246,11 +260,32 @@ def test_model_aware_frozen_layers_behave_like_maml(net, batch, first_order):
     assert rel_err(pa, pb) < TOL
 
 
+@pytest.mark.parametrize("lr_mode", ["per_layer_step", "per_parameter"])
+def test_model_aware_frozen_layers_with_learned_rates_match_autograd(lr_mode):
+    """Rates exist for adapted (trainable) layers only; a frozen layer still carries the
+    meta-gradient to the layers below it."""
+    model, batch = frozen_mlp(), class_batch()
+    aware = pymeta.ModelAwareMAML(
+        model, inner_lr=0.2, inner_steps=2, loss="cross_entropy", lr_mode=lr_mode,
+        learn_inner_lr=True,
+    )  # fmt: skip
+    assert aware.adapted == [True, False, True]
+    randomize_lrs(aware)
+    meta = [p for p in aware.parameters() if p.requires_grad]
+    loss = aware.meta_loss(batch)
+    ref = reference_loss(aware, batch, lr_lookup(aware), F.cross_entropy)
+    assert rel_err(loss, ref) < TOL
+    assert_close_grads(grads(loss, meta), grads(ref, meta))
+
+
 def test_model_aware_refuses_partly_frozen_layers_and_frozen_adapt_layers():
     model = frozen_mlp()
     model[0].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"model.0 \(Linear\): weight has requires_grad=False "
-                                         r"but bias has requires_grad=True.*pymeta.MAML"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"model.0 \(Linear\): weight has requires_grad=False "
+        r"but bias has requires_grad=True.*pymeta.MAML",
+    ):
         pymeta.ModelAwareMAML(model)
     model = frozen_mlp()
     with pytest.raises(ValueError, match=r"adapt_layers: model\[2\] \(Linear\) is frozen"):
@@ -259,8 +294,11 @@ def test_model_aware_refuses_partly_frozen_layers_and_frozen_adapt_layers():
     with pytest.raises(ValueError, match=r"adapt_layers: model\[4\] \(Linear\) is frozen"):
         pymeta.ModelAwareMAML(model, adapt_layers="head")
     model.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"model: expected at least one parameter with "
-                                         r"requires_grad=True"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"model: expected at least one parameter with "
+        r"requires_grad=True",
+    ):
         pymeta.ModelAwareMAML(model)
 
 
@@ -349,8 +387,9 @@ HOOK_CASES = {
         r"model.0 \(MyLinear\): a subclass of nn.Linear",
     ),
     "Sequential subclass with its own forward": (
-        lambda: nn.Sequential(OwnForwardSequential(nn.Linear(4, 4), nn.Tanh()),
-                              nn.Linear(4, 1)).double(),  # fmt: skip
+        lambda: nn.Sequential(
+            OwnForwardSequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 1)
+        ).double(),
         r"model.0 \(OwnForwardSequential\): overrides forward",
     ),
     "forward set on the instance": (
@@ -376,12 +415,16 @@ def test_model_aware_refuses_what_the_core_cannot_run(case):
     "register, match",
     [
         (nn.modules.module.register_module_forward_hook, r"a global forward hook"),
-        (lambda f: nn.modules.module.register_module_forward_pre_hook(lambda m, i: None),
-         r"a global forward pre-hook"),
-        (lambda f: nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None),
-         r"a global backward hook"),
+        (
+            lambda f: nn.modules.module.register_module_forward_pre_hook(lambda m, i: None),
+            r"a global forward pre-hook",
+        ),
+        (
+            lambda f: nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None),
+            r"a global backward hook",
+        ),
     ],
-)  # fmt: skip
+)
 def test_model_aware_refuses_global_hooks(register, match):
     handle = register(lambda mod, i, o: None)
     try:
@@ -459,8 +502,11 @@ def test_labels_outside_the_classes_are_refused_by_both_variants(variant):
         maml.meta_loss(with_labels(b, ignored, torch.full_like(b.query_y, -100)))
     with pytest.raises(ValueError, match=r"batch.query_y: " + NEGATIVE + r"\[-1, 2\]"):
         maml.meta_loss(with_labels(b, query=first_label(b.query_y, -1)))
-    with pytest.raises(ValueError, match=r"batch.query_y: expected class indices in \[0, 3\), "
-                                         r"received values in \[0, 3\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"batch.query_y: expected class indices in \[0, 3\), "
+        r"received values in \[0, 3\]",
+    ):
         maml.meta_loss(with_labels(b, query=first_label(b.query_y, 3)))
     with pytest.raises(ValueError, match=r"support_y: " + NEGATIVE + r"\[-100, -100\]"):
         maml.adapt(b.support_x, ignored)

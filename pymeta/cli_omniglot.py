@@ -4,6 +4,12 @@
 baseline without meta-learning (pymeta.baselines.Pretrained): conv4 trained to classify all
 training classes, then a fresh linear head fine-tuned on each test task's support set. Both are
 tested on the same seeded test tasks and reported the same way.
+
+Every flag is checked before any data is decoded. ``--root`` defaults to ``$PYMETA_OMNIGLOT``,
+else ``shared/data/omniglot`` beside the repository (never relative to the current folder).
+Checkpoints are pymeta.training's safe files (plain data, ``weights_only=True``, SHA-256 checked,
+tagged ``benchmark: "omniglot"``): ``--resume`` needs the checkpoint to exist,
+``--resume-if-exists`` starts from scratch when it does not.
 """
 
 from __future__ import annotations

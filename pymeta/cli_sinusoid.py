@@ -10,6 +10,10 @@ MLP core); ``--variant pretrained`` is the paper's baseline (pymeta.baselines.Pr
 same network trained by plain regression on the pooled points of the same task batches, then
 fine-tuned on each test task's support set with every weight adapted. Its fine-tuning step size
 is chosen on validation tasks (never the test tasks) unless ``--finetune-lr`` is given.
+
+Every flag is checked before any training. Checkpoints are pymeta.training's safe files (plain
+data, ``weights_only=True``, SHA-256 checked, tagged ``benchmark: "sinusoid"``): ``--resume``
+needs the checkpoint to exist, ``--resume-if-exists`` starts from scratch when it does not.
 """
 
 from __future__ import annotations

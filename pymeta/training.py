@@ -7,8 +7,9 @@ of those, so it loads with ``torch.load(weights_only=True)``: a file holding any
 pickled object whose ``__reduce__`` would run code) is refused, never executed. It also stores
 its format name and version and the SHA-256 of its content (see ``content_digest``), checked on
 every load, so a truncated, corrupted or edited file is an error naming it, never a silently
-different model. Writes go to ``<file>.<pid>.tmp`` and are renamed into place, so a crash never
-leaves a half-written file; a writer's leftover ``.tmp`` is removed once it is dead.
+different model. Writes go to ``<file>.<host>.<pid>.tmp`` and are renamed into place, so a crash
+never leaves a half-written file; a dead writer's leftover ``.tmp`` is removed by the next save
+or load of that file on its host.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import os
 import pickle
 import random
+import socket
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -87,7 +89,9 @@ def _digest(value, h) -> None:
 
 
 def _writer_tmp(path: Path) -> Path:
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    # Host and pid name the writer, so a reader can tell a dead writer's leftover from a live
+    # one's file, even on a folder shared between machines.
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -103,22 +107,27 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_tmp(path) -> list[Path]:
-    """Removes ``<path>.<pid>.tmp`` files whose writing process is gone (a save interrupted by a
-    crash or kill) and returns them; a live writer's file is left alone."""
+    """Removes ``<path>.<host>.<pid>.tmp`` files written on this host by a process that is gone
+    (a save interrupted by a crash or kill) and returns them; a live writer's file, or one
+    from another host, is left alone."""
     path = Path(path)
-    removed = []
+    removed: list[Path] = []
     if not path.parent.is_dir():
         return removed
-    prefix = path.name + "."
+    prefix, host = path.name + ".", socket.gethostname()
     for tmp in path.parent.iterdir():
-        pid = tmp.name[len(prefix) : -len(".tmp")]
-        if tmp.name.startswith(prefix) and tmp.name.endswith(".tmp") and pid.isdigit():
-            if int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                try:
-                    tmp.unlink()
-                except OSError:  # gone already, or a read-only folder: nothing to clean
-                    continue
-                removed.append(tmp)
+        name = tmp.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        writer_host, _, pid = name[len(prefix) : -len(".tmp")].rpartition(".")
+        if writer_host != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if not _pid_alive(int(pid)):
+            try:
+                tmp.unlink()
+            except OSError:  # gone already, or a read-only folder: nothing to clean
+                continue
+            removed.append(tmp)
     return removed
 
 
@@ -131,7 +140,7 @@ def _unpickling_detail(message: str) -> str:
 
 def save_file(path, blob: dict, file_format: str) -> None:
     """Writes ``blob`` (plain data only, see ``content_digest``) with its format, version and
-    SHA-256, atomically: to ``<path>.<pid>.tmp``, then renamed over ``path``.
+    SHA-256, atomically: to ``<path>.<host>.<pid>.tmp``, then renamed over ``path``.
 
     Raises:
         TypeError: ``blob`` holds something other than plain data (nothing is written).

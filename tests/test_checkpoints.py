@@ -4,6 +4,7 @@ clear errors naming the file for empty, truncated, garbage, foreign and other-be
 strict --resume; no .tmp leftovers."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -211,17 +212,19 @@ def dead_pid() -> int:
 
 
 def test_leftover_tmp_files_are_removed_and_a_failed_save_leaves_none(tmp_path, monkeypatch):
-    ckpt = tmp_path / "run.pt"
-    stale = tmp_path / f"run.pt.{dead_pid()}.tmp"
-    live = tmp_path / f"run.pt.{os.getppid()}.tmp"  # a writer still running: left alone
-    stale.write_bytes(b"half a checkpoint")
-    live.write_bytes(b"being written")
+    ckpt, host = tmp_path / "run.pt", socket.gethostname()
+    stale = tmp_path / f"run.pt.{host}.{dead_pid()}.tmp"
+    live = tmp_path / f"run.pt.{host}.{os.getppid()}.tmp"  # a writer still running
+    remote = tmp_path / f"run.pt.other-host.{dead_pid()}.tmp"  # its writer: unknown here
+    for tmp in (stale, live, remote):
+        tmp.write_bytes(b"half a checkpoint")
     train_sinusoid(ckpt)
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and remote.exists()
     stale.write_bytes(b"half a checkpoint")
     eval_sinusoid(ckpt)  # loading cleans up too
     assert not stale.exists()
     live.unlink()
+    remote.unlink()
 
     # A save that fails half-way (disk full, Ctrl-C) keeps the previous checkpoint, no .tmp.
     before = ckpt.read_bytes()

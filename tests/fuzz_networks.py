@@ -392,3 +392,176 @@ def invalid_batch_parts(c, example, outputs, loss, dtype=torch.float64) -> tuple
             parts[name] = torch.cat([parts[name], parts[name].narrow(dim, 0, 1)], dim)
         field = "support_x"
     return field, parts
+
+
+# ----------------------------------------------------------------------------- crash fuzzing
+def _bad_tensor(c, like: torch.Tensor) -> torch.Tensor:
+    """A tensor like ``like`` but with one random defect (shape, dtype, device, layout)."""
+    defect = c.choice(("shape", "dtype", "meta", "empty", "noncontiguous", "scalar", "nan"))
+    if defect == "shape":
+        return torch.randn(*[c.integer(0, 4) for _ in range(c.integer(0, 5))], dtype=like.dtype)
+    if defect == "dtype":
+        return like.to(c.choice((torch.float32, torch.float16, torch.int64, torch.int32)))
+    if defect == "meta":
+        return torch.empty_like(like, device="meta")
+    if defect == "empty":
+        return like.new_empty((0, *like.shape[1:]))
+    if defect == "noncontiguous" and like.dim() >= 2:
+        return like.transpose(0, -1)
+    if defect == "nan" and like.is_floating_point() and like.numel():
+        return torch.full_like(like, float("nan"))
+    return torch.tensor(1.5, dtype=like.dtype)
+
+
+def _mutate_list(c, items: list, make_bad) -> list:
+    items = list(items)
+    action = c.choice(("drop", "extra", "replace", "empty"))
+    if action == "drop" and items:
+        items.pop(c.integer(0, len(items) - 1))
+    elif action == "extra":
+        items.append(make_bad(items[-1]) if items else 1)
+    elif action == "replace" and items:
+        i = c.integer(0, len(items) - 1)
+        items[i] = make_bad(items[i])
+    else:
+        items = []
+    return items
+
+
+def raw_op_call(c) -> tuple[str, object]:
+    """(description, thunk): one ``torch.ops.pymeta`` op with arguments built for a random
+    network and then broken in 1-3 random ways."""
+    recipe = network_recipe(c)
+    out = build_model(recipe, c.choice((torch.float32, torch.float64)))
+    if out is None:
+        return "skip", lambda: None
+    model, example, outputs = out
+    loss = c.choice(("mse", "cross_entropy"))
+    dtype = next(model.parameters()).dtype
+    batch = make_batch(example, outputs, loss, c.integer(1, 2), 2, 2, c.integer(0, 99), dtype)
+    maml = pymeta.ModelAwareMAML(model, loss=loss, inner_steps=c.integer(1, 2))
+    args = list(maml._core_args(batch.support_x, batch.support_y, batch.query_x, batch.query_y))
+    args[0] = [p.detach() for p in args[0]]
+    names = ["params", "lrs", "support_x", "support_y", "query_x", "query_y", "layers",
+             "layer_args", "step_weights", "lr_mode", "loss"]  # fmt: skip
+    broken = []
+    for _ in range(c.integer(1, 3)):
+        i = c.integer(0, len(names) - 1)
+        broken.append(names[i])
+        value = args[i]
+        if i in (0, 1):
+            args[i] = _mutate_list(c, value, lambda t: _bad_tensor(c, t))
+        elif i <= 5:
+            args[i] = _bad_tensor(c, value)
+        elif i == 6:
+            value = list(value)
+            if value and c.boolean():
+                value[c.integer(0, len(value) - 1)] = c.integer(-3, 12)
+                args[i] = value
+            else:
+                args[i] = _mutate_list(c, value, lambda v: c.integer(-3, 12))
+        elif i in (7, 8):
+            bad = c.choice((float("nan"), -1.0, 0.0, 1e30))
+            args[i] = _mutate_list(c, list(value), lambda v: bad)
+        else:
+            args[i] = c.integer(-2, 4)
+    layered = maml.core_kind == "layered"
+    if c.boolean():
+        op = torch.ops.pymeta.seq_maml_loss if layered else torch.ops.pymeta.mlp_maml_loss
+        flags = (c.boolean(), c.boolean(), c.boolean())
+        thunk = lambda: op(*args, *flags)  # noqa: E731
+    else:
+        op = torch.ops.pymeta.seq_adapt if layered else torch.ops.pymeta.mlp_adapt
+        steps = c.integer(-1, 3)
+        thunk = lambda: op(*args[:4], args[6], args[7], steps, args[9], args[10])  # noqa: E731
+    return f"{op} broken: {broken}", thunk
+
+
+def sgd_update_call(c) -> tuple[str, object]:
+    """(description, thunk): sgd_update / sgd_update_backward on random, mismatched lists."""
+    shape = [c.integer(1, 3) for _ in range(c.integer(1, 3))]
+    n = c.integer(1, 3)
+    params = [torch.randn(*shape) for _ in range(n)]
+    grads = [torch.randn(*shape) for _ in range(n)]
+    lrs = [torch.tensor(0.1)]
+    for _ in range(c.integer(1, 2)):
+        which = c.choice((params, grads, lrs))
+        which[:] = _mutate_list(c, which, lambda t: _bad_tensor(c, t))
+    if c.boolean():
+        return "sgd_update", lambda: torch.ops.pymeta.sgd_update(params, grads, lrs)
+    flag = c.boolean()
+    return "sgd_update_backward", lambda: torch.ops.pymeta.sgd_update_backward(
+        grads, params, lrs, flag
+    )
+
+
+def learner_call(c) -> tuple[str, object]:
+    """(description, thunk): a public-API call, valid or with one random defect."""
+    recipe = network_recipe(c)
+    out = build_model(recipe)
+    if out is None:
+        return "skip", lambda: None
+    model, example, outputs = out
+    s = settings_recipe(c)
+    kind = c.choice(("valid", "constructor", "batch"))
+
+    def valid():
+        batch = make_batch(example, outputs, s["loss"], s["tasks"], max(2, s["k"]), 2, s["seed"])
+        for cls in (pymeta.ModelAwareMAML, pymeta.MAML):
+            maml = cls(model, **learner_kwargs(s))
+            maml.meta_loss(batch).backward()
+            maml.adapt(batch.support_x, batch.support_y, batched=True)(batch.query_x)
+
+    if kind == "valid":
+        return f"valid {recipe['kind']}", valid
+    if kind == "constructor":
+        name, bad = invalid_constructor(c, model)
+        if name == "model":
+            return "unsupported layer", lambda: pymeta.ModelAwareMAML(bad)
+        return f"bad {name}", lambda: pymeta.ModelAwareMAML(model, **bad)
+    field, parts = invalid_batch_parts(c, example, outputs, s["loss"])
+
+    def bad_batch():
+        batch = pymeta.TaskBatch(**parts)
+        pymeta.ModelAwareMAML(model, loss=s["loss"]).meta_loss(batch)
+
+    return f"bad {field}", bad_batch
+
+
+def crash_fuzz(seed: int, seconds: float, log=None) -> int:
+    """Makes random valid and invalid calls (public API and raw ops) for ``seconds``; Python
+    exceptions are expected and counted, anything else (a crash) ends the process. Each call's
+    description is written to ``log`` first, so the last line names a crashing call.
+
+    Returns:
+        The number of calls made.
+    """
+    import sys
+    import time
+
+    log = log or sys.stdout
+    c = RandomChooser(random.Random(seed))
+    end, calls = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        make = c.choice((raw_op_call, raw_op_call, sgd_update_call, learner_call))
+        try:
+            what, thunk = make(c)
+        except Exception:  # an invalid recipe: nothing was called into the core yet
+            continue
+        print(f"call {calls}: {what}", file=log, flush=True)
+        try:
+            result = thunk()
+            if isinstance(result, (list, tuple)):  # touch the outputs: garbage must not crash
+                for t in result:
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        t.sum()
+        except Exception:
+            pass
+        calls += 1
+    return calls
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(f"calls: {crash_fuzz(int(sys.argv[1]), float(sys.argv[2]))}", flush=True)

@@ -230,3 +230,21 @@ def test_invalid_batches_are_named(recipe, loss, data):
         assert_named_error(
             lambda: maml.adapt(batch.support_x, batch.support_y, batched=True), field
         )
+
+
+# ----------------------------------------------------------------------------- no crashes
+def test_random_calls_do_not_crash_the_interpreter():
+    """Random valid and invalid calls, raw ``torch.ops.pymeta`` ops with broken arguments
+    included, for a few seconds in a subprocess: it must exit normally (a segfault or abort
+    gives a negative return code). The seed is fixed in CI and random otherwise."""
+    seed = 0 if CI else int.from_bytes(os.urandom(4), "little")
+    seconds = 4.0 * SCALE
+    script = Path(__file__).with_name("fuzz_networks.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-X", "faulthandler", str(script), str(seed), str(seconds)],
+        capture_output=True, text=True, timeout=120 + 2 * seconds, env=env, cwd=script.parent,
+    )  # fmt: skip
+    tail = "\n".join(proc.stdout.splitlines()[-3:] + proc.stderr.splitlines()[-30:])
+    assert proc.returncode == 0, f"seed {seed}: exit code {proc.returncode}\n{tail}"
+    assert "calls: " in proc.stdout, tail

@@ -88,18 +88,20 @@ def _check_runs_as_is(name: str, module: nn.Module) -> None:
         )
 
 
-def _collect_leaves(module: nn.Module, prefix: str, out: list) -> None:
-    _check_runs_as_is(prefix.rstrip("."), module)
+def _collect_leaves(container: nn.Sequential, prefix: str, out: list) -> None:
+    """Appends the leaves under ``container`` (named ``prefix``) to ``out``, checking each
+    container and leaf on the way."""
+    cls = type(container)
+    if cls.forward is not nn.Sequential.forward or cls.__call__ is not nn.Module.__call__:
+        raise ValueError(
+            f"{_where(prefix.rstrip('.'), container)}: overrides forward, which ModelAwareMAML's "
+            f"core would not run; {_USE_MAML}"
+        )
+    _check_runs_as_is(prefix.rstrip("."), container)
     # _modules, not named_children(): that one lists a module used twice only once.
-    for name, child in module._modules.items():
+    for name, child in container._modules.items():
         qual = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
-            cls = type(child)
-            if cls.forward is not nn.Sequential.forward or cls.__call__ is not nn.Module.__call__:
-                raise ValueError(
-                    f"{_where(qual, child)}: overrides forward, which ModelAwareMAML's core "
-                    f"would not run; {_USE_MAML}"
-                )
             _collect_leaves(child, qual + ".", out)
             continue
         if child is not None:

@@ -176,7 +176,7 @@ class ModelAwareMAML(nn.Module):
             return [1.0 / steps] * steps
         try:
             weights = [float(w) for w in multi_step_loss]
-        except TypeError:
+        except (TypeError, ValueError):  # not iterable, or a weight that is not a number
             raise TypeError(
                 "multi_step_loss: expected a bool or a sequence of weights, received "
                 f"{multi_step_loss!r}"

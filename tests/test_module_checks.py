@@ -392,6 +392,10 @@ HOOK_CASES = {
         ).double(),
         r"model.0 \(OwnForwardSequential\): overrides forward",
     ),
+    "top-level Sequential subclass with its own forward": (
+        lambda: OwnForwardSequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)).double(),
+        r"model \(OwnForwardSequential\): overrides forward",
+    ),
     "forward set on the instance": (
         _instance_forward,
         r"model.1 \(Tanh\): overrides forward",

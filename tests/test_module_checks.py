@@ -127,6 +127,18 @@ def test_maml_shared_and_tied_parameters_match_a_plain_loop(net, forward, vector
     assert_unchanged(model, before)
 
 
+def test_maml_failing_call_with_a_shared_module_leaves_the_model_alone():
+    model = shared_linear_net()
+    before = snapshot(model)
+    b = regression_batch()
+    wrong = pymeta.TaskBatch(
+        b.support_x, b.support_y.expand(-1, -1, 2), b.query_x, b.query_y.expand(-1, -1, 2)
+    )
+    with pytest.raises(ValueError, match=r"mse expects the model's output shape"):
+        pymeta.MAML(model).meta_loss(wrong)
+    assert_unchanged(model, before)
+
+
 # ----------------------------------------------------------- defect 2: ModelAwareMAML, sharing
 def shared_act_mlp():
     torch.manual_seed(2)

@@ -179,6 +179,54 @@ def want_last_step(maml, batch, loss_fn):
         maml.step_weights = weights
 
 
+# Properties of issue 11's defects 4 (frozen parameters) and 3 (non-finite weights).
+@fuzz(20)
+@given(recipe=networks, s=maml_settings, data=st.data())
+def test_frozen_parameters_equal_maml(recipe, s, data):
+    """Parameters with requires_grad=False stay fixed in the inner loop in both variants, or
+    ModelAwareMAML refuses a layer frozen in part (it adapts whole layers), naming it."""
+    model, batch = built(recipe, s)
+    params = list(model.parameters())
+    frozen = data.draw(st.lists(st.booleans(), min_size=len(params), max_size=len(params)))
+    assume(not all(frozen))
+    for p, f in zip(params, frozen):
+        p.requires_grad_(not f)
+    kwargs = {**learner_kwargs(s), "learn_inner_lr": False}
+    try:
+        aware = pymeta.ModelAwareMAML(model, **kwargs)
+    except ValueError as err:
+        assert "requires_grad=False" in str(err) and "model." in str(err), str(err)
+        return
+    agnostic = pymeta.MAML(model, **kwargs)
+    trainable = [p for p in params if p.requires_grad]
+    assert_parity(
+        (aware.meta_loss(batch), trainable),
+        (agnostic.meta_loss(batch), trainable),
+        (agnostic.meta_loss(reordered(batch)), trainable),
+    )
+
+
+@fuzz(20)
+@given(recipe=networks, s=maml_settings, data=st.data())
+def test_non_finite_weights_propagate_like_maml(recipe, s, data):
+    """A NaN or infinite weight gives a non-finite meta-loss in ModelAwareMAML whenever it does
+    in pymeta.MAML (or ModelAwareMAML refuses the call)."""
+    model, batch = built(recipe, s)
+    params = list(model.parameters())
+    i = data.draw(st.integers(0, len(params) - 1), label="param")
+    j = data.draw(st.integers(0, params[i].numel() - 1), label="element")
+    with torch.no_grad():
+        params[i].view(-1)[j] = data.draw(st.sampled_from([float("nan"), float("inf")]))
+    kwargs = learner_kwargs(s)
+    want = pymeta.MAML(model, **kwargs).meta_loss(batch)
+    assume(not torch.isfinite(want))
+    try:
+        got = pymeta.ModelAwareMAML(model, **kwargs).meta_loss(batch)
+    except (ValueError, TypeError):
+        return
+    assert not torch.isfinite(got), float(got)
+
+
 # ----------------------------------------------------------------------------- invalid input
 def assert_named_error(call, argument: str):
     """call() raises a ValueError or TypeError whose message names ``argument``."""

@@ -153,7 +153,8 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in sorted({(r["variant"], r["workload"]) for r in rows}):
         run_rows = [r for r in rows if (r["variant"], r["workload"]) == key]
-        ax.plot([r["step"] for r in run_rows], [r["rss_mib"] for r in run_rows], label="/".join(key))
+        steps, rss = [r["step"] for r in run_rows], [r["rss_mib"] for r in run_rows]
+        ax.plot(steps, rss, label="/".join(key))
     ax.set_xlabel("meta-step")
     ax.set_ylabel("RSS (MiB)")
     ax.legend()
@@ -170,8 +171,11 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["sinusoid"])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads")
-    parser.add_argument("--retain-freed-memory", action="store_true",
-                        help="call pymeta.memory.retain_freed_memory() first, as the CLI does")  # fmt: skip
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="call pymeta.memory.retain_freed_memory() first, as the CLI does",
+    )
     parser.add_argument("--max-growth-mib", type=float, default=8.0,
                         help="growth above which a run is reported as growing")  # fmt: skip
     parser.add_argument("--csv", help="write every sample to this CSV file")
@@ -210,7 +214,8 @@ def main() -> int:
               f"  {'flat' if ok else 'GROWING'}")  # fmt: skip
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, ["variant", "workload", "step", "rss_mib", "seconds", "loss"])
+            fields = ["variant", "workload", "step", "rss_mib", "seconds", "loss"]
+            writer = csv.DictWriter(f, fields)
             writer.writeheader()
             writer.writerows(rows)
     if args.plot:

@@ -368,7 +368,8 @@ def invalid_batch_parts(c, example, outputs, loss, dtype=torch.float64) -> tuple
         parts[field] = torch.cat([x, x[:, :1]], 1)
     elif defect in ("empty", "examples"):
         side = field.split("_")[0]
-        parts[side + "_x"], parts[side + "_y"] = parts[side + "_x"][:, :0], parts[side + "_y"][:, :0]
+        for name in (side + "_x", side + "_y"):
+            parts[name] = parts[name][:, :0]
         field = side + "_x"
     elif defect == "dtype":
         if field.endswith("_x"):
@@ -380,7 +381,8 @@ def invalid_batch_parts(c, example, outputs, loss, dtype=torch.float64) -> tuple
             field = "support_y"
     elif defect == "nonfinite" and x.is_floating_point():
         x = x.clone()
-        x.view(-1)[c.integer(0, x.numel() - 1)] = c.choice((float("nan"), float("inf"), -float("inf")))
+        bad = c.choice((float("nan"), float("inf"), -float("inf")))
+        x.view(-1)[c.integer(0, x.numel() - 1)] = bad
         parts[field] = x
     elif defect == "labels" and loss == "cross_entropy":
         y = parts["support_y"].clone()

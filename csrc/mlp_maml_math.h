@@ -18,7 +18,7 @@ template <typename T>
 inline T activate(Activation act, T a, T slope) {
   switch (act) {
     case Activation::kRelu:
-      return a > T(0) ? a : T(0);
+      return a <= T(0) ? T(0) : a;  // keeps NaN, as torch.relu does (a > 0 ? a : 0 drops it)
     case Activation::kLeakyRelu:
       return a > T(0) ? a : slope * a;
     case Activation::kTanh:
@@ -30,20 +30,23 @@ inline T activate(Activation act, T a, T slope) {
   }
 }
 
-// d act / d a, from the pre-activation a and the output h.
+// v * act'(a), from the pre-activation a and the output h, with PyTorch's non-finite semantics:
+// ReLU's backward selects (threshold_backward: 0 where a <= 0, v elsewhere, NaN a included), so
+// a NaN or infinite v where a <= 0 gives 0, not 0 * v = NaN; LeakyReLU's takes the slope at a
+// NaN a (leaky_relu_backward: a > 0 ? v : v * slope).
 template <typename T>
-inline T activation_d1(Activation act, T a, T h, T slope) {
+inline T times_activation_d1(Activation act, T a, T h, T v, T slope) {
   switch (act) {
     case Activation::kRelu:
-      return a > T(0) ? T(1) : T(0);
+      return a <= T(0) ? T(0) : v;
     case Activation::kLeakyRelu:
-      return a > T(0) ? T(1) : slope;
+      return a > T(0) ? v : v * slope;
     case Activation::kTanh:
-      return T(1) - h * h;
+      return v * (T(1) - h * h);
     case Activation::kSigmoid:
-      return h * (T(1) - h);
+      return v * (h * (T(1) - h));
     default:
-      return T(1);
+      return v;
   }
 }
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "mlp_maml_math.h"
-#include "params_check.h"
+#include "op_checks.h"
 
 namespace pymeta {
 
@@ -135,7 +135,7 @@ inline SeqNet parse_seq(const char* op, at::TensorList params, at::IntArrayRef s
   }
   TORCH_CHECK(next == params.size(), op, ": layers describe ", next, " params, got ", params.size());
   TORCH_CHECK(net.num_adapted > 0, op, ": at least one layer must adapt");
-  check_params_agree(op, params);
+  check_params_dtype(op, params);
   for (size_t l = 0; l < net.layers.size(); ++l) {
     if (net.layers[l].adapted) {
       net.lowest_adapted = static_cast<int64_t>(l);

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "op_checks.h"
 #include "sgd_update_math.h"
 
 namespace pymeta {
@@ -28,9 +29,6 @@ inline LrLayout check_sgd_triple(const char* op, size_t i, const at::Tensor& par
   TORCH_CHECK(grad.scalar_type() == param.scalar_type() && lr.scalar_type() == param.scalar_type(),
               op, ": params[", i, "], grads[", i, "] and its lr must share one dtype, got ",
               param.scalar_type(), ", ", grad.scalar_type(), ", ", lr.scalar_type());
-  TORCH_CHECK(grad.device() == param.device() && lr.device() == param.device(), op,
-              ": params[", i, "], grads[", i, "] and its lr must be on one device, got ",
-              param.device(), ", ", grad.device(), ", ", lr.device());
   if (lr.dim() == 0) return LrLayout::kScalar;
   if (lr.sizes() == param.sizes().slice(1)) return LrLayout::kPerElement;
   TORCH_CHECK(lr.sizes() == param.sizes(), op, ": lr for params[", i, "] must have shape () or ",

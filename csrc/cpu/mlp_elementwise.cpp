@@ -38,7 +38,7 @@ template <typename T>
 inline void act_times_d1_impl(Activation act, T slope, int64_t n, const T* a, const T* h, const T* in,
                               T* out) {
   with_activation(act, [&](auto A) {
-    for (int64_t k = 0; k < n; ++k) out[k] = in[k] * activation_d1<T>(A.value, a[k], h[k], slope);
+    for (int64_t k = 0; k < n; ++k) out[k] = times_activation_d1<T>(A.value, a[k], h[k], in[k], slope);
   });
 }
 
@@ -48,10 +48,10 @@ inline void act_r_backward_impl(Activation act, T slope, int64_t n, const T* a, 
   with_activation(act, [&](auto A) {
     if (curved) {
       for (int64_t k = 0; k < n; ++k)
-        re[k] = rd[k] * activation_d1<T>(A.value, a[k], h[k], slope) +
+        re[k] = times_activation_d1<T>(A.value, a[k], h[k], rd[k], slope) +
                 d[k] * activation_d2<T>(A.value, a[k], h[k]) * ra[k];
     } else {
-      for (int64_t k = 0; k < n; ++k) re[k] = rd[k] * activation_d1<T>(A.value, a[k], h[k], slope);
+      for (int64_t k = 0; k < n; ++k) re[k] = times_activation_d1<T>(A.value, a[k], h[k], rd[k], slope);
     }
   });
 }

@@ -227,7 +227,6 @@ struct Problem {
 
 void check_targets(const char* op, const char* name, const at::Tensor& y, const at::Tensor& x,
                    const MlpNet& net, LossKind loss) {
-  TORCH_CHECK(y.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", y.device());
   if (loss == LossKind::kMse) {
     TORCH_CHECK(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.size(2) == net.out_features(),
                 op, ": ", name, " must have shape [", x.size(0), ", ", x.size(1), ", ",
@@ -253,14 +252,14 @@ void check_inputs(const char* op, const char* name, const at::Tensor& x, const a
               " must have shape [T, K>0, ", net.in_features(), "], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
               ref.scalar_type(), " like the params, got ", x.scalar_type());
-  TORCH_CHECK(x.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ",
-              x.device());
 }
 
 Problem make_problem(const char* op, at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
                      const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy,
                      at::IntArrayRef layers, at::ArrayRef<double> act_args, int64_t steps,
                      int64_t lr_mode, int64_t loss) {
+  OneDevice(op).list("params", params).list("lrs", lrs).arg("support_x", sx).arg("support_y", sy)
+      .arg("query_x", qx != nullptr ? *qx : at::Tensor()).arg("query_y", qy != nullptr ? *qy : at::Tensor());
   Problem pb{parse_mlp(op, params, layers, act_args)};
   TORCH_CHECK(loss == 0 || loss == 1, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
   TORCH_CHECK(lr_mode >= 0 && lr_mode <= 2, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
@@ -307,8 +306,8 @@ Problem make_problem(const char* op, at::TensorList params, at::TensorList lrs, 
     TORCH_CHECK(k == lrs.size(), op, ": lr_mode 2 expects ", k, " lrs, got ", lrs.size());
   }
   for (const auto& lr : lrs) {
-    TORCH_CHECK(lr.scalar_type() == ref.scalar_type() && lr.device() == ref.device(), op,
-                ": lrs must match the params' dtype and device");
+    TORCH_CHECK(lr.scalar_type() == ref.scalar_type(), op, ": lrs: expected dtype ", ref.scalar_type(),
+                " like the params, received ", lr.scalar_type());
   }
   for (const auto& p : params) pb.params.push_back(p.contiguous());
   return pb;

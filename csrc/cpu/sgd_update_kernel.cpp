@@ -89,6 +89,7 @@ at::Tensor axpy_like(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
 std::vector<at::Tensor> sgd_update_cpu(at::TensorList params, at::TensorList grads,
                                        at::TensorList lrs) {
   constexpr const char* op = "pymeta::sgd_update";
+  OneDevice(op).list("params", params).list("grads", grads).list("lrs", lrs);
   check_sgd_lists(op, params.size(), grads.size(), lrs.size());
   std::vector<at::Tensor> out;
   out.reserve(params.size());
@@ -102,6 +103,7 @@ std::vector<at::Tensor> sgd_update_cpu(at::TensorList params, at::TensorList gra
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_update_backward_cpu(
     at::TensorList grads, at::TensorList grad_outputs, at::TensorList lrs, bool compute_lr_grad) {
   constexpr const char* op = "pymeta::sgd_update_backward";
+  OneDevice(op).list("grads", grads).list("grad_outputs", grad_outputs).list("lrs", lrs);
   check_sgd_lists(op, grads.size(), grad_outputs.size(), lrs.size());
   std::vector<at::Tensor> grad_grads;
   grad_grads.reserve(grads.size());

@@ -48,6 +48,7 @@ __global__ void sgd_grad_wrt_grad_kernel(const scalar_t* __restrict__ u,
 std::vector<at::Tensor> sgd_update_cuda(at::TensorList params, at::TensorList grads,
                                         at::TensorList lrs) {
   constexpr const char* op = "pymeta::sgd_update";
+  OneDevice(op).list("params", params).list("grads", grads).list("lrs", lrs);
   check_sgd_lists(op, params.size(), grads.size(), lrs.size());
   std::vector<at::Tensor> out;
   out.reserve(params.size());
@@ -76,6 +77,7 @@ std::vector<at::Tensor> sgd_update_cuda(at::TensorList params, at::TensorList gr
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_update_backward_cuda(
     at::TensorList grads, at::TensorList grad_outputs, at::TensorList lrs, bool compute_lr_grad) {
   constexpr const char* op = "pymeta::sgd_update_backward";
+  OneDevice(op).list("grads", grads).list("grad_outputs", grad_outputs).list("lrs", lrs);
   check_sgd_lists(op, grads.size(), grad_outputs.size(), lrs.size());
   std::vector<at::Tensor> grad_grads;
   std::vector<at::Tensor> grad_lrs(compute_lr_grad ? lrs.size() : 0);

@@ -223,11 +223,9 @@ void check_data(const char* op, const char* name, const at::Tensor& x, const at:
   TORCH_CHECK(x.dim() >= 3 && x.size(1) > 0, op, ": ", name, " must have shape [T, K>0, ...], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ", ref.scalar_type(),
               " like the params, got ", x.scalar_type());
-  TORCH_CHECK(x.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ", x.device());
 }
 
 void check_labels(const char* op, const char* name, const at::Tensor& y, const at::Tensor& x, LossKind loss) {
-  TORCH_CHECK(y.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", y.device());
   TORCH_CHECK(y.dim() >= 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name,
               " must start with the inputs' [T, K] = [", x.size(0), ", ", x.size(1), "], got ", y.sizes());
   if (loss == LossKind::kMse) {
@@ -242,6 +240,8 @@ void check_labels(const char* op, const char* name, const at::Tensor& y, const a
 SeqProblem make_problem(const char* op, at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
                         const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy, at::IntArrayRef layers,
                         at::ArrayRef<double> layer_args, int64_t steps, int64_t lr_mode, int64_t loss) {
+  OneDevice(op).list("params", params).list("lrs", lrs).arg("support_x", sx).arg("support_y", sy)
+      .arg("query_x", qx != nullptr ? *qx : at::Tensor()).arg("query_y", qy != nullptr ? *qy : at::Tensor());
   TORCH_CHECK(steps >= 1, op, ": expected at least one inner step, got ", steps);
   TORCH_CHECK(!params.empty(), op, ": expected params");
   SeqProblem pb{parse_seq(op, params, layers, layer_args, steps)};
@@ -284,8 +284,8 @@ SeqProblem make_problem(const char* op, at::TensorList params, at::TensorList lr
     }
   }
   for (const auto& lr : lrs) {
-    TORCH_CHECK(lr.scalar_type() == ref.scalar_type() && lr.device() == ref.device(), op,
-                ": lrs must match the params' dtype and device");
+    TORCH_CHECK(lr.scalar_type() == ref.scalar_type(), op, ": lrs: expected dtype ", ref.scalar_type(),
+                " like the params, received ", lr.scalar_type());
   }
   return pb;
 }

@@ -40,7 +40,7 @@ inline T times_activation_d1(Activation act, T a, T h, T v, T slope) {
     case Activation::kRelu:
       return a <= T(0) ? T(0) : v;
     case Activation::kLeakyRelu:
-      return a > T(0) ? v : v * slope;
+      return v * (a > T(0) ? T(1) : slope);  // no arithmetic behind the select: it vectorizes
     case Activation::kTanh:
       return v * (T(1) - h * h);
     case Activation::kSigmoid:

@@ -91,8 +91,10 @@ def reference_results(model, batch, lr, steps, first_order, loss):
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_mlp_core_propagates_a_bad_parameter_like_maml(act, first_order, loss):
-    for dtype, widths in ((torch.float64, (3, 8, 6, 4)), (torch.float32, (20, 40, 48, 8))):
-        # float32 at these widths takes the AVX2 and BLAS products (csrc/cpu/small_gemm.h)
+    # csrc/cpu/small_gemm.h: the small net takes the plain loops; the wide one, with 12 rows,
+    # the AVX2 products in float32 and BLAS in float64.
+    small, wide = (3, 8, 6, 4), (20, 40, 48, 8)
+    for dtype, widths in ((torch.float64, small), (torch.float32, wide), (torch.float64, wide)):
         for where in ("weight", "bias", "hidden weight", "head bias"):
             for bad in BAD:
                 model = mlp(widths, act, dtype)

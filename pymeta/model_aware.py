@@ -186,6 +186,13 @@ class ModelAwareMAML(nn.Module):
                 f"multi_step_loss: expected {steps} finite weights (one per inner step), "
                 f"received {weights}"
             )
+        # All-zero weights would make the meta-loss 0 whatever the network (nothing to learn),
+        # and a negative weight maximises a query loss: both are mistakes, not options.
+        if min(weights) < 0 or not any(weights):
+            raise ValueError(
+                "multi_step_loss: expected weights >= 0, at least one of them positive, "
+                f"received {weights}"
+            )
         return weights
 
     def _param_layers(self) -> list:

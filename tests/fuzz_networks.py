@@ -286,7 +286,7 @@ def options_recipe(c, model: nn.Sequential, inner_steps: int) -> dict:
     multi = c.choice(("last", "mean", "weights"))
     if multi == "weights":
         multi_step_loss = [round(c.uniform(0.0, 1.0), 3) for _ in range(inner_steps)]
-        if not any(multi_step_loss):  # all zero: no loss to compare
+        if not any(multi_step_loss):  # all zero is refused (no loss to learn from)
             multi_step_loss[-1] = 1.0
     else:
         multi_step_loss = multi == "mean"
@@ -342,7 +342,10 @@ def invalid_constructor(c, model: nn.Sequential) -> tuple[str, dict | nn.Module]
     if name == "multi_step_loss":
         return name, {
             "inner_steps": 2,
-            name: c.choice(([1.0], [1.0, 2.0, 3.0], [float("nan"), 1.0], 3, None, ["a", 1])),
+            name: c.choice(
+                ([1.0], [1.0, 2.0, 3.0], [float("nan"), 1.0], 3, None, ["a", 1], [0.0, 0.0],
+                 [1.0, -1.0])
+            ),
         }
     if name in ("per_step_bn", "track_bn_stats"):
         return name, {name: c.choice(("yes", 1, None))}

@@ -337,6 +337,8 @@ def test_unsupported_models(model, exc, match):
         (dict(learn_inner_lr="per_layer"), ValueError, r"learn_inner_lr: expected a bool"),
         (dict(multi_step_loss=[1.0]), ValueError, r"multi_step_loss: expected 2 finite weights"),
         (dict(multi_step_loss=["a", 1]), TypeError, r"multi_step_loss: expected a bool or a seq"),
+        (dict(multi_step_loss=[0.0, 0.0]), ValueError, r"multi_step_loss: expected weights >= 0"),
+        (dict(multi_step_loss=[1.0, -0.5]), ValueError, r"multi_step_loss: expected weights >= 0"),
         (dict(loss="hinge"), ValueError, r"loss: expected one of"),
         (dict(inner_steps=0), ValueError, r"inner_steps: expected a positive int"),
         (dict(inner_lr=-1.0), ValueError, r"inner_lr: expected a finite number >= 0"),

@@ -388,3 +388,25 @@ def test_bad_inputs_name_the_argument():
         pymeta.ModelAwareMAML(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), per_step_bn=True)
     with pytest.raises(ValueError, match=r"ceil_mode=True is not supported"):
         pymeta.ModelAwareMAML(nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Linear(2, 1)))
+
+
+@pytest.mark.parametrize("bad", [-100, -1, 3])
+@pytest.mark.parametrize("where", ["support_y", "query_y"])
+def test_the_raw_op_refuses_classes_outside_the_outputs(bad, where):
+    # The Python API refuses them first; the op itself must not index out of bounds or name
+    # nothing (before: ATen's "index -100 is out of bounds for dimension 1").
+    model, example = conv_net("conv-bn-relu-maxpool")
+    maml = pymeta.ModelAwareMAML(model, loss="cross_entropy")
+    b = batch_for(example, "cross_entropy")
+    parts = dict(support_y=b.support_y.clone(), query_y=b.query_y.clone())
+    parts[where][0, 0] = bad
+    args = maml._core_args(b.support_x, parts["support_y"], b.query_x, parts["query_y"])
+    match = "expected class indices >= 0" if bad < 0 else r"expected classes in \[0, 3\)"
+    with pytest.raises(ValueError, match=match):
+        torch.ops.pymeta.seq_maml_loss(*args, True, False)
+    if where == "support_y":
+        with pytest.raises(ValueError, match=match):
+            torch.ops.pymeta.seq_adapt(
+                maml._params(), maml.inner_lrs(), b.support_x, parts["support_y"],
+                maml._layer_codes, maml._layer_args, 1, 0, 1,
+            )  # fmt: skip

@@ -97,6 +97,12 @@ class SeqTask {
       if (grad) pass.grad_out.back() = diff * (2.0 / static_cast<double>(out.numel()));
       return diff.square().mean();
     }
+    // make_problem refused negative classes; the class count is known only here, from the output.
+    if (y.numel() > 0) {
+      const int64_t hi = y.max().item<int64_t>();
+      TORCH_CHECK_VALUE(hi < out.size(1), "pymeta: support_y and query_y: expected classes in [0, ", out.size(1),
+                        ") for the network's ", out.size(1), " outputs, received class ", hi);
+    }
     const at::Tensor logp = out.log_softmax(1);
     const at::Tensor picked = logp.gather(1, y.unsqueeze(1));
     if (grad) {
@@ -234,6 +240,11 @@ void check_labels(const char* op, const char* name, const at::Tensor& y, const a
   } else {
     TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kLong, op, ": ", name,
                 " must be [T, K] int64 class indices for cross-entropy, got ", y.scalar_type(), " ", y.sizes());
+    // -100 is cross-entropy's ignore index in PyTorch; here, as in the Python API, it is refused.
+    if (y.numel() > 0) {
+      const int64_t lo = y.min().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0, op, ": ", name, ": expected class indices >= 0, received ", lo);
+    }
   }
 }
 

@@ -36,7 +36,8 @@ def conv_block_net(seed: int) -> nn.Sequential:
 
 
 def omniglot_batch(seed: int, dtype: torch.dtype, tasks: int = 2, queries: int = 15):
-    """5-way 1-shot tasks of (1, 28, 28) images uniform in [0, 1], like benchmarks/omniglot_step.py."""
+    """5-way 1-shot tasks of (1, 28, 28) images uniform in [0, 1] (benchmarks/omniglot_step.py):
+    support_x (T, 5, 1, 28, 28), query_x (T, 5 * queries, 1, 28, 28)."""
     g = torch.Generator().manual_seed(seed)
     x = lambda k: torch.rand(tasks, 5 * k, 1, 28, 28, generator=g, dtype=dtype)  # noqa: E731
     y = lambda k: torch.arange(5).repeat_interleave(k).expand(tasks, -1).contiguous()  # noqa: E731
@@ -54,7 +55,11 @@ def loop_loss(batch):
 
 
 def aware_loss(batch):
-    return lambda m: pymeta.ModelAwareMAML(m, inner_lr=INNER_LR, loss="cross_entropy").meta_loss(batch)
+    def loss(model):
+        maml = pymeta.ModelAwareMAML(model, inner_lr=INNER_LR, loss="cross_entropy")
+        return maml.meta_loss(batch)
+
+    return loss
 
 
 @pytest.mark.parametrize("seed", range(6))

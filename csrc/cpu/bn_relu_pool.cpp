@@ -3,6 +3,7 @@
 // and per-image partial sums are added in image order, so results do not depend on the thread
 // count.
 #include "cpu/bn_relu_pool.h"
+#include "cpu/bn_tangent.h"
 #include "cpu/fixed_order_sums.h"
 #include "cpu/multiversion.h"
 
@@ -38,18 +39,6 @@ struct Geometry {
 // so every y of the channel, NaN; the output then stays NaN (testing y != y too stops GCC
 // vectorising the loop).
 #define PYMETA_BN_RELU_POOL_DEFS(T)                                                                              \
-  /* acc[c] += sum of (x - shift[c]), acc2[c] += sum of its square, over `pixels` pixels. */                    \
-  PYMETA_MULTIVERSION void stats_pixels(int64_t pixels, int64_t C, const T* __restrict x,                        \
-                                        const double* __restrict shift, double* __restrict acc,                 \
-                                        double* __restrict acc2) {                                               \
-    for (int64_t p = 0; p < pixels; ++p) {                                                                       \
-      for (int64_t c = 0; c < C; ++c) {                                                                          \
-        const double d = static_cast<double>(x[p * C + c]) - shift[c];                                          \
-        acc[c] += d;                                                                                             \
-        acc2[c] += d * d;                                                                                        \
-      }                                                                                                          \
-    }                                                                                                            \
-  }                                                                                                              \
   /* y = x * scale + offset at the four pixels; out = ReLU(max y) (ReLU commutes with the max), */             \
   /* arg = the first maximum's position 0..3 in row-major order, as in ATen. */                                 \
   PYMETA_MULTIVERSION void forward_window(int64_t C, const T* __restrict p0, const T* __restrict p1,            \
@@ -127,28 +116,18 @@ void for_each_window(const Geometry& g, int64_t i, const F& fn) {
 }
 
 template <typename T>
-void forward_impl(const Geometry& g, const T* x, const T* w, const T* b, double eps, T* out, T* arg,
+void forward_impl(const Geometry& g, const T* x, const T* w, const T* b, const BnStats& stats, T* out, T* arg,
                   T* mean_out, T* inv_std_out) {
   const int64_t C = g.c;
-  // Sums of (x - shift) and its square, shifted by one sample per channel so that a large mean
-  // does not cancel the variance.
-  const std::vector<double> shift(x, x + C);
-  const std::vector<double> sums = fixed_order_sums(g.n, 2 * C, [&](int64_t i, double* acc) {
-    stats_pixels(g.h * g.w, C, x + i * g.image(), shift.data(), acc, acc + C);
-  });
-  const double m = static_cast<double>(g.pixels());
   std::vector<T> scale(C), offset(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double mean_shifted = sums[c] / m;
-    const double var = std::max(sums[C + c] / m - mean_shifted * mean_shifted, 0.0);
-    const double mean = shift[c] + mean_shifted;
-    const double inv_std = 1.0 / std::sqrt(var + eps);
-    mean_out[c] = static_cast<T>(mean);
-    inv_std_out[c] = static_cast<T>(inv_std);
+    const T mean = static_cast<T>(stats.mean[c]), inv_std = static_cast<T>(stats.inv_std[c]);
+    mean_out[c] = mean;
+    inv_std_out[c] = inv_std;
     // y = x * scale + offset, as ATen's batch norm computes it.
-    const T s = static_cast<T>(inv_std) * (w != nullptr ? w[c] : T(1));
+    const T s = inv_std * (w != nullptr ? w[c] : T(1));
     scale[c] = s;
-    offset[c] = (b != nullptr ? b[c] : T(0)) - static_cast<T>(mean) * s;
+    offset[c] = (b != nullptr ? b[c] : T(0)) - mean * s;
   }
   at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -227,9 +206,10 @@ at::Tensor bn_relu_pool_forward(const at::Tensor& x, const at::Tensor& w, const 
   saved.mean = at::empty({g.c}, x.options());
   saved.inv_std = at::empty({g.c}, x.options());
   const at::Tensor wc = w.defined() ? w.contiguous() : w, bc = b.defined() ? b.contiguous() : b;
+  const BnStats stats = bn_batch_stats(x, eps);  // in double (cpu/bn_tangent.h)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_forward", [&] {
     forward_impl<scalar_t>(g, x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(wc), data_or_null<scalar_t>(bc),
-                           eps, out.mutable_data_ptr<scalar_t>(), saved.argmax.mutable_data_ptr<scalar_t>(),
+                           stats, out.mutable_data_ptr<scalar_t>(), saved.argmax.mutable_data_ptr<scalar_t>(),
                            saved.mean.mutable_data_ptr<scalar_t>(), saved.inv_std.mutable_data_ptr<scalar_t>());
   });
   return out;

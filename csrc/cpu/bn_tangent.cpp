@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu/fixed_order_sums.h"
@@ -23,6 +24,49 @@ constexpr int64_t kBlockRows = 256;  // rows per partial sum
 // The channel loops, one function per dtype built for AVX-512, AVX2 and baseline x86-64 (see
 // bn_relu_pool.cpp for why they take restrict parameters and are not templates).
 #define PYMETA_BN_TANGENT_DEFS(T)                                                                               \
+  /* acc[0:C] += sum (x - shift), acc[C:2C] += sum (x - shift)^2, in double: the batch statistics. */          \
+  PYMETA_MULTIVERSION void stats_sums(int64_t rows, int64_t C, const T* __restrict x,                          \
+                                      const double* __restrict shift, double* __restrict acc) {                 \
+    for (int64_t r = 0; r < rows; ++r) {                                                                        \
+      for (int64_t c = 0; c < C; ++c) {                                                                         \
+        const double d = static_cast<double>(x[r * C + c]) - shift[c];                                          \
+        acc[c] += d;                                                                                            \
+        acc[C + c] += d * d;                                                                                    \
+      }                                                                                                         \
+    }                                                                                                           \
+  }                                                                                                             \
+  /* y = x * scale + offset, as ATen's batch norm computes it. */                                               \
+  PYMETA_MULTIVERSION void affine_apply(int64_t rows, int64_t C, const T* __restrict x,                        \
+                                        const T* __restrict scale, const T* __restrict offset,                 \
+                                        T* __restrict y) {                                                      \
+    for (int64_t r = 0; r < rows; ++r) {                                                                        \
+      for (int64_t c = 0; c < C; ++c) y[r * C + c] = x[r * C + c] * scale[c] + offset[c];                       \
+    }                                                                                                           \
+  }                                                                                                             \
+  /* acc[0:C] += sum gy, acc[C:2C] += sum x̂ gy. */                                                              \
+  PYMETA_MULTIVERSION void grad_sums(int64_t rows, int64_t C, const T* __restrict x, const T* __restrict gy,   \
+                                     const T* __restrict mean, const T* __restrict s,                          \
+                                     double* __restrict acc) {                                                  \
+    for (int64_t r = 0; r < rows; ++r) {                                                                        \
+      for (int64_t c = 0; c < C; ++c) {                                                                         \
+        const T xh = (x[r * C + c] - mean[c]) * s[c], g = gy[r * C + c];                                        \
+        acc[c] += g;                                                                                            \
+        acc[C + c] += static_cast<double>(xh * g);                                                              \
+      }                                                                                                         \
+    }                                                                                                           \
+  }                                                                                                             \
+  /* coef: mean, k = w s, alpha, gamma. dL/dx = k (gy - mean(gy) - x̂ mean(x̂ gy)) */                             \
+  /*   = alpha (x - mean) + k gy + gamma. */                                                                    \
+  PYMETA_MULTIVERSION void grad_apply(int64_t rows, int64_t C, const T* __restrict x, const T* __restrict gy,  \
+                                      const T* __restrict coef, T* __restrict gx) {                             \
+    const T *mean = coef, *k = coef + C, *alpha = coef + 2 * C, *gamma = coef + 3 * C;                         \
+    for (int64_t r = 0; r < rows; ++r) {                                                                        \
+      for (int64_t c = 0; c < C; ++c) {                                                                         \
+        const int64_t i = r * C + c;                                                                            \
+        gx[i] = alpha[c] * (x[i] - mean[c]) + k[c] * gy[i] + gamma[c];                                          \
+      }                                                                                                         \
+    }                                                                                                           \
+  }                                                                                                             \
   /* acc[0:C] += sum rx, acc[C:2C] += sum x̂ rx. */                                                              \
   PYMETA_MULTIVERSION void r_forward_sums(int64_t rows, int64_t C, const T* __restrict x,                      \
                                           const T* __restrict rx, const T* __restrict mean,                    \
@@ -141,6 +185,94 @@ bool bn_tangent_applies(const at::Tensor& x) {
          x.numel() > 0;
 }
 
+BnStats bn_batch_stats(const at::Tensor& x, double eps) {
+  TORCH_CHECK(bn_tangent_applies(x), "pymeta: bn_batch_stats got an input it does not take: ", x.sizes());
+  const int64_t C = x.size(1), rows = x.numel() / C;
+  BnStats st{std::vector<double>(C), std::vector<double>(C)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_batch_stats", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    // Shifted by the first row, so that a large mean does not cancel the variance.
+    const std::vector<double> shift(xp, xp + C);
+    const std::vector<double> sums = channel_sums(rows, C, 2, [&](int64_t r0, int64_t n, double* acc) {
+      stats_sums(n, C, xp + r0 * C, shift.data(), acc);
+    });
+    const double m = static_cast<double>(rows);
+    for (int64_t c = 0; c < C; ++c) {
+      const double mean_shifted = sums[c] / m;
+      const double var = std::max(sums[C + c] / m - mean_shifted * mean_shifted, 0.0);  // keeps NaN
+      st.mean[c] = shift[c] + mean_shifted;
+      st.inv_std[c] = 1.0 / std::sqrt(var + eps);
+    }
+  });
+  return st;
+}
+
+at::Tensor bn_forward_fused(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps, at::Tensor& mean,
+                            at::Tensor& inv_std) {
+  const BnStats st = bn_batch_stats(x, eps);
+  const int64_t C = x.size(1), rows = x.numel() / C;
+  mean = at::empty({C}, x.options());
+  inv_std = at::empty({C}, x.options());
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(layout_of(x)));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_forward_fused", [&] {
+    using T = scalar_t;
+    const std::vector<T> wv = per_channel<T>(w, C, 1), bv = per_channel<T>(b, C, 0);
+    std::vector<T> scale(C), offset(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const T mu = static_cast<T>(st.mean[c]), s = static_cast<T>(st.inv_std[c]);
+      mean.mutable_data_ptr<T>()[c] = mu;
+      inv_std.mutable_data_ptr<T>()[c] = s;
+      scale[c] = s * wv[c];
+      offset[c] = bv[c] - mu * scale[c];
+    }
+    const T* xp = x.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    for_row_blocks(rows, [&](int64_t r0, int64_t n) {
+      affine_apply(n, C, xp + r0 * C, scale.data(), offset.data(), yp + r0 * C);
+    });
+  });
+  return y;
+}
+
+BnGrads bn_backward_fused(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std,
+                          const at::Tensor& gy_in, const at::Tensor& w, bool need_x) {
+  TORCH_CHECK(bn_tangent_applies(x), "pymeta: bn_backward_fused got an input it does not take: ", x.sizes());
+  const int64_t C = x.size(1), rows = x.numel() / C;
+  const at::Tensor gy = like_x(gy_in, x);
+  BnGrads r;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_backward_fused", [&] {
+    using T = scalar_t;
+    const T *xp = x.const_data_ptr<T>(), *gp = gy.const_data_ptr<T>();
+    const std::vector<T> mu = per_channel<T>(mean, C, 0), s = per_channel<T>(inv_std, C, 0);
+    const std::vector<double> sums = channel_sums(rows, C, 2, [&](int64_t r0, int64_t n, double* acc) {
+      grad_sums(n, C, xp + r0 * C, gp + r0 * C, mu.data(), s.data(), acc);
+    });
+    if (w.defined()) {  // dL/dw = sum(gy x̂), dL/db = sum(gy)
+      r.w = at::empty({C}, x.options());
+      r.b = at::empty({C}, x.options());
+      for (int64_t c = 0; c < C; ++c) {
+        r.w.mutable_data_ptr<T>()[c] = static_cast<T>(sums[C + c]);
+        r.b.mutable_data_ptr<T>()[c] = static_cast<T>(sums[c]);
+      }
+    }
+    if (!need_x) return;
+    const std::vector<T> wv = per_channel<T>(w, C, 1);
+    const double m = static_cast<double>(rows);
+    std::vector<T> coef(4 * C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double sc = s[c], kc = sc * static_cast<double>(wv[c]);
+      const double row[4] = {static_cast<double>(mu[c]), kc, -kc * sc * (sums[C + c] / m), -kc * (sums[c] / m)};
+      for (int k = 0; k < 4; ++k) coef[k * C + c] = static_cast<T>(row[k]);
+    }
+    r.x = at::empty(x.sizes(), x.options().memory_format(layout_of(x)));
+    T* out = r.x.mutable_data_ptr<T>();
+    for_row_blocks(rows, [&](int64_t r0, int64_t n) {
+      grad_apply(n, C, xp + r0 * C, gp + r0 * C, coef.data(), out + r0 * C);
+    });
+  });
+  return r;
+}
+
 at::Tensor bn_r_forward_fused(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std,
                               const at::Tensor& rx_in, const at::Tensor& w, const at::Tensor& uw, const at::Tensor& ub,
                               at::Tensor& rxhat) {
@@ -172,14 +304,14 @@ at::Tensor bn_r_forward_fused(const at::Tensor& x, const at::Tensor& mean, const
   return w.defined() ? ry : rxhat;  // without affine parameters (w = 1, uw = ub = 0) they are equal
 }
 
-BnTangentGrads bn_r_backward_fused(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std,
+BnGrads bn_r_backward_fused(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std,
                                    const at::Tensor& gy_in, const at::Tensor& rgy_in, const at::Tensor& rx_in,
                                    const at::Tensor& rxhat_in, const at::Tensor& w, const at::Tensor& uw, bool need_x) {
   TORCH_CHECK(bn_tangent_applies(x), "pymeta: bn_r_backward_fused got an input it does not take: ", x.sizes());
   const int64_t C = x.size(1), rows = x.numel() / C;
   const at::Tensor gy = like_x(gy_in, x), rgy = like_x(rgy_in, x), rx = like_x(rx_in, x),
                    rxhat = like_x(rxhat_in, x);
-  BnTangentGrads r;
+  BnGrads r;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_r_backward_fused", [&] {
     using T = scalar_t;
     const T *xp = x.const_data_ptr<T>(), *gp = gy.const_data_ptr<T>(), *rgp = rgy.const_data_ptr<T>(),

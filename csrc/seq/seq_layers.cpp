@@ -148,6 +148,9 @@ at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor&
     case SeqKind::kBatchNorm: {
       TORCH_CHECK(x.dim() >= 2 && x.size(1) == L.ints[1], "pymeta: BatchNorm over ", L.ints[1],
                   " channels received an input of shape ", x.sizes());
+      if (cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel: sums in double
+        return bn_forward_fused(x, w, b, L.arg, saved.aux, saved.inv_std);
+      }
       auto [y, mean, inv_std] = at::native_batch_norm(x, optional(w), optional(b), {}, {}, true, 0.0, L.arg);
       saved.aux = mean;
       saved.inv_std = inv_std;
@@ -188,6 +191,10 @@ LayerGrads seq_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor
       return g;
     case SeqKind::kBatchNorm: {
       if (!need_x && !w.defined()) return g;
+      if (cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel: sums in double
+        BnGrads f = bn_backward_fused(x, saved.aux, saved.inv_std, gy, w, need_x);
+        return {f.x, f.w, f.b};
+      }
       std::tie(g.x, g.w, g.b) = at::native_batch_norm_backward(gy, x, optional(w), {}, {}, saved.aux, saved.inv_std, true,
                                                                 L.arg, {need_x, w.defined(), w.defined()});
       return g;
@@ -282,7 +289,7 @@ LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tens
     }
     case SeqKind::kBatchNorm: {
       if (rgy.defined() && rx.defined() && cpu_fused_kernels() && bn_tangent_applies(x)) {  // fused
-        BnTangentGrads f = bn_r_backward_fused(x, saved.aux, saved.inv_std, gy, rgy, rx, r_saved, w, uw, need_x);
+        BnGrads f = bn_r_backward_fused(x, saved.aux, saved.inv_std, gy, rgy, rx, r_saved, w, uw, need_x);
         return {f.x, f.w, f.b};
       }
       const at::Tensor xhat = bn_xhat(x, saved);

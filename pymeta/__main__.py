@@ -16,7 +16,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     """Parses ``argv`` (default ``sys.argv[1:]``) and runs the command; every flag is checked
     before any work starts. Returns 0; a bad flag raises SystemExit with one line."""
-    from pymeta.training import positive_int
+    from pymeta.cli_args import positive_int
 
     parser = _Parser(prog="pymeta", description="pymeta command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,7 +68,7 @@ def run() -> int:
     """The program: ``python -m pymeta`` and the installed ``pymeta`` console script both start
     here, so they behave the same."""
     from pymeta.memory import retain_freed_memory
-    from pymeta.training import CheckpointError
+    from pymeta.safe_files import CheckpointError
 
     retain_freed_memory()  # this process is ours: reuse freed activations (pymeta/memory.py)
     try:

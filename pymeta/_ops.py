@@ -135,8 +135,9 @@ if HAS_COMPILED_CORE:
         compute_grads,
         compute_lr_grads,
     ):
-        _check_core_args(f"pymeta::{core}_maml_loss", params, lrs, loss, support_x, support_y,
-                         query_x, query_y)
+        _check_core_args(
+            f"pymeta::{core}_maml_loss", params, lrs, loss, support_x, support_y, query_x, query_y
+        )
         ref = params[0]
         grads = [torch.empty_like(p) for p in params] if compute_grads else []
         lr_grads = (
@@ -146,8 +147,9 @@ if HAS_COMPILED_CORE:
         bn_stats = ref.new_empty((tasks, rows, 2, _bn_channels(core, layers)))
         return ref.new_empty(()), grads, lr_grads, ref.new_empty(tasks), bn_stats
 
-    def _adapt_fake(core, params, lrs, support_x, support_y, layers, layer_args, steps, lr_mode,
-                    loss):
+    def _adapt_fake(
+        core, params, lrs, support_x, support_y, layers, layer_args, steps, lr_mode, loss
+    ):
         _check_core_args(f"pymeta::{core}_adapt", params, lrs, loss, support_x, support_y)
         return [p.new_empty((support_x.shape[0], *p.shape)) for p in params]
 
@@ -155,6 +157,4 @@ if HAS_COMPILED_CORE:
         torch.library.register_fake(f"pymeta::{_core}_maml_loss")(
             functools.partial(_maml_loss_fake, _core)
         )
-        torch.library.register_fake(f"pymeta::{_core}_adapt")(
-            functools.partial(_adapt_fake, _core)
-        )
+        torch.library.register_fake(f"pymeta::{_core}_adapt")(functools.partial(_adapt_fake, _core))

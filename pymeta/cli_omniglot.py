@@ -39,7 +39,7 @@ def default_root() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
-    from pymeta.training import add_resume_arguments, positive_float, positive_int
+    from pymeta.cli_args import add_resume_arguments, positive_float, positive_int
 
     parser.add_argument(
         "--root",
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
             help="held-out characters to evaluate on: test, or validation (for choosing settings)",
         )
         return
-    from pymeta.training import non_negative_int
+    from pymeta.cli_args import non_negative_int
 
     parser.add_argument(
         "--variant",
@@ -230,14 +230,9 @@ def _config(args) -> dict:
 
 def train(args) -> dict:
     from pymeta.baselines import pretrain
-    from pymeta.training import (
-        check_checkpoint_path,
-        meta_train,
-        open_resume,
-        plot_history,
-        restore,
-        save_checkpoint,
-    )
+    from pymeta.checkpoints import open_resume, restore, save_checkpoint
+    from pymeta.cli_args import check_checkpoint_path
+    from pymeta.training import meta_train, plot_history
 
     config = _config(args)
     check_checkpoint_path(args.checkpoint, must_exist=False)
@@ -329,7 +324,8 @@ def train(args) -> dict:
 
 
 def evaluate(args) -> dict:
-    from pymeta.training import check_checkpoint_path, load_checkpoint
+    from pymeta.checkpoints import load_checkpoint
+    from pymeta.cli_args import check_checkpoint_path
 
     check_checkpoint_path(args.checkpoint, must_exist=True)
     _check_root(args.root)

@@ -44,12 +44,7 @@ PLOT_TASKS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
-    from pymeta.training import (
-        add_resume_arguments,
-        non_negative_int,
-        positive_float,
-        positive_int,
-    )
+    from pymeta.cli_args import add_resume_arguments, non_negative_int, positive_float, positive_int
 
     parser.add_argument("--checkpoint", default="runs/sinusoid.pt")
     parser.add_argument(
@@ -304,14 +299,10 @@ def plot_tasks(model, config: dict, path, num_tasks: int = PLOT_TASKS) -> None:
 
 
 def train(args) -> dict:
+    from pymeta.checkpoints import open_resume, restore, save_checkpoint
+    from pymeta.cli_args import check_checkpoint_path
     from pymeta.tasks import Sinusoid
-    from pymeta.training import (
-        check_checkpoint_path,
-        meta_train,
-        open_resume,
-        restore,
-        save_checkpoint,
-    )
+    from pymeta.training import meta_train
 
     config = _config(args)
     check_checkpoint_path(args.checkpoint, must_exist=False)
@@ -369,7 +360,8 @@ def train(args) -> dict:
 
 
 def evaluate(args) -> dict:
-    from pymeta.training import check_checkpoint_path, load_checkpoint
+    from pymeta.checkpoints import load_checkpoint
+    from pymeta.cli_args import check_checkpoint_path
 
     check_checkpoint_path(args.checkpoint, must_exist=True)
     blob = load_checkpoint(args.checkpoint, BENCHMARK)

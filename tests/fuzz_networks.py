@@ -343,8 +343,16 @@ def invalid_constructor(c, model: nn.Sequential) -> tuple[str, dict | nn.Module]
         return name, {
             "inner_steps": 2,
             name: c.choice(
-                ([1.0], [1.0, 2.0, 3.0], [float("nan"), 1.0], 3, None, ["a", 1], [0.0, 0.0],
-                 [1.0, -1.0])
+                (
+                    [1.0],
+                    [1.0, 2.0, 3.0],
+                    [float("nan"), 1.0],
+                    3,
+                    None,
+                    ["a", 1],
+                    [0.0, 0.0],
+                    [1.0, -1.0],
+                )
             ),
         }
     if name in ("per_step_bn", "track_bn_stats"):

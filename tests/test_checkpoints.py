@@ -1,4 +1,4 @@
-"""Checkpoint and cache files (pymeta.training.save_file / load_file): only plain data, loaded
+"""Checkpoint and cache files (pymeta.safe_files.save_file / load_file): only plain data, loaded
 with weights_only=True so a crafted file runs no code; a SHA-256 that catches one flipped byte;
 clear errors naming the file for empty, truncated, garbage, foreign and other-benchmark files;
 strict --resume; no .tmp leftovers."""
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from pymeta.__main__ import main
+from pymeta.checkpoints import load_checkpoint
 from pymeta.datasets import Omniglot
-from pymeta.training import CheckpointError, load_checkpoint
+from pymeta.safe_files import CheckpointError
 
 SINUSOID = "--meta-batch 2 --test-tasks 4 --query-points 5 --log-every 1 --no-progress".split()
 OMNIGLOT = (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pymeta.training import CheckpointError, load_file, save_file
+from pymeta.safe_files import CheckpointError, load_file, save_file
 
 SPLITS = ("train", "val", "test")
 CACHE_FORMAT = "pymeta-omniglot-cache"
@@ -108,7 +108,7 @@ class Omniglot:
     The first load decodes every PNG (see ``load_image``) and caches one tensor file, keyed on
     the sources' contents (zip members' CRC-32 and size, loose files' size and modification
     time); later loads read it. The cache is written and read like a checkpoint
-    (``pymeta.training.save_file``/``load_file``: plain data only, ``weights_only=True``,
+    (``pymeta.safe_files.save_file``/``load_file``: plain data only, ``weights_only=True``,
     SHA-256 checked): a corrupted or foreign cache file is an error that names it (delete it
     to rebuild), never code run or wrong images. Every character must have the same number
     of drawings; one that differs is an error naming it, never a silent truncation.

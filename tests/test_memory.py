@@ -37,11 +37,19 @@ def faults(mode):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     round_faults = 4 * 4096  # four blocks of 4096 pages of 4 KiB
-    applied, retained = faults("retain")
-    assert applied == "True"
     # The warm-up rounds fault the pages in; the 18 measured rounds reuse them. (glibc's
-    # defaults usually fault every round in again: 18 rounds' worth.)
-    assert retained < round_faults / 2
+    # defaults fault every round in again, 18 rounds' worth, or, by the heap's layout, most of
+    # one: 12288 faults measured.) Where the heap meets another mapping (address-space
+    # randomisation) a block or two can still come from mmap: 8192 faults in about 1 fresh
+    # process in 5, 0 in the others; the best of five processes is the setting's effect.
+    counts = []
+    for _ in range(5):
+        applied, count = faults("retain")
+        assert applied == "True"
+        counts.append(count)
+        if count < round_faults / 2:
+            break
+    assert min(counts) < round_faults / 2, f"page faults per process: {counts}"
 
 
 def test_bad_threshold_is_explained():

@@ -9,9 +9,11 @@ with ``build_model``.
 
 from __future__ import annotations
 
+import copy
 import random
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pymeta
@@ -303,6 +305,193 @@ def reordered(batch: pymeta.TaskBatch) -> pymeta.TaskBatch:
     meta-gradient in exact arithmetic, a different summation order in floating point."""
     return pymeta.TaskBatch(*(t.flip(1) for t in (batch.support_x, batch.support_y,
                                                    batch.query_x, batch.query_y)))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- shared modules
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def leaves(model: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of the leaves under nested Sequentials, a module used twice at
+    both places. Unlike flatten_sequential, checks nothing: it reads models that
+    ModelAwareMAML refuses."""
+    out = []
+    for name, child in model._modules.items():
+        if isinstance(child, nn.Sequential):
+            out += leaves(child, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", child))
+    return out
+
+
+def nest(c, *layer_lists: list) -> list[nn.Sequential]:
+    """Each list of layers (all of one length) in a Sequential, the same random run of them
+    (possibly) in a nested Sequential."""
+    n = len(layer_lists[0])
+    a = b = 0
+    if n >= 2 and c.boolean():
+        a = c.integer(0, n - 1)
+        b = c.integer(a + 1, n)
+    return [
+        nn.Sequential(*layers[:a], nn.Sequential(*layers[a:b]), *layers[b:]) if b else
+        nn.Sequential(*layers)
+        for layers in layer_lists
+    ]  # fmt: skip
+
+
+def runs(model: nn.Module, example) -> bool:
+    """Whether model(x) works on two examples (float64) of the given shape."""
+    with torch.no_grad():
+        try:
+            model(torch.zeros(2, *example, dtype=torch.float64))
+        except (RuntimeError, ValueError, IndexError):  # shapes or ranks that do not fit
+            return False
+    return True
+
+
+def _family(m: nn.Module):
+    return ELEMENTWISE if isinstance(m, ELEMENTWISE) else type(m)
+
+
+def share_parameterless(c, model: nn.Sequential, example) -> tuple | None:
+    """(shared, twin): the model with one of its parameterless layer objects (activation,
+    pooling, Flatten) used at a second place, where it replaces a layer of its family
+    (elementwise activation, same pooling type) or is inserted; twin has a copy of the layer
+    there instead. None when the draw gives a network that cannot run."""
+    layers = [m for _, m in leaves(model)]
+    plain = [
+        i
+        for i, m in enumerate(layers)
+        if not any(True for _ in m.parameters()) and not isinstance(m, BATCH_NORM)
+    ]
+    if not plain:
+        return None
+    pools = [i for i in plain if isinstance(layers[i], (nn.MaxPool2d, nn.AvgPool2d))]
+    m = layers[c.choice(pools if pools and c.boolean() else plain)]  # pools are rarer
+    shared, twin = list(layers), list(layers)
+    same = [j for j, o in enumerate(layers) if o is not m and _family(o) == _family(m)]
+    if same and c.boolean():
+        j = c.choice(same)
+        shared[j], twin[j] = m, copy.deepcopy(m)
+    else:
+        j = c.integer(0, len(layers))
+        shared.insert(j, m)
+        twin.insert(j, copy.deepcopy(m))
+    shared, twin = nest(c, shared, twin)
+    return (shared, twin) if runs(twin, example) else None
+
+
+def _shape_preserving_layer(c, shape, with_params: bool) -> nn.Module:
+    """A new float64 Linear, Conv2d or batch norm layer whose output has its input's shape
+    (N, *shape); with_params: one holding a weight."""
+    bias, affine, n = c.boolean(), with_params or c.boolean(), shape[0]
+    if len(shape) == 1:
+        options = [lambda: nn.Linear(n, n, bias=bias),
+                   lambda: nn.BatchNorm1d(n, affine=affine, track_running_stats=False)]  # fmt: skip
+    else:
+        k = c.choice((1, 3))
+        options = [lambda: nn.Conv2d(n, n, k, padding=k // 2, bias=bias),
+                   lambda: nn.BatchNorm2d(n, affine=affine, track_running_stats=False)]  # fmt: skip
+    return c.choice(options)().to(torch.float64)
+
+
+def share_parametric(c, model: nn.Sequential, example) -> tuple:
+    """(model, first, second, attr): the model with a layer that holds parameters or batch norm
+    used at two places (attr None), or two layers holding one Parameter (attr "weight" or
+    "bias"); first and second are the qualified names of the two places, in order.
+
+    The shared layer is either a new shape-preserving one (so that the network runs) at two
+    places with the same activation shape, or one of the model's own layers inserted at a
+    random second place (where the network may not run: the refusal must come first)."""
+    layers = [m for _, m in leaves(model)]
+    mode = c.choice(("module", "tie", "existing"))
+    attr = None
+    if mode == "existing":
+        i = c.choice(parametric_positions(model))
+        j = c.integer(0, len(layers))
+        layers.insert(j, layers[i])
+        first, second = sorted((i + (j <= i), j))
+    else:
+        shapes, x = [], torch.zeros(2, *example, dtype=torch.float64)
+        with torch.no_grad():
+            for m in layers:
+                shapes.append(tuple(x.shape[1:]))
+                x = m(x)
+        shapes.append(tuple(x.shape[1:]))
+        # (N, features) or (N, C, H, W), not the (N, a, b) before an MLP's leading Flatten
+        p = c.choice([p for p, shape in enumerate(shapes) if len(shape) in (1, 3)])
+        q = c.choice([q for q in range(p, len(layers) + 1) if shapes[q] == shapes[p]])
+        a = _shape_preserving_layer(c, shapes[p], with_params=mode == "tie")
+        b = a
+        if mode == "tie":
+            b = copy.deepcopy(a)
+            attr = c.choice([n for n in ("weight", "bias") if getattr(a, n) is not None])
+            setattr(b, attr, getattr(a, attr))
+        layers = [*layers[:p], a, *layers[p:q], b, *layers[q:]]
+        first, second = p, q + 1
+    (model,) = nest(c, layers)
+    names = [name for name, _ in leaves(model)]
+    return model, names[first], names[second], attr
+
+
+def leaf_forward(model: nn.Sequential):
+    """forward(params, x) for tests/parity.py's reference_meta_loss, written out layer by layer
+    (F.linear, F.conv2d, F.batch_norm with batch statistics; parameterless layers run as they
+    are). Each Parameter is looked up under the name named_parameters gives it (its first
+    place), so a layer used twice or a tied Parameter is one tensor wherever it appears, without
+    relying on how functional_call treats sharing."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    layers = [m for _, m in leaves(model)]
+
+    def forward(params, x):
+        def get(p):
+            return None if p is None else params[name_of[id(p)]]
+
+        for m in layers:
+            if isinstance(m, nn.Linear):
+                x = F.linear(x, get(m.weight), get(m.bias))
+            elif isinstance(m, nn.Conv2d):
+                x = F.conv2d(x, get(m.weight), get(m.bias), m.stride, m.padding)
+            elif isinstance(m, BATCH_NORM):
+                x = F.batch_norm(x, None, None, get(m.weight), get(m.bias), True, 0.0, m.eps)
+            else:
+                x = m(x)
+        return x
+
+    return forward
+
+
+# ----------------------------------------------------------------------------- hooks
+_HOOKS = {
+    "forward hook": lambda m: m.register_forward_hook(lambda mod, i, o: o),
+    "forward pre-hook": lambda m: m.register_forward_pre_hook(lambda mod, i: None),
+    "backward hook": lambda m: m.register_full_backward_hook(lambda mod, gi, go: None),
+    "backward pre-hook": lambda m: m.register_full_backward_pre_hook(lambda mod, go: None),
+}
+
+
+def add_hook(c, model: nn.Module) -> tuple[str, str]:
+    """Registers a random hook (a no-op: any hook is refused, whatever it does) on a random
+    module, the model and nested Sequentials included. Returns (qualified name, hook kind)."""
+    name, module = c.choice(list(model.named_modules()))
+    kind = c.choice(list(_HOOKS))
+    _HOOKS[kind](module)
+    return name, kind
+
+
+def subclass_in_place(c, model: nn.Module) -> str:
+    """Turns a random module (a layer, the model or a nested Sequential) into an instance of a
+    subclass of its type with its own forward, which computes what the type's does. Returns
+    the module's qualified name."""
+    name, module = c.choice(list(model.named_modules()))
+    cls = type(module)
+    module.__class__ = type(f"Own{cls.__name__}", (cls,), {"forward": _forward_of(cls)})
+    return name
+
+
+def _forward_of(cls):
+    return lambda self, *args: cls.forward(self, *args)
 
 
 # ----------------------------------------------------------------------------- invalid calls

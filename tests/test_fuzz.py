@@ -5,7 +5,10 @@ and adaptation specs:
   options pymeta.MAML lacks it equals the per-task autograd reference (tests/parity.py);
 - invalid combinations raise a ValueError/TypeError whose message names the argument;
 - random valid and invalid calls, raw ``torch.ops.pymeta.*`` ops included, never crash the
-  interpreter (run in a subprocess, which must exit normally).
+  interpreter (run in a subprocess, which must exit normally);
+- issue 11's defects as properties: shared modules and tied parameters (exact or refused, the
+  model untouched), hooks and subclasses (refused, naming the module), frozen parameters,
+  non-finite weights, and raw ops with a tensor on another device (refused, naming it).
 
 Bounded for CI: with the environment variable CI set, every property runs a fixed
 (``derandomize``) set of examples. ``PYMETA_FUZZ_SCALE=20`` multiplies the example counts for a
@@ -15,6 +18,7 @@ longer local run; without CI the examples are random, so repeated runs explore f
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +28,15 @@ import torch
 import torch.nn.functional as F
 from fuzz_networks import (
     HypothesisChooser,
+    add_hook,
     build_model,
     conv_recipe,
     grad_errors,
     has_batch_norm,
     invalid_batch_parts,
     invalid_constructor,
+    leaf_forward,
+    leaves,
     learner_kwargs,
     make_batch,
     mlp_recipe,
@@ -37,11 +44,17 @@ from fuzz_networks import (
     options_recipe,
     randomize_learned_lrs,
     reordered,
+    runs,
     settings_recipe,
+    share_parameterless,
+    share_parametric,
+    subclass_in_place,
 )
-from hypothesis import HealthCheck, Phase, assume, given, note, settings
+from hypothesis import HealthCheck, Phase, assume, event, given, note, settings
 from hypothesis import strategies as st
-from parity import lr_lookup, randomize_lrs, reference_loss, rel_err
+from parity import lr_lookup, randomize_lrs, reference_loss, reference_meta_loss, rel_err
+from test_module_checks import assert_unchanged, snapshot
+from test_op_devices import _at, _expected_message, _positions, _with
 
 import pymeta
 
@@ -107,7 +120,10 @@ def assert_parity(got, want, want_reordered):
 
 # ----------------------------------------------------------------------------- parity
 def check_equals_maml(recipe, s):
-    model, batch = built(recipe, s)
+    check_model_equals_maml(*built(recipe, s), s)
+
+
+def check_model_equals_maml(model, batch, s):
     kwargs = learner_kwargs(s)
     aware, agnostic = pymeta.ModelAwareMAML(model, **kwargs), pymeta.MAML(model, **kwargs)
     note(f"core: {aware.core_kind}")
@@ -228,6 +244,195 @@ def test_non_finite_weights_propagate_like_maml(recipe, s, data):
     except (ValueError, TypeError):
         return
     assert not torch.isfinite(got), float(got)
+
+
+# Properties of issue 11's defect 2 (modules used more than once, tied parameters).
+def drawn(data, sampler, *args, label):
+    """data.draw of a fuzz_networks sampler ``sampler(chooser, *args)``."""
+    return data.draw(st.composite(lambda draw: sampler(HypothesisChooser(draw), *args))(), label)
+
+
+@fuzz(60)
+@given(recipe=networks, s=maml_settings, data=st.data())
+def test_shared_parameterless_modules_equal_maml(recipe, s, data):
+    """One activation, pooling or Flatten object at two places: ModelAwareMAML runs it at both
+    (it equals pymeta.MAML), wherever a copy of it would be supported."""
+    model, batch = built(recipe, s)
+    pair = drawn(data, share_parameterless, model, batch.support_x.shape[2:], label="shared")
+    assume(pair is not None)
+    shared, twin = pair
+    note(f"shared: {shared}")
+    layers = [m for _, m in leaves(shared)]
+    event(f"shared {next(type(m).__name__ for m in layers if layers.count(m) > 1)}")
+    try:
+        pymeta.ModelAwareMAML(twin, **learner_kwargs(s))
+    except ValueError:  # not a supported place for this layer: sharing must not change that
+        with pytest.raises(ValueError):
+            pymeta.ModelAwareMAML(shared, **learner_kwargs(s))
+        assume(False)
+    check_model_equals_maml(shared, batch, s)
+
+
+@fuzz(60)
+@given(recipe=networks, s=maml_settings, data=st.data())
+def test_shared_layers_and_tied_parameters_are_refused_and_exact_in_maml(recipe, s, data):
+    """A Linear, Conv2d or batch norm object at two places, or one Parameter in two layers:
+    ModelAwareMAML refuses it at construction, naming both places and pointing to
+    pymeta.MAML, and leaves the model as it was (every parameter slot: the same object, still
+    an nn.Parameter, the same values). pymeta.MAML's meta-gradient equals a per-task autograd
+    loop with a hand-written forward, and it too leaves the model alone."""
+    out = build_model(recipe)
+    assume(out is not None)
+    model, example, outputs = out
+    model, first, second, attr = drawn(data, share_parametric, model, example, label="shared")
+    note(f"model: {model}")
+    before = snapshot(model)
+    if attr:
+        where = rf"model\.{first}\.{attr} and model\.{second}\.{attr} are the same Parameter"
+    else:
+        where = rf"model\.{first} and model\.{second} are the same nn\.\w+ \(one module used"
+    with pytest.raises(ValueError, match=where + r".*use pymeta\.MAML"):
+        pymeta.ModelAwareMAML(model, **learner_kwargs(s))
+    assert_unchanged(model, before)
+    if not runs(model, example) or s["tasks"] * s["inner_steps"] > 4:
+        return  # the loop below is slow: small problems only
+    event("pymeta.MAML against the loop: " + ("tied " + attr if attr else "shared layer"))
+    k, q = (max(s["k"], 2), max(s["q"], 2)) if has_batch_norm(model) else (s["k"], s["q"])
+    batch = make_batch(example, outputs, s["loss"], s["tasks"], k, q, s["seed"])
+    maml = pymeta.MAML(model, **learner_kwargs(s))
+    if s["learn_inner_lr"]:
+        randomize_learned_lrs(((lr, lr) for lr in maml.inner_lr.as_list()), s["seed"])
+    params = list(maml.parameters())
+
+    def loop(b):
+        lrs, steps, loss_fn = maml.inner_lr.as_list(), s["inner_steps"], LOSSES[s["loss"]]
+        return reference_meta_loss(
+            model, b, lrs, steps, s["first_order"], loss_fn, leaf_forward(model)
+        )
+
+    assert_parity(
+        (maml.meta_loss(batch), params), (loop(batch), params), (loop(reordered(batch)), params)
+    )
+    assert_unchanged(model, before)
+
+
+LOSSES = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+
+
+# Properties of issue 11's defect 5 (hooks and subclasses).
+def module_pattern(name: str) -> str:
+    """The start of an error about the module with this qualified name: 'model.1.0 (Tanh)'."""
+    return rf"model{re.escape('.' + name) if name else ''} \(\w+\)"
+
+
+@fuzz(80)
+@given(recipe=networks, data=st.data())
+def test_hooks_and_subclasses_are_refused(recipe, data):
+    """A forward, forward pre-, backward or backward pre-hook (even a no-op one) on a random
+    module, or a random module turned into a subclass with its own forward (computing the
+    same): ModelAwareMAML refuses it, naming the module and pointing to pymeta.MAML, because
+    its core would not run that code."""
+    out = build_model(recipe)
+    assume(out is not None)
+    model = out[0]
+    if data.draw(st.booleans(), label="subclass"):
+        name = drawn(data, subclass_in_place, model, label="subclass of")
+        what = r"(a subclass of nn\.\w+|overrides forward)"
+    else:
+        name, kind = drawn(data, add_hook, model, label="hook")
+        what = rf"has a {kind}"
+    match = module_pattern(name) + ": " + what + r".*use pymeta\.MAML"
+    with pytest.raises((ValueError, TypeError), match=match):
+        pymeta.ModelAwareMAML(model)
+
+
+@fuzz(30)
+@given(recipe=networks, s=maml_settings, data=st.data())
+def test_hooks_added_after_construction_are_refused(recipe, s, data):
+    model, batch = built(recipe, s)
+    maml = pymeta.ModelAwareMAML(model, **learner_kwargs(s))
+    maml.meta_loss(batch)
+    name, kind = drawn(data, add_hook, model, label="hook")
+    with pytest.raises(ValueError, match=module_pattern(name) + f": has a {kind}"):
+        maml.meta_loss(batch)
+
+
+# Properties of issue 11's defect 6 (raw ops with tensors on two devices).
+def sgd_update_args(data, backward: bool) -> list:
+    """Valid arguments of sgd_update (params, grads, lrs) or sgd_update_backward (grads,
+    grad_outputs, lrs, compute_lr_grad): 1-3 tensors (T, ...) of random shapes, and one shared
+    scalar rate or one rate per tensor (a scalar or one per element of an example)."""
+    tasks = data.draw(st.integers(1, 3), label="tasks")
+    dims = st.lists(st.integers(1, 3), max_size=2)
+    shapes = data.draw(st.lists(dims, min_size=1, max_size=3), label="shapes")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+    g = torch.Generator().manual_seed(0)
+
+    def tensors():
+        return [torch.randn(tasks, *shape, generator=g, dtype=dtype) for shape in shapes]
+
+    if data.draw(st.booleans(), label="shared rate"):
+        lrs = [torch.tensor(0.1, dtype=dtype)]
+    else:
+        per_element = st.booleans()
+        lrs = [
+            torch.full(shape if data.draw(per_element) else (), 0.1, dtype=dtype)
+            for shape in shapes
+        ]
+    args = [tensors(), tensors(), lrs]
+    return [*args, data.draw(st.booleans())] if backward else args
+
+
+@fuzz(80)
+@given(
+    recipe=networks,
+    s=maml_settings,
+    op_name=st.sampled_from(["sgd_update", "sgd_update_backward", "maml_loss", "adapt"]),
+    data=st.data(),
+)
+def test_raw_ops_refuse_a_tensor_on_another_device(recipe, s, op_name, data):
+    """A valid call of a torch.ops.pymeta op (the loss and adapt ops of the network's core, with
+    a ModelAwareMAML's arguments) with one random tensor argument, or list element, moved to
+    the meta device: a ValueError naming the op and that argument, through the dispatcher or
+    straight into the CPU kernel; never the fake kernel's uninitialised outputs."""
+    if op_name.startswith("sgd"):
+        args = sgd_update_args(data, backward=op_name.endswith("backward"))
+    else:
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+        out = build_model(recipe, dtype)
+        assume(out is not None)
+        model, example, outputs = out
+        if has_batch_norm(model):
+            s = {**s, "k": max(s["k"], 2), "q": max(s["q"], 2)}
+        batch = make_batch(example, outputs, s["loss"], s["tasks"], s["k"], s["q"], s["seed"],
+                           dtype)  # fmt: skip
+        lr_mode = data.draw(st.sampled_from(["scalar", "per_layer_step", "per_parameter"]))
+        maml = pymeta.ModelAwareMAML(
+            model, **learner_kwargs(s), lr_mode=lr_mode if s["learn_inner_lr"] else "scalar"
+        )
+        core_args = maml._core_args(  # the inputs as meta_loss passes them (flattened)
+            maml._inputs("x", batch.support_x), maml._targets("y", batch.support_y),
+            maml._inputs("x", batch.query_x), maml._targets("y", batch.query_y),
+            params=[p.detach() for p in maml._params()],
+            lrs=[lr.detach() for lr in maml.inner_lrs()],
+        )  # fmt: skip
+        op_name = f"{'seq' if maml.core_kind == 'layered' else 'mlp'}_{op_name}"
+        if op_name.endswith("maml_loss"):
+            args = [*core_args, *data.draw(st.tuples(st.booleans(), st.booleans()))]
+        else:  # adapt: params, lrs, support_x, support_y, layers, layer_args, steps, ...
+            args = [*core_args[:4], *core_args[6:8], s["inner_steps"], *core_args[9:11]]
+    op = getattr(torch.ops.pymeta, op_name)
+    note(f"op: {op_name}")
+    op(*args)  # valid as it is
+    positions = _positions(op, args)
+    label, i, k = data.draw(st.sampled_from(positions), label="moved")
+    mixed = _with(args, i, k, _at(args, i, k).to("meta"))
+    match = _expected_message(op_name, positions, label, "meta", "cpu")
+    with pytest.raises(ValueError, match=match):
+        if data.draw(st.booleans(), label="into the CPU kernel"):
+            op.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *mixed)
+        else:
+            op(*mixed)
 
 
 # ----------------------------------------------------------------------------- invalid input

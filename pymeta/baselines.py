@@ -242,7 +242,7 @@ class Pretrained(nn.Module):
                     pred = self._forward(dict(zip(names, params)), fixed, support_x)
                 else:
                     pred = torch.func.vmap(F.linear)(features, *params)
-                losses = self.loss.per_task(pred, support_y, self._forward.vectorized)
+                losses = self.loss.per_task(pred, support_y, self._forward.vectorized, "support_y")
                 grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             params = sgd_update_unchecked(params, grads, lr)

@@ -70,7 +70,7 @@ class TaskLoss:
         if self.builtin and self.name == "mse":
             if pred.shape != target.shape:
                 raise ValueError(
-                    f"targets: mse expects the model's output shape {tuple(pred.shape)}, "
+                    f"{name}: mse expects the model's output shape {tuple(pred.shape)}, "
                     f"received {tuple(target.shape)}"
                 )
             return (pred - target).square().reshape(tasks, -1).mean(1)

@@ -478,3 +478,12 @@ def test_cli_baseline_and_maml_are_tested_on_the_same_tasks(tiny_root, tmp_path,
     maml = torch.load(tmp_path / "maml.pt", weights_only=True)["config"]
     assert (maml["inner_lr"], maml["inner_steps"]) == (0.4, 1) and "batch_size" not in maml
     assert pre["inner_lr"] == 0.05 and "meta_batch" not in pre
+
+
+def test_adapting_on_classes_beyond_the_models_outputs_names_support_y():
+    # Without a fresh head the model's own outputs are the classes: the error names the
+    # argument (it said "targets").
+    pre = Pretrained(nn.Sequential(nn.Linear(4, 3)), loss="cross_entropy", inner_lr=0.1)
+    x, y = torch.randn(2, 5, 4), torch.tensor([[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]])
+    with pytest.raises(ValueError, match=r"support_y: expected class indices in \[0, 3\)"):
+        pre.adapt(x, y)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from pymeta.module_checks import flatten_sequential
+
 ACTIVATION_CODES = {nn.ReLU: 1, nn.LeakyReLU: 2, nn.Tanh: 3, nn.Sigmoid: 4}
 SUPPORTED = "Linear, ReLU, LeakyReLU, Tanh, Sigmoid, Flatten, Identity"
 
@@ -22,131 +24,6 @@ class MlpLayerSpec:
     @property
     def module(self) -> nn.Linear:
         return self.linear
-
-
-# Every layer type that a model-aware reader knows (net_spec's list; the MLP reader takes a
-# subset). Other types get the readers' own "not supported" errors.
-CORE_LAYER_TYPES = (
-    nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
-    nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity,
-)  # fmt: skip
-_GLOBAL_HOOKS = {
-    "_global_forward_hooks": "forward hook (register_module_forward_hook)",
-    "_global_forward_pre_hooks": "forward pre-hook (register_module_forward_pre_hook)",
-    "_global_backward_hooks": "backward hook (register_module_full_backward_hook)",
-    "_global_backward_pre_hooks": "backward pre-hook (register_module_backward_pre_hook)",
-}
-_MODULE_HOOKS = {
-    "_forward_hooks": "forward hook",
-    "_forward_pre_hooks": "forward pre-hook",
-    "_backward_hooks": "backward hook",
-    "_backward_pre_hooks": "backward pre-hook",
-}
-_USE_MAML = "use pymeta.MAML, which runs the module itself"
-
-
-def flatten_sequential(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of the leaves of nested nn.Sequentials, in order; a module
-    object used twice is listed at both places.
-
-    The one check, for both model-aware readers, that the core computes the network that
-    ``model(x)`` computes. Raises ValueError naming the module for: forward or backward hooks
-    (on any module, or global ones), a subclass of a supported layer type, a container or layer
-    with its own forward, a layer with parameters or batch norm used twice, and one Parameter
-    held by two layers (tied weights).
-    """
-    module_module = nn.modules.module
-    for attr, what in _GLOBAL_HOOKS.items():
-        if getattr(module_module, attr, None):
-            raise ValueError(
-                f"model: a global {what} is registered, which ModelAwareMAML's core would not "
-                f"run; remove it or {_USE_MAML}"
-            )
-    leaves: list[tuple[str, nn.Module]] = []
-    _collect_leaves(model, "", leaves)
-    _check_sharing(leaves)
-    return leaves
-
-
-def _where(name: str, module) -> str:
-    return f"model{'.' if name else ''}{name} ({type(module).__name__})"
-
-
-def _check_runs_as_is(name: str, module: nn.Module) -> None:
-    """No hooks and no forward other than the class's own."""
-    state = vars(module)
-    for attr, what in _MODULE_HOOKS.items():
-        if state.get(attr):
-            raise ValueError(
-                f"{_where(name, module)}: has a {what}, which ModelAwareMAML's core would not "
-                f"run; remove it or {_USE_MAML}"
-            )
-    if "forward" in state:
-        raise ValueError(
-            f"{_where(name, module)}: overrides forward on the instance, which ModelAwareMAML's "
-            f"core would not run; {_USE_MAML}"
-        )
-
-
-def _collect_leaves(container: nn.Sequential, prefix: str, out: list) -> None:
-    """Appends the leaves under ``container`` (named ``prefix``) to ``out``, checking each
-    container and leaf on the way."""
-    cls = type(container)
-    if cls.forward is not nn.Sequential.forward or cls.__call__ is not nn.Module.__call__:
-        raise ValueError(
-            f"{_where(prefix.rstrip('.'), container)}: overrides forward, which ModelAwareMAML's "
-            f"core would not run; {_USE_MAML}"
-        )
-    _check_runs_as_is(prefix.rstrip("."), container)
-    # _modules, not named_children(): that one lists a module used twice only once.
-    for name, child in container._modules.items():
-        qual = f"{prefix}{name}"
-        if isinstance(child, nn.Sequential):
-            _collect_leaves(child, qual + ".", out)
-            continue
-        if child is not None:
-            _check_runs_as_is(qual, child)
-            base = type(child) in CORE_LAYER_TYPES or next(
-                (t for t in CORE_LAYER_TYPES if isinstance(child, t)), None
-            )
-            if base not in (None, True):
-                raise ValueError(
-                    f"{_where(qual, child)}: a subclass of nn.{base.__name__}; ModelAwareMAML "
-                    f"runs only the exact layer types (not the subclass's code); {_USE_MAML}"
-                )
-        out.append((qual, child))
-
-
-def _check_sharing(leaves: list) -> None:
-    """Parameterless layers may be used twice (the core runs them twice, exactly); a layer
-    with parameters or batch-norm statistics may not, and neither may a tied Parameter: the core
-    gives every use of a layer its own parameters and statistics."""
-    seen_module: dict[int, str] = {}
-    seen_param: dict[int, str] = {}
-    for name, child in leaves:
-        if child is None:
-            continue
-        # Leaves are exact layer types without submodules: their _parameters are all they hold.
-        params = [(a, p) for a, p in child._parameters.items() if p is not None]
-        if id(child) in seen_module:
-            if params or isinstance(child, nn.modules.batchnorm._BatchNorm):
-                raise ValueError(
-                    f"model.{seen_module[id(child)]} and model.{name} are the same "
-                    f"nn.{type(child).__name__} (one module used twice); ModelAwareMAML's core "
-                    f"gives every use its own parameters and statistics, so shared layers are "
-                    f"not supported; {_USE_MAML}"
-                )
-            continue
-        seen_module[id(child)] = name
-        for attr, p in params:
-            qual = f"{name}.{attr}"
-            if id(p) in seen_param:
-                raise ValueError(
-                    f"model.{seen_param[id(p)]} and model.{qual} are the same Parameter (tied "
-                    f"weights); ModelAwareMAML's core gives every layer its own parameters; "
-                    f"{_USE_MAML}"
-                )
-            seen_param[id(p)] = qual
 
 
 @dataclass

@@ -17,7 +17,8 @@ from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.bn_running_stats import BnRunningStats
 from pymeta.losses import LOSS_NAMES, TaskLoss
-from pymeta.mlp_spec import MlpSpec, flatten_sequential
+from pymeta.mlp_spec import MlpSpec
+from pymeta.module_checks import flatten_sequential
 from pymeta.net_spec import NetSpec
 from pymeta.task_batch import TaskBatch
 from pymeta.task_forward import TaskForward, call_module

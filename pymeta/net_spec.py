@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pymeta.mlp_spec import ACTIVATION_CODES, flatten_sequential
+from pymeta.mlp_spec import ACTIVATION_CODES
+from pymeta.module_checks import flatten_sequential
 
 SUPPORTED = (
     "Linear, Conv2d (groups=1, dilation=1, zero padding), BatchNorm1d/2d (batch statistics: "

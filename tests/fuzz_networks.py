@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pymeta
-from pymeta.mlp_spec import flatten_sequential
+from pymeta.module_checks import flatten_sequential
 
 ACTIVATIONS = ("relu", "leaky", "tanh", "sigmoid", "none")
 

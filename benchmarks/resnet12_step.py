@@ -1,0 +1,200 @@
+"""One second-order meta-step on ResNet-12 (pymeta.models.resnet12): time and peak memory of the
+per-task autograd loop (baselines.PerTaskLoopMAML, the loop a user writes with
+torch.autograd.grad(create_graph=True) and torch.func.functional_call) and pymeta.MAML.
+
+Usage::
+
+    .venv/bin/python benchmarks/resnet12_step.py [--threads 1] [--tasks 4]
+        [--widths 32 80 160 320] [--image-size 32] [--shots 1 5] [--inner-steps 1 5]
+        [--implementations per_task_loop pymeta] [--mem-limit-gib 16] [--timeout-s 600]
+    .venv/bin/python benchmarks/resnet12_step.py --full-size
+
+Workloads: 5-way, ``--shots`` examples and 15 queries per class, ``--tasks`` tasks, 3-channel
+random images, inner lr 0.01, cross-entropy. The default size (half the standard widths, 32x32
+images, 4 tasks) is the one at which the loop's 5-shot, 5-step meta-step takes about 25 s on one
+thread of the 2-core development machine. ``--full-size``: 3x84x84, widths 64-160-320-640,
+5-shot, 5 inner steps, one task, the loop only (add ``--implementations`` for more).
+
+Every cell runs in a fresh child process under an address-space limit (``--mem-limit-gib``,
+RLIMIT_AS), so a workload that does not fit fails alone, reporting the resident peak it reached,
+instead of taking the shared machine down. The child warms the implementation up on a 1-task,
+1-shot, 1-step batch of the same network, then measures one meta-step: the seconds of that step
+and its resident-set peak beyond the RSS at its start (``harness.peak_rss_bytes``). One step per
+cell, not a median: with steps of tens of seconds, noise is small next to the ratios shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from baselines import PerTaskLoopMAML
+from harness import peak_rss_bytes
+
+import pymeta
+
+N_WAY = 5
+QUERIES_PER_CLASS = 15
+INNER_LR = 0.01
+DEFAULT_WIDTHS = (32, 80, 160, 320)
+DEFAULT_IMAGE_SIZE = 32
+DEFAULT_TASKS = 4
+FULL_SIZE = dict(widths=(64, 160, 320, 640), image_size=84, tasks=1, shots=[5], inner_steps=[5])
+# All take pymeta.MAML's arguments: (model, inner_lr, inner_steps, first_order, loss). The
+# reference comes first. "pymeta_aware": pymeta.ModelAwareMAML joins once its core takes residual
+# networks (issue 12).
+IMPLEMENTATIONS = {"per_task_loop": PerTaskLoopMAML, "pymeta": pymeta.MAML}
+REFERENCE = "per_task_loop"
+
+
+def make_batch(tasks: int, shots: int, queries: int, image_size: int, seed: int = 0):
+    """Random 3-channel images, class-major labels: support (T, 5 * shots, 3, S, S)."""
+    g = torch.Generator().manual_seed(seed)
+    x = lambda k: torch.rand(tasks, N_WAY * k, 3, image_size, image_size, generator=g)  # noqa: E731
+    y = lambda k: torch.arange(N_WAY).repeat_interleave(k).expand(tasks, -1).contiguous()  # noqa: E731
+    return pymeta.TaskBatch(x(shots), y(shots), x(queries), y(queries))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def child(cell: dict) -> dict:
+    """Runs in the child process: one meta-step of one (implementation, shots, inner steps)."""
+    limit = int(cell["mem_limit_gib"] * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.manual_seed(0)
+    model = pymeta.models.resnet12(N_WAY, widths=tuple(cell["widths"]), image_size=cell["size"])
+    cls = IMPLEMENTATIONS[cell["implementation"]]
+
+    def build(steps):
+        return cls(model, inner_lr=INNER_LR, inner_steps=steps, loss="cross_entropy")
+
+    def meta_step(maml, batch):
+        model.zero_grad(set_to_none=True)
+        maml.meta_loss(batch).backward()
+
+    meta_step(build(1), make_batch(1, 1, 1, cell["size"], seed=1))  # warm-up
+    maml = build(cell["inner_steps"])
+    batch = make_batch(cell["tasks"], cell["shots"], QUERIES_PER_CLASS, cell["size"])
+    model.zero_grad(set_to_none=True)
+    seconds = []
+
+    def timed_step():  # timed inside, so the gc and trim of peak_rss_bytes are not counted
+        start = time.perf_counter()
+        maml.meta_loss(batch).backward()
+        seconds.append(time.perf_counter() - start)
+
+    start_kib = _status_kib("VmRSS")
+    try:
+        rss = peak_rss_bytes(timed_step)
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "memory" not in str(error).lower():
+            raise
+        reached = (_status_kib("VmHWM") - start_kib) * 1024
+        return {"error": f"out of memory under {cell['mem_limit_gib']:g} GiB", "rss": reached}
+    return {"seconds": seconds[0], "rss": rss}
+
+
+def run_child(cell: dict, threads: int, timeout_s: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--child"]
+    # As in memory_scaling.py: a fixed mmap threshold makes autograd-heavy RSS peaks repeat.
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(threads), **os.environ}
+    try:
+        proc = subprocess.run(
+            cmd, input=json.dumps(cell), capture_output=True, text=True, env=env, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout_s:g} s (stopped)"}
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-2000:])
+        return {"error": f"child exited with status {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(rows: list[tuple[dict, dict]]) -> str:
+    lines = [
+        "| implementation | shots | inner steps | seconds | peak MiB (RSS) | x faster vs loop "
+        "| memory vs loop |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    reference = {
+        (c["shots"], c["inner_steps"]): r for c, r in rows if c["implementation"] == REFERENCE
+    }
+    for cell, result in rows:
+        ref = reference.get((cell["shots"], cell["inner_steps"]), {})
+        mib = f"{result['rss'] / 2**20:.0f}" if result.get("rss") is not None else "n/a"
+        if "error" in result:
+            seconds = result["error"]
+            mib = f"reached {mib}" if "rss" in result else mib
+            speed = memory = ""
+        else:
+            seconds = f"{result['seconds']:.2f}"
+            speed = f"{ref['seconds'] / result['seconds']:.2f}x" if "seconds" in ref else ""
+            memory = (
+                f"{result['rss'] / ref['rss']:.2f}" if ref.get("rss") and "error" not in ref else ""
+            )
+        lines.append(
+            f"| {cell['implementation']} | {cell['shots']} | {cell['inner_steps']} | {seconds} "
+            f"| {mib} | {speed} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS)
+    parser.add_argument("--widths", type=int, nargs=4, default=list(DEFAULT_WIDTHS))
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5])
+    parser.add_argument(
+        "--implementations", nargs="+", choices=list(IMPLEMENTATIONS), default=None,
+        help=f"default: all ({REFERENCE} only with --full-size); {REFERENCE} is always run",
+    )  # fmt: skip
+    parser.add_argument("--full-size", action="store_true", help="the standard ResNet-12 point")
+    parser.add_argument("--mem-limit-gib", type=float, default=16.0, help="per child (RLIMIT_AS)")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="per child")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(json.loads(sys.stdin.read()))))
+        return
+
+    if args.full_size:
+        args.widths, args.image_size, args.tasks = FULL_SIZE["widths"], 84, FULL_SIZE["tasks"]
+        args.shots, args.inner_steps = FULL_SIZE["shots"], FULL_SIZE["inner_steps"]
+        args.implementations = args.implementations or [REFERENCE]
+    wanted = args.implementations or list(IMPLEMENTATIONS)
+    names = [n for n in IMPLEMENTATIONS if n in wanted or n == REFERENCE]
+    rows = []
+    for shots in args.shots:
+        for steps in args.inner_steps:
+            for name in names:
+                cell = dict(
+                    implementation=name, shots=shots, inner_steps=steps, tasks=args.tasks,
+                    widths=list(args.widths), size=args.image_size,
+                    mem_limit_gib=args.mem_limit_gib,
+                )  # fmt: skip
+                print(f"measuring {name}, {shots}-shot, {steps} inner steps ...", file=sys.stderr)
+                rows.append((cell, run_child(cell, args.threads, args.timeout_s)))
+    widths = "-".join(map(str, args.widths))
+    print(
+        f"ResNet-12 (widths {widths}, 3x{args.image_size}x{args.image_size}), {N_WAY}-way, "
+        f"{QUERIES_PER_CLASS} queries per class, {args.tasks} task(s), second order, float32; "
+        f"one meta-step per fresh process; torch {torch.__version__}, {args.threads} thread(s)\n"
+    )
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,23 +4,27 @@ torch.autograd.grad(create_graph=True) and torch.func.functional_call) and pymet
 
 Usage::
 
-    .venv/bin/python benchmarks/resnet12_step.py [--threads 1] [--tasks 4]
+    .venv/bin/python benchmarks/resnet12_step.py [--threads 1] [--tasks 2]
         [--widths 32 80 160 320] [--image-size 32] [--shots 1 5] [--inner-steps 1 5]
         [--implementations per_task_loop pymeta] [--mem-limit-gib 16] [--timeout-s 600]
     .venv/bin/python benchmarks/resnet12_step.py --full-size
 
 Workloads: 5-way, ``--shots`` examples and 15 queries per class, ``--tasks`` tasks, 3-channel
 random images, inner lr 0.01, cross-entropy. The default size (half the standard widths, 32x32
-images, 4 tasks) is the one at which the loop's 5-shot, 5-step meta-step takes about 25 s on one
-thread of the 2-core development machine. ``--full-size``: 3x84x84, widths 64-160-320-640,
-5-shot, 5 inner steps, one task, the loop only (add ``--implementations`` for more).
+images, 2 tasks) is the one at which the loop's 5-shot, 5-step meta-step takes at most ~30 s on
+one thread of the 2-core development machine (measured: 4 tasks took 49 s). ``--full-size``:
+3x84x84, widths 64-160-320-640, 5-shot, 5 inner steps, one task, the loop only (add
+``--implementations`` for more).
 
 Every cell runs in a fresh child process under an address-space limit (``--mem-limit-gib``,
 RLIMIT_AS), so a workload that does not fit fails alone, reporting the resident peak it reached,
 instead of taking the shared machine down. The child warms the implementation up on a 1-task,
 1-shot, 1-step batch of the same network, then measures one meta-step: the seconds of that step
 and its resident-set peak beyond the RSS at its start (``harness.peak_rss_bytes``). One step per
-cell, not a median: with steps of tens of seconds, noise is small next to the ratios shown.
+cell, not a median: with steps of tens of seconds, noise is small next to the ratios shown. The
+child runs under memory_scaling.py's fixed mmap threshold (repeatable RSS peaks), which makes
+autograd's large allocations page-fault on every use: about 40% of these steps is system time,
+alike for both implementations.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ QUERIES_PER_CLASS = 15
 INNER_LR = 0.01
 DEFAULT_WIDTHS = (32, 80, 160, 320)
 DEFAULT_IMAGE_SIZE = 32
-DEFAULT_TASKS = 4
+DEFAULT_TASKS = 2
 FULL_SIZE = dict(widths=(64, 160, 320, 640), image_size=84, tasks=1, shots=[5], inner_steps=[5])
 # All take pymeta.MAML's arguments: (model, inner_lr, inner_steps, first_order, loss). The
 # reference comes first. "pymeta_aware": pymeta.ModelAwareMAML joins once its core takes residual

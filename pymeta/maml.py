@@ -97,8 +97,17 @@ class MAML(nn.Module):
         self._check_data("batch.query_x", batch.query_x, "batch.query_y", batch.query_y, True)
         self._example_ndim = batch.support_x.dim() - 2
         params = self._expand(batch.num_tasks)
+        # Under no_grad (evaluation) the expanded params do not require grad, so a differentiable
+        # inner loop would take zero gradients and score the unadapted model: adapt without a
+        # graph instead, as adapt() does.
+        differentiable = torch.is_grad_enabled()
         params = self._inner_loop(
-            params, batch.support_x, batch.support_y, self.inner_steps, True, "batch.support_y"
+            params,
+            batch.support_x,
+            batch.support_y,
+            self.inner_steps,
+            differentiable,
+            "batch.support_y",
         )
         return self._task_losses(params, batch.query_x, batch.query_y, "batch.query_y").mean()
 

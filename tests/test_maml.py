@@ -205,6 +205,26 @@ def test_learn2learn_style_clone_adapt_matches_meta_loss():
         assert rel_err(g, r) < TOL
 
 
+@pytest.mark.parametrize("net", ["mlp", "conv-bn"])
+@pytest.mark.parametrize("learn_inner_lr", [False, "per_parameter"])
+def test_meta_loss_under_no_grad_still_adapts(net, learn_inner_lr):
+    # Evaluation under torch.no_grad() must score the adapted model (it scored the unadapted
+    # one: zero inner gradients), like ModelAwareMAML does.
+    torch.manual_seed(0)
+    if net == "mlp":
+        model, batch, loss = mlp().double(), regression_batch(), "mse"
+    else:
+        model, batch, loss = conv_bn_net().double(), image_batch(), "cross_entropy"
+    maml = pymeta.MAML(model, inner_lr=0.3, inner_steps=2, loss=loss, learn_inner_lr=learn_inner_lr)
+    want = maml.meta_loss(batch).detach()
+    with torch.no_grad():
+        got = maml.meta_loss(batch)
+    assert not got.requires_grad
+    assert rel_err(got, want) < TOL
+    unadapted = pymeta.MAML(model, inner_lr=0.0, loss=loss).meta_loss(batch).detach()
+    assert rel_err(unadapted, want) > 1e-3  # the check above can tell the two apart
+
+
 def test_forward_runs_the_meta_model():
     model = mlp()
     x = torch.randn(3, 1, dtype=torch.float64)

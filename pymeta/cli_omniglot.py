@@ -1,9 +1,11 @@
 """`python -m pymeta train omniglot` / `eval omniglot`: few-shot classification on Omniglot.
 
-``--variant agnostic|aware`` meta-trains conv4 with MAML; ``--variant pretrained`` is the
-baseline without meta-learning (pymeta.baselines.Pretrained): conv4 trained to classify all
-training classes, then a fresh linear head fine-tuned on each test task's support set. Both are
-tested on the same seeded test tasks and reported the same way.
+``--variant agnostic|aware`` meta-trains the network (``--model conv4|resnet12``) with MAML;
+``--variant pretrained`` is the baseline without meta-learning (pymeta.baselines.Pretrained): the
+network trained to classify all training classes, then a fresh linear head fine-tuned on each test
+task's support set. Both are tested on the same seeded test tasks and reported the same way.
+ResNet-12 runs in pymeta.MAML (agnostic) and the baseline; ModelAwareMAML (aware) does not take
+residual networks yet.
 
 Every flag is checked before any data is decoded. ``--root`` defaults to ``$PYMETA_OMNIGLOT``,
 else ``shared/data/omniglot`` beside the repository (never relative to the current folder).
@@ -22,8 +24,13 @@ import torch
 
 BENCHMARK = "omniglot"
 # What a checkpoint must agree on to be resumed or evaluated.
-MODEL_KEYS = ("n_way", "hidden", "image_size", "variant")
+MODEL_KEYS = ("n_way", "model", "hidden", "widths", "image_size", "variant")
 VARIANTS = ("agnostic", "aware", "pretrained")
+MODELS = ("conv4", "resnet12")
+# Checkpoints written before --model existed hold conv4 and no "model" key.
+DEFAULT_MODEL = "conv4"
+CONV4_HIDDEN = 64
+RESNET12_WIDTHS = (64, 160, 320, 640)
 # (inner_lr, inner_steps) when not given: MAML's inner loop, or the baseline's head fine-tuning
 # (chosen on validation tasks: lower rates or more steps change little).
 ADAPT_DEFAULTS = {"maml": (0.4, 1), "pretrained": (0.05, 100)}
@@ -105,12 +112,32 @@ def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
     parser.add_argument(
         "--lr", type=positive_float, default=1e-3, help="(meta-)optimizer (Adam) learning rate"
     )
-    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default=DEFAULT_MODEL,
+        help="the network: conv4 (MAML's 4 conv blocks) or resnet12 (4 residual blocks)",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=positive_int,
+        default=None,
+        help=f"conv4: channels of every block (default {CONV4_HIDDEN})",
+    )
+    parser.add_argument(
+        "--widths",
+        type=positive_int,
+        nargs=4,
+        default=None,
+        metavar="W",
+        help="resnet12: channels of the four blocks (default "
+        f"{' '.join(map(str, RESNET12_WIDTHS))})",
+    )
     parser.add_argument(
         "--image-size",
         type=positive_int,
         default=28,
-        help="images are resized to this side (conv4 needs at least 16)",
+        help="images are resized to this side (conv4 and resnet12 need at least 16)",
     )
     parser.add_argument(
         "--no-rotations", action="store_true", help="no 90-degree class augmentation"
@@ -132,9 +159,22 @@ def add_arguments(parser: argparse.ArgumentParser, train: bool) -> None:
 
 
 def _describe(config: dict) -> str:
+    model = config.get("model", DEFAULT_MODEL)
     if config["variant"] == "pretrained":
-        return "pretrained baseline (no meta-learning)"
-    return f"{config['variant']} MAML"
+        return f"{model}, pretrained baseline (no meta-learning)"
+    return f"{model}, {config['variant']} MAML"
+
+
+def _network(config: dict, outputs: int):
+    """The run's network with ``outputs`` logits: (N, 1, image_size, image_size) -> (N, outputs).
+    Omniglot is grayscale: one input channel."""
+    import pymeta
+
+    if config.get("model", DEFAULT_MODEL) == "resnet12":
+        return pymeta.models.resnet12(
+            outputs, in_channels=1, widths=tuple(config["widths"]), image_size=config["image_size"]
+        )
+    return pymeta.models.conv4(outputs, hidden=config["hidden"], image_size=config["image_size"])
 
 
 def _build(config: dict):
@@ -142,9 +182,7 @@ def _build(config: dict):
 
     if config["variant"] == "pretrained":
         # One logit per training class for pretraining; each task gets a fresh n_way head.
-        net = pymeta.models.conv4(
-            config["classes"], hidden=config["hidden"], image_size=config["image_size"]
-        )
+        net = _network(config, config["classes"])
         return pymeta.baselines.Pretrained(
             net,
             loss="cross_entropy",
@@ -153,9 +191,7 @@ def _build(config: dict):
             adapt_layers="head",
             head=config["n_way"],
         )
-    net = pymeta.models.conv4(
-        config["n_way"], hidden=config["hidden"], image_size=config["image_size"]
-    )
+    net = _network(config, config["n_way"])
     kwargs = dict(
         inner_lr=config["inner_lr"],
         inner_steps=config["inner_steps"],
@@ -210,22 +246,50 @@ def _config(args) -> dict:
     pretrained = args.variant == "pretrained"
     keys = ["variant", "n_way", "k_shot", "k_query", "inner_lr", "inner_steps"]
     keys += ["batch_size"] if pretrained else ["meta_batch", "first_order"]
-    keys += ["iterations", "lr", "hidden", "image_size", "seed"]
+    keys += ["iterations", "lr", "model", "image_size", "seed"]
     config = {k: getattr(args, k) for k in keys}
+    config.update(_architecture(args))
     default_lr, default_steps = ADAPT_DEFAULTS["pretrained" if pretrained else "maml"]
     if config["inner_lr"] is None:
         config["inner_lr"] = default_lr
     if config["inner_steps"] is None:
         config["inner_steps"] = default_steps
     config["rotations"] = not args.no_rotations
-    from pymeta.models import CONV4_MIN_IMAGE_SIZE
-
-    if config["image_size"] < CONV4_MIN_IMAGE_SIZE:
-        raise SystemExit(
-            f"--image-size: expected at least {CONV4_MIN_IMAGE_SIZE} (conv4's four 2x2 "
-            f"poolings), received {config['image_size']}"
-        )
     return config
+
+
+def _architecture(args) -> dict:
+    """The network's config entries (conv4: hidden; resnet12: widths), checked: SystemExit with
+    one line for flags of the other model, a too small image, or a variant that cannot run it."""
+    from pymeta.models import CONV4_MIN_IMAGE_SIZE, RESNET12_MIN_IMAGE_SIZE
+
+    if args.model == "conv4":
+        if args.widths is not None:
+            raise SystemExit(
+                "--widths: expected only with --model resnet12 (conv4's width is --hidden), "
+                "received --model conv4"
+            )
+        minimum, entries = CONV4_MIN_IMAGE_SIZE, {"hidden": args.hidden or CONV4_HIDDEN}
+    else:
+        if args.hidden is not None:
+            raise SystemExit(
+                "--hidden: expected only with --model conv4 (resnet12's widths are --widths), "
+                "received --model resnet12"
+            )
+        if args.variant == "aware":
+            raise SystemExit(
+                "--variant: ModelAwareMAML does not run residual networks yet: expected "
+                "--variant agnostic (pymeta.MAML) or pretrained with --model resnet12, "
+                "received aware"
+            )
+        widths = list(args.widths or RESNET12_WIDTHS)  # a list: what the checkpoint stores
+        minimum, entries = RESNET12_MIN_IMAGE_SIZE, {"widths": widths}
+    if args.image_size < minimum:
+        raise SystemExit(
+            f"--image-size: expected at least {minimum} ({args.model}'s four 2x2 "
+            f"poolings), received {args.image_size}"
+        )
+    return entries
 
 
 def train(args) -> dict:

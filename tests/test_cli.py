@@ -5,13 +5,16 @@ import torch
 
 from pymeta.__main__ import main
 
-COMMON = (
-    "--hidden 4 --image-size 16 --n-way 2 --k-query 2 --meta-batch 2 --val-every 2 --val-tasks 3 "
+# Settings of every tiny run, whatever the network; COMMON adds conv4's width.
+TINY = (
+    "--image-size 16 --n-way 2 --k-query 2 --meta-batch 2 --val-every 2 --val-tasks 3 "
     "--test-tasks 6 --test-query 2 --log-every 1 --no-progress"
 ).split()
+COMMON = ["--hidden", "4", *TINY]
+RESNET12 = ["--model", "resnet12", "--widths", "2", "3", "4", "5", *TINY]
 
 
-def run_train(root, cache, checkpoint, iterations, *extra):
+def run_train(root, cache, checkpoint, iterations, *extra, common=COMMON):
     return main(
         [
             "train",
@@ -24,7 +27,7 @@ def run_train(root, cache, checkpoint, iterations, *extra):
             str(checkpoint),
             "--iterations",
             str(iterations),
-            *COMMON,
+            *common,
             *extra,
         ]
     )
@@ -263,3 +266,96 @@ def test_run_reports_an_unusable_checkpoint_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=rf"^pymeta: error: checkpoint: '{bad}' is empty"):
         run()
     assert called == [1]
+
+
+def eval_argv(root, cache, checkpoint):
+    return ["eval", "omniglot", "--root", str(root), "--cache-dir", str(cache), "--checkpoint",
+            str(checkpoint), "--test-tasks", "6", "--test-query", "2", "--no-progress"]  # fmt: skip
+
+
+def test_resnet12_trains_evaluates_and_resumes_exactly(tiny_root, tmp_path, capsys):
+    cache, straight, split = tmp_path / "cache", tmp_path / "straight.pt", tmp_path / "split.pt"
+    flags = ("--checkpoint-every", "2")
+    assert run_train(tiny_root, cache, straight, 4, *flags, common=RESNET12) == 0
+    assert "test: 2-way 1-shot, 6 tasks" in capsys.readouterr().out
+    blob = torch.load(straight, weights_only=True)
+    assert blob["config"]["model"] == "resnet12" and blob["config"]["widths"] == [2, 3, 4, 5]
+    assert "hidden" not in blob["config"]
+    # ResNet-12 on one channel: the first block's convolutions see 1 input channel.
+    assert blob["maml"]["module.0.body.0.weight"].shape == (2, 1, 3, 3)
+    assert blob["maml"]["module.6.weight"].shape == (2, 5)  # the head on the last width
+
+    assert main(eval_argv(tiny_root, cache, straight)) == 0
+    out = capsys.readouterr().out
+    assert "step 4, resnet12, agnostic MAML" in out and "test: 2-way 1-shot, 6 tasks" in out
+
+    # Resuming rebuilds the same network from the checkpoint's model and widths.
+    run_train(tiny_root, cache, split, 2, *flags, common=RESNET12)
+    run_train(tiny_root, cache, split, 4, *flags, "--resume", common=RESNET12)
+    resumed = torch.load(split, weights_only=True)
+    assert resumed["step"] == 4
+    for key, value in blob["maml"].items():
+        assert torch.equal(value, resumed["maml"][key]), key
+    # Other widths are other settings; conv4 is another model.
+    with pytest.raises(SystemExit, match=r"other settings: \['widths'\]"):
+        run_train(tiny_root, cache, split, 6, "--resume", "--widths", "2", "3", "4", "6",
+                  common=RESNET12)  # fmt: skip
+    with pytest.raises(SystemExit, match=r"other settings: \['model', 'hidden'\]"):
+        run_train(tiny_root, cache, split, 6, "--resume")
+
+
+def test_resnet12_pretrained_baseline(tiny_root, tmp_path, capsys):
+    ckpt = tmp_path / "run.pt"
+    extra = ("--variant", "pretrained", "--batch-size", "8", "--inner-steps", "3")
+    assert run_train(tiny_root, tmp_path / "cache", ckpt, 2, *extra, common=RESNET12) == 0
+    assert "test: 2-way 1-shot, 6 tasks" in capsys.readouterr().out
+    assert main(eval_argv(tiny_root, tmp_path / "cache", ckpt)) == 0
+    assert "step 2, resnet12, pretrained baseline" in capsys.readouterr().out
+
+
+def test_a_checkpoint_without_a_model_evaluates_as_conv4(tiny_root, tmp_path, capsys):
+    """Checkpoints written before --model existed hold conv4 and no "model" key."""
+    from pymeta.checkpoints import CHECKPOINT_FORMAT, load_checkpoint
+    from pymeta.safe_files import save_file
+
+    ckpt = tmp_path / "run.pt"
+    run_train(tiny_root, tmp_path / "cache", ckpt, 2)
+    capsys.readouterr()
+    assert main(eval_argv(tiny_root, tmp_path / "cache", ckpt)) == 0
+    expected = capsys.readouterr().out
+    blob = load_checkpoint(ckpt, "omniglot")
+    assert blob["config"].pop("model") == "conv4"
+    envelope = ("format", "version", "sha256")  # save_file writes them again
+    save_file(ckpt, {k: v for k, v in blob.items() if k not in envelope}, CHECKPOINT_FORMAT)
+    assert main(eval_argv(tiny_root, tmp_path / "cache", ckpt)) == 0
+    assert capsys.readouterr().out == expected
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            [*RESNET12, "--variant", "aware"],
+            "--variant: ModelAwareMAML does not run residual networks yet: expected --variant "
+            "agnostic (pymeta.MAML)",
+        ),
+        (
+            [*COMMON, "--widths", "2", "3", "4", "5"],
+            "--widths: expected only with --model resnet12",
+        ),
+        ([*RESNET12, "--hidden", "4"], "--hidden: expected only with --model conv4"),
+        (
+            [*RESNET12, "--image-size", "15"],
+            "--image-size: expected at least 16 (resnet12's four 2x2 poolings), received 15",
+        ),
+        ([*RESNET12, "--widths", "2", "0", "4", "5"], "--widths: expected a positive int"),
+        ([*TINY, "--widths", "2", "3"], "--widths: expected 4 argument"),
+        ([*TINY, "--model", "resnet18"], "--model: invalid choice: 'resnet18'"),
+    ],
+)
+def test_model_flags_are_checked_before_any_work(flags, message, tiny_root, tmp_path, capsys,
+                                                 no_work):  # fmt: skip
+    argv = ["train", "omniglot", "--root", str(tiny_root), "--cache-dir", str(tmp_path / "c")]
+    argv += ["--checkpoint", str(tmp_path / "run.pt"), *flags]
+    assert message in usage_error(capsys, argv)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "run.pt").exists()

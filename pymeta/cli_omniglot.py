@@ -23,8 +23,6 @@ from pathlib import Path
 import torch
 
 BENCHMARK = "omniglot"
-# What a checkpoint must agree on to be resumed or evaluated.
-MODEL_KEYS = ("n_way", "model", "hidden", "widths", "image_size", "variant")
 VARIANTS = ("agnostic", "aware", "pretrained")
 MODELS = ("conv4", "resnet12")
 # Checkpoints written before --model existed hold conv4 and no "model" key.

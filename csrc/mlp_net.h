@@ -11,6 +11,10 @@
 
 namespace pymeta {
 
+// Ints per layer in the op's `layers` argument, and where each field sits among them.
+constexpr int64_t kMlpActivationField = 0, kMlpHasBiasField = 1, kMlpAdaptedField = 2;
+constexpr int64_t kMlpLayerInts = 3;
+
 struct MlpLayer {
   int64_t in = 0, out = 0;
   Activation act = Activation::kNone;
@@ -35,23 +39,25 @@ struct MlpNet {
 
 inline MlpNet parse_mlp(const char* op, at::TensorList params, at::IntArrayRef spec,
                         at::ArrayRef<double> activation_args) {
-  TORCH_CHECK(!spec.empty() && spec.size() % 3 == 0, op,
+  TORCH_CHECK(!spec.empty() && spec.size() % kMlpLayerInts == 0, op,
               ": layers must hold [activation, has_bias, adapted] per layer, got ", spec.size(),
               " values");
-  const size_t num_layers = spec.size() / 3;
+  const size_t num_layers = spec.size() / kMlpLayerInts;
   TORCH_CHECK(activation_args.size() == num_layers, op, ": expected ", num_layers,
               " activation_args (one per layer), got ", activation_args.size());
   MlpNet net;
   size_t next = 0;
   int64_t offset = 0;
   for (size_t l = 0; l < num_layers; ++l) {
+    const int64_t* r = spec.data() + l * kMlpLayerInts;
     MlpLayer layer;
-    const int64_t act = spec[3 * l];
-    TORCH_CHECK(act >= 0 && act <= 4, op, ": layer ", l, " has unknown activation code ", act);
+    const int64_t act = r[kMlpActivationField];
+    TORCH_CHECK(act >= 0 && act < kNumActivations, op, ": layer ", l, " has unknown activation code ",
+                act);
     layer.act = static_cast<Activation>(act);
     layer.slope = activation_args[l];
-    layer.bias = spec[3 * l + 1] != 0;
-    layer.adapted = spec[3 * l + 2] != 0;
+    layer.bias = r[kMlpHasBiasField] != 0;
+    layer.adapted = r[kMlpAdaptedField] != 0;
     TORCH_CHECK(next < params.size(), op, ": layer ", l, " needs a weight, but only ",
                 params.size(), " params were given");
     const at::Tensor& w = params[next];

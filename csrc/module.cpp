@@ -1,8 +1,10 @@
-// The small pybind11 module pymeta._C: build facts only. Ops live in the dispatcher
-// (csrc/ops.cpp); loading this library registers them.
+// The small pybind11 module pymeta._C: build facts and the model-aware core's encoding. Ops live
+// in the dispatcher (csrc/ops.cpp); loading this library registers them.
 #include <pybind11/pybind11.h>
 
 #include "core_settings.h"
+#include "mlp_net.h"
+#include "seq_net.h"
 
 namespace {
 bool with_cuda() {
@@ -20,6 +22,42 @@ bool with_openmp() {
   return false;
 #endif
 }
+
+template <size_t N>
+pybind11::dict names_dict(const pymeta::EncodingName (&names)[N]) {
+  pybind11::dict d;
+  for (const auto& entry : names) d[entry.name] = entry.code;
+  return d;
+}
+
+// The codes and layouts the model-aware ops read, from the constants their parsers use
+// (csrc/mlp_maml_math.h, csrc/mlp_net.h, csrc/seq_net.h): pymeta/encoding.py reads this.
+pybind11::dict encoding() {
+  namespace py = pybind11;
+  py::dict seq_fields, mlp_fields, batchnorm_ints, seq, mlp, d;
+  seq_fields["kind"] = pymeta::kSeqKindField;
+  seq_fields["flag"] = pymeta::kSeqFlagField;
+  seq_fields["adapted"] = pymeta::kSeqAdaptedField;
+  seq_fields["ints"] = pymeta::kSeqIntsField;
+  batchnorm_ints["per_step"] = pymeta::kBnPerStepInt;
+  batchnorm_ints["channels"] = pymeta::kBnChannelsInt;
+  seq["kinds"] = names_dict(pymeta::kSeqKindNames);
+  seq["fields"] = seq_fields;
+  seq["num_ints"] = pymeta::kSeqNumInts;
+  seq["ints_per_layer"] = pymeta::kSeqLayerInts;
+  seq["batchnorm_ints"] = batchnorm_ints;
+  mlp_fields["activation"] = pymeta::kMlpActivationField;
+  mlp_fields["has_bias"] = pymeta::kMlpHasBiasField;
+  mlp_fields["adapted"] = pymeta::kMlpAdaptedField;
+  mlp["fields"] = mlp_fields;
+  mlp["ints_per_layer"] = pymeta::kMlpLayerInts;
+  d["seq"] = seq;
+  d["mlp"] = mlp;
+  d["activations"] = names_dict(pymeta::kActivationNames);
+  d["losses"] = names_dict(pymeta::kLossNames);
+  d["lr_modes"] = names_dict(pymeta::kLrModeNames);
+  return d;
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -27,6 +65,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("with_openmp", &with_openmp, "Whether the CPU kernels were compiled with OpenMP.");
   m.attr("cxx_standard") = __cplusplus;
+  m.def("encoding", &encoding,
+        "The model-aware ops' codes and layer layouts: {'seq': {'kinds', 'fields', 'num_ints', "
+        "'ints_per_layer', 'batchnorm_ints'}, 'mlp': {'fields', 'ints_per_layer'}, 'activations', "
+        "'losses', 'lr_modes'} (name -> code or index).");
   m.def("activation_cache_limit", [] { return pymeta::activation_cache_limit().load(); },
         "Most bytes of inner-loop activations one thread keeps for the model-aware reverse sweep.");
   m.def("set_activation_cache_limit",

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <iterator>
 #include <vector>
 
 #include "mlp_maml_math.h"
@@ -23,14 +24,30 @@ enum class SeqKind : int64_t {
   kFlatten = 6,     // (N, ...) -> (N, features)
 };
 
-// Ints per layer in the op's `layers` argument: [kind, flag, adapted, six layer ints].
-constexpr int64_t kSeqLayerInts = 9;
+// Python's names of the kinds (pymeta._C.encoding() exports them), in code order.
+inline constexpr EncodingName kSeqKindNames[] = {
+    {"linear", static_cast<int64_t>(SeqKind::kLinear)},
+    {"conv2d", static_cast<int64_t>(SeqKind::kConv2d)},
+    {"batchnorm", static_cast<int64_t>(SeqKind::kBatchNorm)},
+    {"activation", static_cast<int64_t>(SeqKind::kActivation)},
+    {"maxpool", static_cast<int64_t>(SeqKind::kMaxPool2d)},
+    {"avgpool", static_cast<int64_t>(SeqKind::kAvgPool2d)},
+    {"flatten", static_cast<int64_t>(SeqKind::kFlatten)}};
+constexpr int64_t kNumSeqKinds = std::size(kSeqKindNames);
+static_assert(kNumSeqKinds == static_cast<int64_t>(SeqKind::kFlatten) + 1);
+
+// One layer in the op's `layers` argument: [kind, flag, adapted, six layer ints]; the fields'
+// positions, and those of batch norm's layer ints.
+constexpr int64_t kSeqKindField = 0, kSeqFlagField = 1, kSeqAdaptedField = 2, kSeqIntsField = 3;
+constexpr int64_t kSeqNumInts = 6;
+constexpr int64_t kSeqLayerInts = kSeqIntsField + kSeqNumInts;
+constexpr int64_t kBnPerStepInt = 0, kBnChannelsInt = 1;
 
 struct SeqLayer {
   SeqKind kind = SeqKind::kFlatten;
   int64_t flag = 0;
   bool adapted = false;
-  std::array<int64_t, 6> ints{};
+  std::array<int64_t, kSeqNumInts> ints{};
   double arg = 0.0;
   int64_t w_param = -1, b_param = -1;  // index into the params list
   int64_t adapted_index = -1;          // ordinal among adapted layers
@@ -72,11 +89,12 @@ inline SeqNet parse_seq(const char* op, at::TensorList params, at::IntArrayRef s
   for (size_t l = 0; l < num_layers; ++l) {
     const int64_t* r = spec.data() + l * kSeqLayerInts;
     SeqLayer L;
-    TORCH_CHECK(r[0] >= 0 && r[0] <= 6, op, ": layer ", l, " has unknown kind ", r[0]);
-    L.kind = static_cast<SeqKind>(r[0]);
-    L.flag = r[1];
-    L.adapted = r[2] != 0;
-    for (int i = 0; i < 6; ++i) L.ints[i] = r[3 + i];
+    const int64_t kind = r[kSeqKindField];
+    TORCH_CHECK(kind >= 0 && kind < kNumSeqKinds, op, ": layer ", l, " has unknown kind ", kind);
+    L.kind = static_cast<SeqKind>(kind);
+    L.flag = r[kSeqFlagField];
+    L.adapted = r[kSeqAdaptedField] != 0;
+    for (int64_t i = 0; i < kSeqNumInts; ++i) L.ints[i] = r[kSeqIntsField + i];
     L.arg = layer_args[l];
     const bool parametric = L.kind == SeqKind::kLinear || L.kind == SeqKind::kConv2d ||
                             (L.kind == SeqKind::kBatchNorm && L.flag != 0);
@@ -94,7 +112,7 @@ inline SeqNet parse_seq(const char* op, at::TensorList params, at::IntArrayRef s
                       " (Conv2d) needs strides >= 1 and paddings >= 0");
         }
       } else {
-        L.per_step = L.ints[0] != 0;
+        L.per_step = L.ints[kBnPerStepInt] != 0;
         TORCH_CHECK(!(L.per_step && L.adapted), op, ": layer ", l,
                     " (BatchNorm) has per-step weights, which are meta-learned, not adapted");
         const int64_t dims = L.per_step ? 2 : 1;
@@ -115,14 +133,15 @@ inline SeqNet parse_seq(const char* op, at::TensorList params, at::IntArrayRef s
       }
     }
     if (L.kind == SeqKind::kBatchNorm) {
-      TORCH_CHECK(L.ints[1] >= 1, op, ": layer ", l, " (BatchNorm) needs its channel count >= 1, got ", L.ints[1]);
-      TORCH_CHECK(!parametric || params[L.w_param].size(-1) == L.ints[1], op, ": layer ", l,
-                  " (BatchNorm) weight has ", params[L.w_param].size(-1), " channels, expected ", L.ints[1]);
+      const int64_t channels = L.ints[kBnChannelsInt];
+      TORCH_CHECK(channels >= 1, op, ": layer ", l, " (BatchNorm) needs its channel count >= 1, got ", channels);
+      TORCH_CHECK(!parametric || params[L.w_param].size(-1) == channels, op, ": layer ", l,
+                  " (BatchNorm) weight has ", params[L.w_param].size(-1), " channels, expected ", channels);
       L.stats_offset = net.bn_channels;
-      net.bn_channels += L.ints[1];
+      net.bn_channels += channels;
     }
     if (L.kind == SeqKind::kActivation) {
-      TORCH_CHECK(L.flag >= 1 && L.flag <= 4, op, ": layer ", l, " has unknown activation code ", L.flag);
+      TORCH_CHECK(L.flag >= 1 && L.flag < kNumActivations, op, ": layer ", l, " has unknown activation code ", L.flag);
     }
     if (L.kind == SeqKind::kMaxPool2d || L.kind == SeqKind::kAvgPool2d) {
       TORCH_CHECK(L.ints[0] >= 1 && L.ints[1] >= 1 && L.ints[2] >= 1 && L.ints[3] >= 1 && L.ints[4] >= 0 &&

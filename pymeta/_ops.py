@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from pymeta.encoding import BATCHNORM_INTS, LOSSES, SEQ_FIELDS, SEQ_KINDS, seq_rows
+
 try:
     from pymeta import _C  # noqa: F401  (loading the library registers torch.ops.pymeta.*)
 
@@ -95,27 +97,27 @@ if HAS_COMPILED_CORE:
 
     def _check_core_args(op, params, lrs, loss, support_x, support_y, query_x=None, query_y=None):
         """The model-aware ops' device and dtype rules: one device for all, the params' dtype
-        for the lrs and inputs, and for float targets (MSE, loss 0); int64 class indices for
-        cross-entropy (loss 1)."""
+        for the lrs and inputs, and for float targets (MSE); int64 class indices for
+        cross-entropy."""
         data = {"support_x": support_x, "support_y": support_y}
         if query_x is not None:
             data.update(query_x=query_x, query_y=query_y)
         check_one_device(op, params=params, lrs=lrs, **data)
         if not params:
             raise ValueError(f"{op}: params: expected at least one tensor, received none")
-        floats = {k: v for k, v in data.items() if k.endswith("_x") or loss == 0}
+        floats = {k: v for k, v in data.items() if k.endswith("_x") or loss == LOSSES["mse"]}
         check_one_dtype(op, params[0].dtype, "params[0]", params=params, lrs=lrs, **floats)
-        if loss == 1:
+        if loss == LOSSES["cross_entropy"]:
             labels = {k: v for k, v in data.items() if k.endswith("_y")}
             check_one_dtype(op, torch.int64, "class indices", **labels)
 
     def _bn_channels(core: str, layers) -> int:
-        """Channels of all batch norm layers: the seq core's layers hold [kind, flag, adapted,
-        six ints] each, batch norm (kind 2) its channel count in the second int."""
+        """Channels of all batch norm layers (the layered core's layout: pymeta.encoding)."""
         if core != "seq":
             return 0
-        rows = [layers[i : i + 9] for i in range(0, len(layers), 9)]
-        return sum(row[4] for row in rows if row[0] == 2)
+        kind, channels = SEQ_FIELDS["kind"], SEQ_FIELDS["ints"] + BATCHNORM_INTS["channels"]
+        rows = seq_rows(layers)
+        return sum(row[channels] for row in rows if row[kind] == SEQ_KINDS["batchnorm"])
 
     # The MLP core and the layered core (convolutions, batch norm, pooling) share signatures.
     def _maml_loss_fake(

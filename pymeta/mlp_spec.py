@@ -6,9 +6,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from pymeta.encoding import ACTIVATIONS
 from pymeta.module_checks import flatten_sequential
 
-ACTIVATION_CODES = {nn.ReLU: 1, nn.LeakyReLU: 2, nn.Tanh: 3, nn.Sigmoid: 4}
+# Module type -> the core's activation code (csrc/mlp_maml_math.h, via pymeta.encoding).
+ACTIVATION_CODES = {
+    nn.ReLU: ACTIVATIONS.get("relu"),
+    nn.LeakyReLU: ACTIVATIONS.get("leaky_relu"),
+    nn.Tanh: ACTIVATIONS.get("tanh"),
+    nn.Sigmoid: ACTIVATIONS.get("sigmoid"),
+}
 SUPPORTED = "Linear, ReLU, LeakyReLU, Tanh, Sigmoid, Flatten, Identity"
 
 
@@ -18,7 +25,7 @@ class MlpLayerSpec:
     position: int  # index of the Linear in the flattened module list
     weight_name: str
     bias_name: str | None
-    activation: int = 0
+    activation: int | None = ACTIVATIONS.get("none")
     slope: float = 0.0
 
     @property
@@ -78,7 +85,7 @@ class MlpSpec:
                         f"{where}: an activation before the first Linear is not supported by "
                         "ModelAwareMAML; use pymeta.MAML"
                     )
-                if layers[-1].activation:
+                if layers[-1].activation != ACTIVATIONS.get("none"):
                     raise ValueError(
                         f"{where}: two activations in a row are not supported by "
                         "ModelAwareMAML; use pymeta.MAML"

@@ -16,6 +16,8 @@ from pymeta._checks import (
 from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
 from pymeta.bn_running_stats import BnRunningStats
+from pymeta.encoding import LOSSES, mlp_layer
+from pymeta.encoding import LR_MODES as _LR_MODE_CODES
 from pymeta.losses import LOSS_NAMES, TaskLoss
 from pymeta.mlp_spec import MlpSpec
 from pymeta.module_checks import flatten_sequential
@@ -24,7 +26,6 @@ from pymeta.task_batch import TaskBatch
 from pymeta.task_forward import TaskForward, call_module
 
 LR_MODES = ("scalar", "per_layer_step", "per_parameter")
-_LR_MODE_CODES = {"scalar": 0, "per_layer_step": 1, "per_parameter": 2}
 
 
 class ModelAwareMAML(nn.Module):
@@ -141,11 +142,9 @@ class ModelAwareMAML(nn.Module):
         else:
             self._layer_codes, self._layer_args = [], []
             for layer, adapted in zip(self.spec.layers, self.adapted):
-                self._layer_codes += [
-                    layer.activation,
-                    int(layer.bias_name is not None),
-                    int(adapted),
-                ]
+                self._layer_codes += mlp_layer(
+                    layer.activation, layer.bias_name is not None, adapted
+                )
                 self._layer_args.append(layer.slope)
         self._make_lrs(float(inner_lr))
         self._make_step_bn()
@@ -480,7 +479,7 @@ class ModelAwareMAML(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _loss_code(self) -> int:
-        return 0 if self.loss.name == "mse" else 1
+        return LOSSES[self.loss.name]
 
     def _inputs(self, name: str, x: torch.Tensor) -> torch.Tensor:
         ref = self._params()[0]

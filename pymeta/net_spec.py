@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from pymeta.encoding import BATCHNORM_INTS, SEQ_KINDS, SEQ_NUM_INTS, seq_layer
 from pymeta.mlp_spec import ACTIVATION_CODES
 from pymeta.module_checks import flatten_sequential
 
@@ -15,9 +16,7 @@ SUPPORTED = (
     "track_running_stats=False), ReLU, LeakyReLU, Tanh, Sigmoid, MaxPool2d, AvgPool2d, Flatten, "
     "Identity"
 )
-KIND = {"linear": 0, "conv2d": 1, "batchnorm": 2, "activation": 3, "maxpool": 4, "avgpool": 5,
-        "flatten": 6}  # fmt: skip
-INTS_PER_LAYER = 9  # [kind, flag, adapted, six layer ints], as csrc/seq_net.h reads them
+KIND = SEQ_KINDS  # layer kind name -> the core's code (csrc/seq_net.h, via pymeta.encoding)
 
 
 def _pair(value) -> tuple[int, int]:
@@ -31,7 +30,7 @@ class NetLayerSpec:
     name: str
     kind: int
     flag: int = 0
-    ints: tuple = (0, 0, 0, 0, 0, 0)
+    ints: tuple = (0,) * SEQ_NUM_INTS
     arg: float = 0.0
     weight_name: str | None = None
     bias_name: str | None = None
@@ -78,7 +77,9 @@ def _read_layer(name: str, child: nn.Module, position: int) -> NetLayerSpec | No
                 "per-step ones)"
             )
         spec.kind, spec.flag, spec.arg = KIND["batchnorm"], int(child.affine), float(child.eps)
-        spec.ints = (0, child.num_features, 0, 0, 0, 0)  # [per-step weights, channels]
+        ints = [0] * SEQ_NUM_INTS
+        ints[BATCHNORM_INTS["channels"]] = child.num_features
+        spec.ints = tuple(ints)
         if child.affine:
             spec.weight_name, spec.bias_name = params["weight_name"], params["bias_name"]
     elif type(child) in ACTIVATION_CODES:
@@ -209,7 +210,7 @@ class NetSpec:
             is_adapted = next(flags) if layer.parametric else False
             extra = list(layer.ints)
             if self.is_per_step(layer):
-                extra[0] = 1
-            ints += [layer.kind, layer.flag, int(is_adapted), *extra]
+                extra[BATCHNORM_INTS["per_step"]] = 1
+            ints += seq_layer(layer.kind, layer.flag, is_adapted, extra)
             args.append(layer.arg)
         return ints, args

@@ -261,8 +261,8 @@ Problem make_problem(const char* op, at::TensorList params, at::TensorList lrs, 
   OneDevice(op).list("params", params).list("lrs", lrs).arg("support_x", sx).arg("support_y", sy)
       .arg("query_x", qx != nullptr ? *qx : at::Tensor()).arg("query_y", qy != nullptr ? *qy : at::Tensor());
   Problem pb{parse_mlp(op, params, layers, act_args)};
-  TORCH_CHECK(loss == 0 || loss == 1, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
-  TORCH_CHECK(lr_mode >= 0 && lr_mode <= 2, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
+  TORCH_CHECK(loss >= 0 && loss < kNumLossKinds, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
+  TORCH_CHECK(lr_mode >= 0 && lr_mode < kNumLrModes, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
   TORCH_CHECK(steps >= 1, op, ": expected at least one inner step, got ", steps);
   pb.loss = static_cast<LossKind>(loss);
   pb.lr_mode = static_cast<LrMode>(lr_mode);

@@ -47,7 +47,7 @@ class SeqTask {
       const SeqLayer &bn = layers[l], &act = layers[l + 1], &pool = layers[l + 2];
       block_start_[l] = bn.kind == SeqKind::kBatchNorm && act.kind == SeqKind::kActivation &&
                         act.activation() == Activation::kRelu && pool.kind == SeqKind::kMaxPool2d &&
-                        pool.ints == std::array<int64_t, 6>{2, 2, 2, 2, 0, 0};
+                        pool.ints == std::array<int64_t, kSeqNumInts>{2, 2, 2, 2, 0, 0};
     }
   }
 
@@ -73,7 +73,7 @@ class SeqTask {
       const SeqLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, step);
       const at::Tensor& in = pass.in.back();
-      if (fuse && block_start_[l] && cpu_fused_kernels() && bn_relu_pool_applies(in) && in.size(1) == L.ints[1]) {
+      if (fuse && block_start_[l] && cpu_fused_kernels() && bn_relu_pool_applies(in) && in.size(1) == L.ints[kBnChannelsInt]) {
         BnReluPoolSaved s;
         at::Tensor out = bn_relu_pool_forward(in, w, b, L.arg, s);
         pass.saved[l] = {s.mean, s.inv_std};
@@ -256,8 +256,8 @@ SeqProblem make_problem(const char* op, at::TensorList params, at::TensorList lr
   TORCH_CHECK(steps >= 1, op, ": expected at least one inner step, got ", steps);
   TORCH_CHECK(!params.empty(), op, ": expected params");
   SeqProblem pb{parse_seq(op, params, layers, layer_args, steps)};
-  TORCH_CHECK(loss == 0 || loss == 1, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
-  TORCH_CHECK(lr_mode >= 0 && lr_mode <= 2, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
+  TORCH_CHECK(loss >= 0 && loss < kNumLossKinds, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
+  TORCH_CHECK(lr_mode >= 0 && lr_mode < kNumLrModes, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
   pb.loss = static_cast<LossKind>(loss);
   pb.lr_mode = static_cast<LrMode>(lr_mode);
   pb.steps = steps;
@@ -356,8 +356,8 @@ void record_bn_stats(const SeqNet& net, const SeqPass& pass, at::Tensor out) {
     // The forward kept 1 / sqrt(biased variance + eps).
     at::Tensor var = (pass.saved[l].inv_std.pow(-2) - L.arg).clamp_min_(0.0);
     if (n > 1) var.mul_(n / (n - 1));
-    out[0].narrow(0, L.stats_offset, L.ints[1]).copy_(pass.saved[l].aux);
-    out[1].narrow(0, L.stats_offset, L.ints[1]).copy_(var);
+    out[0].narrow(0, L.stats_offset, L.ints[kBnChannelsInt]).copy_(pass.saved[l].aux);
+    out[1].narrow(0, L.stats_offset, L.ints[kBnChannelsInt]).copy_(var);
   }
 }
 

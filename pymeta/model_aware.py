@@ -514,11 +514,16 @@ class ModelAwareMAML(nn.Module):
 
     def _output_shape(self, name: str, x: torch.Tensor) -> tuple:
         """The model's output shape for one example shaped like x[0, 0] (checked on the meta
-        device, so no arithmetic is spent), or a ValueError naming the argument."""
+        device, so no arithmetic is spent), or a ValueError naming the argument.
+
+        A set of one example is probed as such: batch norm over one value per channel (e.g.
+        BatchNorm1d after a Linear) has no batch statistics, and PyTorch refuses it, so the core
+        must not compute something for it."""
         example = tuple(x.shape[2:])
-        if example not in self._output_shapes:
+        rows = 1 if x.shape[1] == 1 else 2
+        if (rows, example) not in self._output_shapes:
             params = {n: p.to("meta") for n, p in self.module.named_parameters()}
-            probe = torch.empty((2, *example), dtype=x.dtype, device="meta")
+            probe = torch.empty((rows, *example), dtype=x.dtype, device="meta")
             try:
                 out = call_module(self.module, params, (probe,))
             except (RuntimeError, ValueError) as err:
@@ -526,8 +531,8 @@ class ModelAwareMAML(nn.Module):
                     f"{name}: the model cannot take examples of shape {example} "
                     f"(input shape {tuple(x.shape)}): {err}"
                 ) from None
-            self._output_shapes[example] = tuple(out.shape[1:])
-        self._last_output_shape = self._output_shapes[example]
+            self._output_shapes[(rows, example)] = tuple(out.shape[1:])
+        self._last_output_shape = self._output_shapes[(rows, example)]
         return self._last_output_shape
 
     def _out_features(self) -> tuple:

@@ -410,3 +410,17 @@ def test_the_raw_op_refuses_classes_outside_the_outputs(bad, where):
                 maml._params(), maml.inner_lrs(), b.support_x, parts["support_y"],
                 maml._layer_codes, maml._layer_args, 1, 0, 1,
             )  # fmt: skip
+
+
+def test_batch_norm_over_one_value_per_channel_is_refused_like_pytorch():
+    # One support example through BatchNorm1d has no batch statistics; PyTorch (and so
+    # pymeta.MAML) refuses it, and the core must not return a loss for it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), bn(3, dims=1), nn.ReLU(), nn.Linear(3, 2)).double()
+    maml = pymeta.ModelAwareMAML(model, loss="cross_entropy")
+    b = batch_for((4,), "cross_entropy", k=1, classes=2)
+    with pytest.raises(ValueError, match="batch.support_x: .*more than 1 value per channel"):
+        maml.meta_loss(b)
+    with pytest.raises(ValueError, match="support_x: .*more than 1 value per channel"):
+        maml.adapt(b.support_x, b.support_y, batched=True)
+    maml.meta_loss(batch_for((4,), "cross_entropy", k=2, classes=2))  # two examples are fine

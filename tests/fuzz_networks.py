@@ -553,9 +553,12 @@ def invalid_constructor(c, model: nn.Sequential) -> tuple[str, dict | nn.Module]
     return "model", nn.Sequential(*modules)
 
 
-def invalid_batch_parts(c, example, outputs, loss, dtype=torch.float64) -> tuple[str, dict]:
-    """(field named in the error, TaskBatch parts with one random defect)."""
-    t, k, q = c.integer(1, 3), c.integer(1, 3), c.integer(1, 3)
+def invalid_batch_parts(
+    c, example, outputs, loss, dtype=torch.float64, min_set: int = 1
+) -> tuple[str, dict]:
+    """(field named in the error, TaskBatch parts with one random defect). Sets hold at least
+    ``min_set`` examples (2 for batch norm, which refuses one value per channel)."""
+    t, k, q = c.integer(1, 3), c.integer(min_set, 3), c.integer(min_set, 3)
     parts = make_batch(example, outputs, loss, t, k, q, c.integer(0, 99), dtype).__dict__.copy()
     field = c.choice(("support_x", "support_y", "query_x", "query_y"))
     x = parts[field]
@@ -721,7 +724,8 @@ def learner_call(c) -> tuple[str, object]:
         if name == "model":
             return "unsupported layer", lambda: pymeta.ModelAwareMAML(bad)
         return f"bad {name}", lambda: pymeta.ModelAwareMAML(model, **bad)
-    field, parts = invalid_batch_parts(c, example, outputs, s["loss"])
+    min_set = 2 if has_batch_norm(model) else 1
+    field, parts = invalid_batch_parts(c, example, outputs, s["loss"], min_set=min_set)
 
     def bad_batch():
         batch = pymeta.TaskBatch(**parts)

@@ -434,7 +434,7 @@ def test_cli_pretrained_variant_trains_reports_and_evaluates(tiny_root, tmp_path
     eval_args = ["--test-tasks", "6", "--test-query", "2", "--eval-steps", "3"]
     assert run_cli("eval", tiny_root, cache, ckpt, *eval_args) == 0
     out = capsys.readouterr().out
-    assert "step 4, pretrained baseline" in out and "3 adaptation step(s)" in out
+    assert "step 4, conv4, pretrained baseline" in out and "3 adaptation step(s)" in out
 
 
 def test_cli_pretrained_resumes_exactly(tiny_root, tmp_path):

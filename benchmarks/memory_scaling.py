@@ -36,7 +36,7 @@ import sys
 import time
 
 import torch
-from harness import peak_allocator_bytes, peak_rss_bytes
+from harness import FIXED_MMAP_THRESHOLD, peak_allocator_bytes, peak_rss_bytes
 from workloads import IMPLEMENTATIONS, ORDERS, available, make_workload
 
 WORKLOADS = ("sinusoid", "wide-mlp")
@@ -86,10 +86,7 @@ def run_child(workload_name: str, steps: int, implementation: str, order: str, t
         sys.executable, os.path.abspath(__file__), "--child", workload_name, str(steps),
         implementation, "--order", order, "--threads", str(threads),
     ]  # fmt: skip
-    # A fixed mmap threshold stops glibc from moving large blocks onto the heap after the first
-    # frees (its dynamic threshold), where fragmentation made the RSS peaks of autograd-heavy
-    # steps vary by +-20% from run to run; with it they repeat to ~1%.
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}
+    env = {**FIXED_MMAP_THRESHOLD, **os.environ}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)

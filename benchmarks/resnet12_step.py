@@ -40,7 +40,7 @@ import time
 
 import torch
 from baselines import PerTaskLoopMAML
-from harness import peak_rss_bytes
+from harness import FIXED_MMAP_THRESHOLD, peak_rss_bytes, status_kib
 
 import pymeta
 
@@ -64,11 +64,6 @@ def make_batch(tasks: int, shots: int, queries: int, image_size: int, seed: int 
     x = lambda k: torch.rand(tasks, N_WAY * k, 3, image_size, image_size, generator=g)  # noqa: E731
     y = lambda k: torch.arange(N_WAY).repeat_interleave(k).expand(tasks, -1).contiguous()  # noqa: E731
     return pymeta.TaskBatch(x(shots), y(shots), x(queries), y(queries))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def child(cell: dict) -> dict:
@@ -97,21 +92,20 @@ def child(cell: dict) -> dict:
         maml.meta_loss(batch).backward()
         seconds.append(time.perf_counter() - start)
 
-    start_kib = _status_kib("VmRSS")
+    start_kib = status_kib("VmRSS")
     try:
         rss = peak_rss_bytes(timed_step)
     except (MemoryError, RuntimeError) as error:
         if not isinstance(error, MemoryError) and "memory" not in str(error).lower():
             raise
-        reached = (_status_kib("VmHWM") - start_kib) * 1024
+        reached = (status_kib("VmHWM") - start_kib) * 1024
         return {"error": f"out of memory under {cell['mem_limit_gib']:g} GiB", "rss": reached}
     return {"seconds": seconds[0], "rss": rss}
 
 
 def run_child(cell: dict, threads: int, timeout_s: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--child"]
-    # As in memory_scaling.py: a fixed mmap threshold makes autograd-heavy RSS peaks repeat.
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(threads), **os.environ}
+    env = {**FIXED_MMAP_THRESHOLD, "OMP_NUM_THREADS": str(threads), **os.environ}
     try:
         proc = subprocess.run(
             cmd, input=json.dumps(cell), capture_output=True, text=True, env=env, timeout=timeout_s

@@ -235,10 +235,9 @@ class ModelAwareMAML(nn.Module):
             adapted = [a and t for a, t in zip(adapted, trainable)]
         for layer, a, t in zip(self._param_layers(), adapted, trainable):
             if a and not t:
-                name = self._layer_where(layer).split(" ", 1)[1]
                 raise ValueError(
-                    f"adapt_layers: model[{layer.position}] {name} is frozen (requires_grad="
-                    "False); frozen layers are not adapted"
+                    f"adapt_layers: model[{layer.position}] ({type(layer.module).__name__}) is "
+                    "frozen (requires_grad=False); frozen layers are not adapted"
                 )
         if not any(adapted):
             raise ValueError(

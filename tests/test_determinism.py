@@ -85,3 +85,22 @@ def test_thread_counts_agree_to_rounding(kind, variant):
     assert float((one[0] - two[0]).abs()) <= 1e-5 * float(one[0].abs())
     err = max(float((x - y).abs().max()) for x, y in zip(one[1:], two[1:])) / scale
     assert err < 1e-5, f"1 vs 2 threads: meta-gradients differ by {err:.2e} of the largest"
+
+
+if (
+    __name__ == "__main__"
+):  # the figures docs/reliability.md quotes: python tests/test_determinism.py
+    for kind in ("mlp", "conv"):
+        for variant in sorted(VARIANTS):
+            model, example = network(kind)
+            maml, b = VARIANTS[variant](model), batch(example)
+            with threads(1):
+                one = meta_step(maml, b)
+            with threads(2):
+                two = meta_step(maml, b)
+            scale = max(float(t.abs().max()) for t in one[1:])
+            grad_err = max(float((x - y).abs().max()) for x, y in zip(one[1:], two[1:])) / scale
+            loss_err = float((one[0] - two[0]).abs() / one[0].abs())
+            print(
+                f"{kind} {variant}: 1 vs 2 threads, loss {loss_err:.1e}, gradients {grad_err:.1e}"
+            )

@@ -38,6 +38,8 @@ pybind11::dict encoding() {
   seq_fields["kind"] = pymeta::kSeqKindField;
   seq_fields["flag"] = pymeta::kSeqFlagField;
   seq_fields["adapted"] = pymeta::kSeqAdaptedField;
+  seq_fields["input"] = pymeta::kSeqInputField;
+  seq_fields["input2"] = pymeta::kSeqInput2Field;
   seq_fields["ints"] = pymeta::kSeqIntsField;
   batchnorm_ints["per_step"] = pymeta::kBnPerStepInt;
   batchnorm_ints["channels"] = pymeta::kBnChannelsInt;

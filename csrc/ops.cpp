@@ -40,9 +40,10 @@ TORCH_LIBRARY(pymeta, m) {
       "mlp_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
       "int[] layers, float[] activation_args, int steps, int lr_mode, int loss) -> Tensor[]");
 
-  // Model-aware MAML on a sequential network of Linear, Conv2d, BatchNorm (batch statistics),
-  // activation, MaxPool2d, AvgPool2d and Flatten layers: the same meta-step and outputs as
-  // mlp_maml_loss. layers: per layer [kind, flag, adapted, six ints] (csrc/seq_net.h);
+  // Model-aware MAML on a network of Linear, Conv2d, BatchNorm (batch statistics), activation,
+  // MaxPool2d, AvgPool2d, Flatten, global average pooling, residual add and channel concat
+  // layers, in topological order: the same meta-step and outputs as
+  // mlp_maml_loss. layers: per layer [kind, flag, adapted, input, input2, six ints] (csrc/seq_net.h);
   // layer_args: per layer (batch-norm eps or activation slope). support_x (T, K, ...),
   // query_x (T, Q, ...); targets (T, K, ...) floats like the output for MSE or (T, K) int64.
   // Per-step batch-norm weights and biases carry a leading dim of at least steps + 1: row j is
@@ -58,6 +59,15 @@ TORCH_LIBRARY(pymeta, m) {
       "float[] step_weights, int lr_mode, int loss, bool first_order, bool compute_grads, "
       "bool compute_lr_grads) "
       "-> (Tensor loss, Tensor[] grad_params, Tensor[] grad_lrs, Tensor task_losses, Tensor bn_stats)");
+  // One layer's rules on their own, for tests against autograd: layer is one row of
+  // seq_maml_loss's layers (its inputs read value 0), layer_arg its arg. Returns
+  // [y, dL/dx, dL/dx2, dL/dw, dL/db] for gy = dL/dy, then the tangents along
+  // (r_x, r_x2, r_weight, r_bias) and r_grad_y: [R{y}, R{dL/dx}, R{dL/dx2}, R{dL/dw}, R{dL/db}].
+  // Absent inputs read as zero; absent outputs are zero tensors shaped like their input.
+  m.def(
+      "seq_layer_rules(int[] layer, float layer_arg, Tensor x, Tensor? x2, Tensor? weight, "
+      "Tensor? bias, Tensor grad_y, Tensor? r_x, Tensor? r_x2, Tensor? r_weight, Tensor? r_bias, "
+      "Tensor? r_grad_y) -> Tensor[]");
   m.def(
       "seq_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
       "int[] layers, float[] layer_args, int steps, int lr_mode, int loss) -> Tensor[]");

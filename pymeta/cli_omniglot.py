@@ -4,8 +4,7 @@
 ``--variant pretrained`` is the baseline without meta-learning (pymeta.baselines.Pretrained): the
 network trained to classify all training classes, then a fresh linear head fine-tuned on each test
 task's support set. Both are tested on the same seeded test tasks and reported the same way.
-ResNet-12 runs in pymeta.MAML (agnostic) and the baseline; ModelAwareMAML (aware) does not take
-residual networks yet.
+Both networks run in every variant.
 
 Every flag is checked before any data is decoded. ``--root`` defaults to ``$PYMETA_OMNIGLOT``,
 else ``shared/data/omniglot`` beside the repository (never relative to the current folder).
@@ -258,7 +257,7 @@ def _config(args) -> dict:
 
 def _architecture(args) -> dict:
     """The network's config entries (conv4: hidden; resnet12: widths), checked: SystemExit with
-    one line for flags of the other model, a too small image, or a variant that cannot run it."""
+    one line for flags of the other model or a too small image."""
     from pymeta.models import CONV4_MIN_IMAGE_SIZE, RESNET12_MIN_IMAGE_SIZE
 
     if args.model == "conv4":
@@ -273,12 +272,6 @@ def _architecture(args) -> dict:
             raise SystemExit(
                 "--hidden: expected only with --model conv4 (resnet12's widths are --widths), "
                 "received --model resnet12"
-            )
-        if args.variant == "aware":
-            raise SystemExit(
-                "--variant: ModelAwareMAML does not run residual networks yet: expected "
-                "--variant agnostic (pymeta.MAML) or pretrained with --model resnet12, "
-                "received aware"
             )
         widths = list(args.widths or RESNET12_WIDTHS)  # a list: what the checkpoint stores
         minimum, entries = RESNET12_MIN_IMAGE_SIZE, {"widths": widths}

@@ -24,7 +24,7 @@ else:  # pragma: no cover
     }  # fmt: skip
 
 # Layered core (seq_maml_loss): one layer is ints_per_layer ints,
-# [kind, flag, adapted, num_ints layer ints] at the positions in SEQ_FIELDS.
+# [kind, flag, adapted, input, input2, num_ints layer ints] at the positions in SEQ_FIELDS.
 SEQ_KINDS: dict[str, int] = ENCODING["seq"]["kinds"]
 SEQ_FIELDS: dict[str, int] = ENCODING["seq"]["fields"]
 SEQ_NUM_INTS: int = ENCODING["seq"]["num_ints"]
@@ -38,13 +38,19 @@ LOSSES: dict[str, int] = ENCODING["losses"]
 LR_MODES: dict[str, int] = ENCODING["lr_modes"]
 
 
-def seq_layer(kind: int, flag: int, adapted: bool, ints) -> list[int]:
-    """One layer of the layered core's ``layers`` argument: SEQ_INTS_PER_LAYER ints."""
+def seq_layer(kind: int, flag: int, adapted: bool, ints, inputs) -> list[int]:
+    """One layer of the layered core's ``layers`` argument: SEQ_INTS_PER_LAYER ints.
+
+    inputs: the one or two values it reads (0: the network input, l + 1: layer l's output)."""
     if len(ints) != SEQ_NUM_INTS:
         raise ValueError(f"ints: expected {SEQ_NUM_INTS} layer ints, received {len(ints)}")
+    if len(inputs) not in (1, 2):
+        raise ValueError(f"inputs: expected 1 or 2 values, received {len(inputs)}")
     row = [0] * SEQ_INTS_PER_LAYER
     row[SEQ_FIELDS["kind"]], row[SEQ_FIELDS["flag"]] = int(kind), int(flag)
     row[SEQ_FIELDS["adapted"]] = int(adapted)
+    row[SEQ_FIELDS["input"]] = int(inputs[0])
+    row[SEQ_FIELDS["input2"]] = int(inputs[1]) if len(inputs) == 2 else -1
     start = SEQ_FIELDS["ints"]
     row[start : start + SEQ_NUM_INTS] = [int(v) for v in ints]
     return row

@@ -21,7 +21,7 @@ from pymeta.encoding import LR_MODES as _LR_MODE_CODES
 from pymeta.losses import LOSS_NAMES, TaskLoss
 from pymeta.mlp_spec import MlpSpec
 from pymeta.module_checks import flatten_sequential
-from pymeta.net_spec import NetSpec
+from pymeta.net_spec import KIND, NetSpec
 from pymeta.task_batch import TaskBatch
 from pymeta.task_forward import TaskForward, call_module
 
@@ -38,17 +38,22 @@ class ModelAwareMAML(nn.Module):
     meta-gradients as ``pymeta.MAML``.
 
     Args:
-        model: an ``nn.Sequential`` (nested ones are flattened) of supported layers. MLPs
-            (Linear, ReLU, LeakyReLU, Tanh, Sigmoid, Flatten, Identity; each Linear followed by
-            at most one activation) run in the core's fused MLP kernels. Networks that also
-            have Conv2d, BatchNorm1d/2d (batch statistics, ``track_running_stats=False``, the
-            MAML convention), MaxPool2d or AvgPool2d run in its layered kernels (e.g.
-            ``pymeta.models.conv4``). Anything else raises an error pointing to ``pymeta.MAML``,
-            and so does what the core would not reproduce exactly: forward/backward hooks
-            (module or global, also when added after construction), subclasses of the layer
-            types, a container with its own forward, a layer with parameters or batch norm used
-            twice, tied parameters, and a layer with some parameters frozen and some not. A
-            parameterless layer (activation, pooling, Flatten) may be used more than once.
+        model: any module whose ``torch.fx`` trace uses only supported operations. MLPs (an
+            ``nn.Sequential`` of Linear, ReLU, LeakyReLU, Tanh, Sigmoid, Flatten, Identity;
+            each Linear followed by at most one activation) run in the core's fused MLP
+            kernels. Other networks run in its layered kernels: Linear, Conv2d, BatchNorm1d/2d
+            (batch statistics, ``track_running_stats=False``, the MAML convention), the
+            activations (modules or ``F.relu``-style functions), MaxPool2d, AvgPool2d,
+            AdaptiveAvgPool2d(1), Flatten / ``x.view(x.size(0), -1)``, the residual add of two
+            branches (``out = self.body(x) + self.shortcut(x)``) and ``torch.cat`` along the
+            channels; e.g. ``pymeta.models.conv4`` and ``pymeta.models.resnet12``. Anything
+            else raises an error naming the node and pointing to ``pymeta.MAML``, and so does
+            what the core would not reproduce exactly: forward/backward hooks (module or global,
+            also when added after construction), subclasses of the layer types, a layer with
+            parameters or batch norm called twice, tied parameters, a forward that traces
+            differently from one call to the next, and a layer with some parameters frozen and
+            some not. A parameterless layer (activation, pooling, Flatten) may be used more
+            than once.
             Layers whose parameters all have ``requires_grad=False`` stay fixed and get no
             gradient, as in ``pymeta.MAML``. The model is read at construction: swapping a
             layer or changing requires_grad afterwards is an error at the next call.
@@ -58,7 +63,8 @@ class ModelAwareMAML(nn.Module):
         loss: "mse" or "cross_entropy" (int64 class targets in [0, classes); cross-entropy's
             ignore_index -100 is refused, as by ``pymeta.MAML``).
         adapt_layers: None (every layer with parameters adapts), "head" (the last Linear, as
-            in ANIL), or a list of ``model[i]`` indices of layers with parameters. Layers that
+            in ANIL), or a list of layers with parameters: module names (``"0.body.3"``) or,
+            for ``nn.Sequential`` models, ``model[i]`` indices. Layers that
             do not adapt keep their meta-gradients. Frozen layers (requires_grad=False) never
             adapt; naming one here is an error.
         lr_mode: "scalar" (one rate), "per_layer_step" (one per adapted layer and inner step,
@@ -133,7 +139,8 @@ class ModelAwareMAML(nn.Module):
             raise ValueError(f"inner_lr: expected a finite number >= 0, received {inner_lr!r}")
         self.lr_mode = lr_mode
         self.learn_inner_lr = learn_inner_lr
-        self._leaves = [child for _, child in flatten_sequential(model)]
+        if not self._layered:  # the graph reader keeps what it checks in its spec
+            self._leaves = [child for _, child in flatten_sequential(model)]
         self._requires_grad = self._trainable_layers()
         self.adapted = self._resolve_adapted(adapt_layers)
         self.step_weights = self._resolve_step_weights(multi_step_loss)
@@ -158,7 +165,7 @@ class ModelAwareMAML(nn.Module):
         if not per_step_bn:
             try:
                 return MlpSpec.from_module(model)
-            except ValueError:
+            except (TypeError, ValueError):
                 pass  # not a plain MLP: the layered kernels take it, or explain what they lack
         return NetSpec.from_module(model, per_step_bn)
 
@@ -202,6 +209,12 @@ class ModelAwareMAML(nn.Module):
     def _layer_where(layer) -> str:
         return f"model.{layer.weight_name.rsplit('.', 1)[0]} ({type(layer.module).__name__})"
 
+    @staticmethod
+    def _layer_label(layer) -> str:
+        """model[i] for nn.Sequential models, model.<name> for others."""
+        where = f"[{layer.position}]" if layer.position is not None else f".{layer.name}"
+        return f"model{where} ({type(layer.module).__name__})"
+
     def _trainable_layers(self) -> list[bool]:
         """Per parametric layer: whether its parameters have requires_grad (a layer must be
         all frozen or all trainable: the core adapts whole layers)."""
@@ -236,8 +249,8 @@ class ModelAwareMAML(nn.Module):
         for layer, a, t in zip(self._param_layers(), adapted, trainable):
             if a and not t:
                 raise ValueError(
-                    f"adapt_layers: model[{layer.position}] ({type(layer.module).__name__}) is "
-                    "frozen (requires_grad=False); frozen layers are not adapted"
+                    f"adapt_layers: {self._layer_label(layer)} is frozen (requires_grad=False); "
+                    "frozen layers are not adapted"
                 )
         if not any(adapted):
             raise ValueError(
@@ -248,13 +261,16 @@ class ModelAwareMAML(nn.Module):
     def _check_model(self) -> None:
         """Hooks, swapped layers or changed requires_grad since construction would make the core
         compute a network other than the module's: refused (cheap: a walk over the layers)."""
-        leaves = [child for _, child in flatten_sequential(self.module)]
-        if len(leaves) != len(self._leaves) or any(
-            a is not b for a, b in zip(leaves, self._leaves)
-        ):
-            raise ValueError(
-                "model: its layers changed since construction; build a new ModelAwareMAML"
-            )
+        if self._layered:
+            self.spec.check_unchanged(self.module)
+        else:
+            leaves = [child for _, child in flatten_sequential(self.module)]
+            if len(leaves) != len(self._leaves) or any(
+                a is not b for a, b in zip(leaves, self._leaves)
+            ):
+                raise ValueError(
+                    "model: its layers changed since construction; build a new ModelAwareMAML"
+                )
         now = self._trainable_layers()
         for layer, was, is_ in zip(self._param_layers(), self._requires_grad, now):
             if was != is_:
@@ -467,9 +483,9 @@ class ModelAwareMAML(nn.Module):
                 features = self.spec.layers[0].linear.in_features
                 return support_x.dim() >= 3 and math.prod(support_x.shape[2:]) == features
             return support_x.dim() == 3
-        first = self.spec.layers[0].module
+        first = next(layer.module for layer in self.spec.layers if layer.module is not None)
         example_dims = {nn.Linear: 1, nn.BatchNorm1d: 1}.get(type(first), 3)
-        if isinstance(first, nn.Flatten):
+        if self.spec.layers[0].kind == KIND["flatten"]:
             raise ValueError(
                 "batched: cannot be inferred for a model that starts with Flatten; pass "
                 "batched=True for (T, K, ...) inputs or False for (K, ...)"

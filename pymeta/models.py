@@ -113,7 +113,8 @@ def resnet12(
     Four ``ResidualBlock``s of ``widths`` channels, each halving the image; then a global
     average pool, Flatten and a Linear head to ``n_way`` logits. Batch norm keeps no running
     statistics, as in ``conv4``: MAML normalizes with the statistics of the batch at hand.
-    Runs in ``pymeta.MAML``; ``pymeta.ModelAwareMAML`` does not take residual networks yet.
+    Runs in ``pymeta.MAML`` and in ``pymeta.ModelAwareMAML`` (its graph reader follows the
+    blocks' residual adds).
 
     Args:
         n_way: classes per task (output logits).

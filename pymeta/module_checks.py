@@ -11,7 +11,7 @@ from torch import nn
 # subset). Other types get the readers' own "not supported" errors.
 CORE_LAYER_TYPES = (
     nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
-    nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity,
+    nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity,
 )  # fmt: skip
 _GLOBAL_HOOKS = {
     "_global_forward_hooks": "forward hook (register_module_forward_hook)",
@@ -38,6 +38,14 @@ def flatten_sequential(model: nn.Module) -> list[tuple[str, nn.Module]]:
     with its own forward, a layer with parameters or batch norm used twice, and one Parameter
     held by two layers (tied weights).
     """
+    _check_no_global_hooks()
+    leaves: list[tuple[str, nn.Module]] = []
+    _collect_leaves(model, "", leaves)
+    check_sharing(leaves)
+    return leaves
+
+
+def _check_no_global_hooks() -> None:
     module_module = nn.modules.module
     for attr, what in _GLOBAL_HOOKS.items():
         if getattr(module_module, attr, None):
@@ -45,10 +53,14 @@ def flatten_sequential(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 f"model: a global {what} is registered, which ModelAwareMAML's core would not "
                 f"run; remove it or {_USE_MAML}"
             )
-    leaves: list[tuple[str, nn.Module]] = []
-    _collect_leaves(model, "", leaves)
-    _check_sharing(leaves)
-    return leaves
+
+
+def check_no_hooks(model: nn.Module) -> None:
+    """Raises ValueError naming the module for a global hook, a hook on any module of the
+    model, or a forward set on an instance: the graph reader (``net_spec``) would not see them."""
+    _check_no_global_hooks()
+    for name, module in model.named_modules(remove_duplicate=False):
+        _check_runs_as_is(name, module)
 
 
 def _where(name: str, module) -> str:
@@ -100,7 +112,7 @@ def _collect_leaves(container: nn.Sequential, prefix: str, out: list) -> None:
         out.append((qual, child))
 
 
-def _check_sharing(leaves: list) -> None:
+def check_sharing(leaves: list) -> None:
     """Parameterless layers may be used twice (the core runs them twice, exactly); a layer
     with parameters or batch-norm statistics may not, and neither may a tied Parameter: the core
     gives every use of a layer its own parameters and statistics."""

@@ -491,7 +491,7 @@ def subclass_in_place(c, model: nn.Module) -> str:
 
 
 def _forward_of(cls):
-    return lambda self, *args: cls.forward(self, *args)
+    return lambda self, x: cls.forward(self, x)
 
 
 # ----------------------------------------------------------------------------- invalid calls

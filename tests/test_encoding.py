@@ -15,15 +15,30 @@ from pymeta import _C, encoding, losses, mlp_spec, model_aware, net_spec
 TOL = 1e-10
 
 
+class EveryKind(nn.Module):
+    """One layer of every kind the layered core runs, with a residual add and a concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False),
+            nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.branch = nn.Conv2d(3, 3, 1)
+        self.tail = nn.Sequential(
+            nn.Conv2d(6, 4, 3), nn.Tanh(), nn.AvgPool2d(2, stride=1), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(4, 3),
+        )  # fmt: skip
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.tail(torch.cat([h + self.branch(h), h], 1))
+
+
 def every_kind_net():
-    """(model, example shape): one layer of every kind the layered core runs."""
+    """(model, example shape)."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Conv2d(3, 4, 3), nn.Tanh(), nn.AvgPool2d(2, stride=1),
-        nn.Flatten(), nn.Linear(4, 3),
-    )  # fmt: skip
-    return model.double(), (1, 8, 8)
+    return EveryKind().double(), (1, 8, 8)
 
 
 def batch_for(example, tasks=2, k=4, q=5, classes=3):
@@ -128,11 +143,13 @@ def test_out_of_range_codes_are_refused_by_the_op(table):
 
 
 def test_layer_helpers_place_fields_where_the_export_says():
-    row = encoding.seq_layer(5, 1, True, range(10, 10 + encoding.SEQ_NUM_INTS))
+    row = encoding.seq_layer(5, 1, True, range(10, 10 + encoding.SEQ_NUM_INTS), (3, 2))
     fields = encoding.SEQ_FIELDS
     assert (row[fields["kind"]], row[fields["flag"]], row[fields["adapted"]]) == (5, 1, 1)
+    assert (row[fields["input"]], row[fields["input2"]]) == (3, 2)
+    assert encoding.seq_layer(0, 0, False, [0] * encoding.SEQ_NUM_INTS, (4,))[fields["input2"]] == -1
     assert row[fields["ints"] :][: encoding.SEQ_NUM_INTS] == list(range(10, 16))
     row = encoding.mlp_layer(3, False, True)
     assert [row[encoding.MLP_FIELDS[k]] for k in ("activation", "has_bias", "adapted")] == [3, 0, 1]
     with pytest.raises(ValueError, match="ints: expected 6 layer ints, received 2"):
-        encoding.seq_layer(0, 0, False, (1, 2))
+        encoding.seq_layer(0, 0, False, (1, 2), (0,))

@@ -292,6 +292,17 @@ def test_sinusoid_meta_training_learns_to_adapt():
 
 
 # ----------------------------------------------------------------------------- bad input
+class ScaledOutput(nn.Module):
+    """A module with its own forward: the graph reader follows it to the unsupported product."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.lin(x) * 2
+
+
 @pytest.mark.parametrize(
     "model, exc, match",
     [
@@ -311,9 +322,10 @@ def test_sinusoid_meta_training_learns_to_adapt():
             r"model.1 \(BatchNorm1d\): .* track_running_stats=False",
         ),
         (
-            nn.Linear(2, 1),
-            TypeError,
-            r"model: ModelAwareMAML expects an nn.Sequential .* received Linear",
+            ScaledOutput(),
+            ValueError,
+            r"node 'mul' \(call_function mul\) in the forward of model \(ScaledOutput\): not "
+            r"supported by ModelAwareMAML.* use pymeta.MAML",
         ),
         (nn.Sequential(nn.Flatten()), ValueError, r"at least one layer with parameters"),
     ],

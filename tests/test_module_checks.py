@@ -402,11 +402,11 @@ HOOK_CASES = {
         lambda: nn.Sequential(
             OwnForwardSequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 1)
         ).double(),
-        r"model.0 \(OwnForwardSequential\): overrides forward",
+        r"node 'mul' \(call_function mul\) in the forward of model.0 \(OwnForwardSequential\)",
     ),
     "top-level Sequential subclass with its own forward": (
         lambda: OwnForwardSequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)).double(),
-        r"model \(OwnForwardSequential\): overrides forward",
+        r"node 'mul' \(call_function mul\) in the forward of model \(OwnForwardSequential\)",
     ),
     "forward set on the instance": (
         _instance_forward,

@@ -171,10 +171,33 @@ def test_meta_training_lowers_query_loss_after_adaptation():
 # ------------------------------------------------------------------ model-aware core
 
 
-def test_model_aware_refuses_residual_blocks_and_points_to_maml():
-    # Issue 12 makes ModelAwareMAML take residual networks: then this becomes a parity test.
-    with pytest.raises((TypeError, ValueError)) as info:
-        pymeta.ModelAwareMAML(tiny(), loss="cross_entropy")
-    message = str(info.value)
-    assert "ResidualBlock" in message and "model.0" in message
-    assert "pymeta.MAML" in message
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_model_aware_equals_maml_and_the_per_task_loop(steps, first_order):
+    model = tiny()
+    kwargs = dict(inner_lr=0.1, inner_steps=steps, first_order=first_order, loss="cross_entropy")
+    aware, agnostic = pymeta.ModelAwareMAML(model, **kwargs), pymeta.MAML(model, **kwargs)
+    assert aware.core_kind == "layered"
+    batch = image_batch(k=2)
+    params = list(model.parameters())
+    got = aware.meta_loss(batch)
+    grads = torch.autograd.grad(got, params)
+    for want in (
+        agnostic.meta_loss(batch),
+        reference_meta_loss(model, batch, [0.1], steps, first_order, F.cross_entropy),
+    ):
+        assert rel_err(got, want) < TOL
+        want_grads = torch.autograd.grad(want, params)
+        scale = max(float(w.abs().max()) for w in want_grads)  # conv-before-BN grads are ~0
+        err = max(float((g - w).abs().max()) for g, w in zip(grads, want_grads)) / scale
+        assert err < TOL, err
+
+
+def test_model_aware_adapt_equals_maml_adapt():
+    model = tiny()
+    aware = pymeta.ModelAwareMAML(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy")
+    agnostic = pymeta.MAML(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy")
+    batch = image_batch(k=2)
+    got = aware.adapt(batch.support_x, batch.support_y)(batch.query_x)
+    want = agnostic.adapt(batch.support_x, batch.support_y)(batch.query_x)
+    assert rel_err(got, want) < TOL

@@ -8,6 +8,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/avg_pool2d.h>
 #include <ATen/ops/avg_pool2d_backward.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/leaky_relu.h>
@@ -15,6 +16,7 @@
 #include <ATen/ops/max_pool2d_with_indices.h>
 #include <ATen/ops/max_pool2d_with_indices_backward.h>
 #include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/native_batch_norm.h>
 #include <ATen/ops/native_batch_norm_backward.h>
 
@@ -138,8 +140,8 @@ struct PoolGeometry {
 
 }  // namespace
 
-at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                       LayerSaved& saved) {
+at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& x2, const at::Tensor& w,
+                       const at::Tensor& b, LayerSaved& saved) {
   switch (L.kind) {
     case SeqKind::kLinear:
       return b.defined() ? b.addmm(x, w.t()) : x.mm(w.t());
@@ -173,6 +175,19 @@ at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor&
     }
     case SeqKind::kFlatten:
       return x.flatten(1);
+    case SeqKind::kAdd:
+      TORCH_CHECK(x.sizes() == x2.sizes(), "pymeta: a residual add received inputs of shapes ", x.sizes(),
+                  " and ", x2.sizes(), "; expected one shape");
+      return x + x2;
+    case SeqKind::kConcat:
+      TORCH_CHECK(x.dim() >= 2 && x.dim() == x2.dim() && x.size(0) == x2.size(0) &&
+                      x.sizes().slice(2) == x2.sizes().slice(2),
+                  "pymeta: a channel concatenation received inputs of shapes ", x.sizes(), " and ", x2.sizes(),
+                  "; expected equal shapes but for dim 1");
+      return at::cat({x, x2}, 1);
+    case SeqKind::kGlobalAvgPool:
+      TORCH_CHECK(x.dim() == 4, "pymeta: global average pooling expects (N, C, H, W) inputs, received ", x.sizes());
+      return x.mean({2, 3}, true);
   }
   TORCH_CHECK(false, "pymeta: unknown layer kind");
 }
@@ -218,12 +233,29 @@ LayerGrads seq_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor
     case SeqKind::kFlatten:
       if (need_x) g.x = gy.reshape(x.sizes());
       return g;
+    case SeqKind::kAdd:
+      if (need_x) g.x = g.x2 = gy;
+      return g;
+    case SeqKind::kConcat:
+      if (need_x) {
+        g.x = gy.narrow(1, 0, x.size(1));
+        g.x2 = gy.narrow(1, x.size(1), gy.size(1) - x.size(1));
+      }
+      return g;
+    case SeqKind::kGlobalAvgPool:
+      // Materialised in x's layout: the layers below expect dense gradients.
+      if (need_x) {
+        g.x = (gy * (1.0 / static_cast<double>(x.size(2) * x.size(3)))).expand(x.sizes())
+                  .contiguous(x.suggest_memory_format());
+      }
+      return g;
   }
   TORCH_CHECK(false, "pymeta: unknown layer kind");
 }
 
-at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w, const LayerSaved& saved,
-                         const at::Tensor& rx, const at::Tensor& uw, const at::Tensor& ub, at::Tensor& r_saved) {
+at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& x2, const at::Tensor& w,
+                         const LayerSaved& saved, const at::Tensor& rx, const at::Tensor& rx2, const at::Tensor& uw,
+                         const at::Tensor& ub, at::Tensor& r_saved) {
   at::Tensor ry;
   switch (L.kind) {
     case SeqKind::kLinear:
@@ -256,12 +288,20 @@ at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tenso
     }
     case SeqKind::kAvgPool2d:
     case SeqKind::kFlatten:
+    case SeqKind::kGlobalAvgPool:
       // Linear maps: the tangent goes through the layer itself.
       if (!rx.defined()) return ry;
       {
         LayerSaved unused;
-        return seq_forward(L, rx, at::Tensor(), at::Tensor(), unused);
+        return seq_forward(L, rx, at::Tensor(), at::Tensor(), at::Tensor(), unused);
       }
+    case SeqKind::kAdd:
+      ry = rx.defined() ? rx : ry;
+      if (rx2.defined()) ry = ry.defined() ? ry + rx2 : rx2;
+      return ry;
+    case SeqKind::kConcat:
+      if (!rx.defined() && !rx2.defined()) return ry;
+      return at::cat({rx.defined() ? rx : at::zeros_like(x), rx2.defined() ? rx2 : at::zeros_like(x2)}, 1);
   }
   TORCH_CHECK(false, "pymeta: unknown layer kind");
 }
@@ -330,8 +370,15 @@ LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tens
     case SeqKind::kMaxPool2d:
     case SeqKind::kAvgPool2d:
     case SeqKind::kFlatten:
+    case SeqKind::kAdd:
+    case SeqKind::kConcat:
+    case SeqKind::kGlobalAvgPool:
       // Linear in x with no parameters: the tangent goes back through the same backward.
-      if (need_x && rgy.defined()) r.x = seq_backward(L, x, w, at::Tensor(), saved, rgy, true).x;
+      if (need_x && rgy.defined()) {
+        const LayerGrads g = seq_backward(L, x, w, at::Tensor(), saved, rgy, true);
+        r.x = g.x;
+        r.x2 = g.x2;
+      }
       return r;
   }
   TORCH_CHECK(false, "pymeta: unknown layer kind");

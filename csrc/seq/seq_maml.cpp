@@ -27,15 +27,16 @@ namespace {
 
 using Params = std::vector<at::Tensor>;  // one tensor per param; undefined = zero
 
-// One forward pass and what the backward and R-passes after it need.
+// One forward pass and what the backward and R-passes after it need. Values are indexed as in
+// SeqNet: vals[0] is the input, vals[l + 1] layer l's output, vals.back() the network's output.
 struct SeqPass {
   int64_t step = 0;                // inner step: selects per-step batch-norm rows
-  std::vector<at::Tensor> in;      // in[l]: input of layer l; in.back(): the output
+  std::vector<at::Tensor> vals;
   std::vector<LayerSaved> saved;   // per layer
   at::Tensor probs;                // softmax of the output (cross-entropy)
-  std::vector<at::Tensor> grad_out;  // grad_out[l]: dL/d(output of layer l), kept for hvp()
+  std::vector<at::Tensor> grad_vals;  // dL/d(value), per value, kept for hvp()
   // fused[l]: layers l..l+2 (batch norm, ReLU, max pooling) ran as one block; the block keeps
-  // in[l] and in[l + 3] only, the statistics in saved[l] and the argmax in saved[l + 2].
+  // the pooled output only, the statistics in saved[l] and the argmax in saved[l + 2].
   std::vector<bool> fused;
 };
 
@@ -45,7 +46,10 @@ class SeqTask {
     const auto& layers = net.layers;
     for (size_t l = 0; l + 2 < layers.size(); ++l) {
       const SeqLayer &bn = layers[l], &act = layers[l + 1], &pool = layers[l + 2];
-      block_start_[l] = bn.kind == SeqKind::kBatchNorm && act.kind == SeqKind::kActivation &&
+      // A chain whose inner values nobody else reads: the block does not materialise them.
+      const bool chain = act.input == static_cast<int64_t>(l) + 1 && pool.input == static_cast<int64_t>(l) + 2 &&
+                         net.uses[l + 1] == 1 && net.uses[l + 2] == 1;
+      block_start_[l] = chain && bn.kind == SeqKind::kBatchNorm && act.kind == SeqKind::kActivation &&
                         act.activation() == Activation::kRelu && pool.kind == SeqKind::kMaxPool2d &&
                         pool.ints == std::array<int64_t, kSeqNumInts>{2, 2, 2, 2, 0, 0};
     }
@@ -67,34 +71,34 @@ class SeqTask {
     pass.step = step;
     pass.saved.resize(n);
     pass.fused.assign(n, false);
-    pass.in.reserve(n + 1);
-    pass.in.push_back(x);
+    pass.vals.resize(n + 1);
+    pass.vals[0] = x;
     for (size_t l = 0; l < n; ++l) {
       const SeqLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, step);
-      const at::Tensor& in = pass.in.back();
+      const at::Tensor& in = pass.vals[L.input];
       if (fuse && block_start_[l] && cpu_fused_kernels() && bn_relu_pool_applies(in) && in.size(1) == L.ints[kBnChannelsInt]) {
         BnReluPoolSaved s;
-        at::Tensor out = bn_relu_pool_forward(in, w, b, L.arg, s);
+        pass.vals[l + 3] = bn_relu_pool_forward(in, w, b, L.arg, s);
         pass.saved[l] = {s.mean, s.inv_std};
         pass.saved[l + 2].aux = s.argmax;
         pass.fused[l] = true;
-        pass.in.insert(pass.in.end(), {at::Tensor(), at::Tensor(), out});
         l += 2;
         continue;
       }
-      pass.in.push_back(seq_forward(L, in, w, b, pass.saved[l]));
+      const at::Tensor in2 = L.input2 >= 0 ? pass.vals[L.input2] : at::Tensor();
+      pass.vals[l + 1] = seq_forward(L, in, in2, w, b, pass.saved[l]);
     }
     return pass;
   }
 
   // Mean loss of the pass's output against the targets; with `grad`, also dL/d(output).
   at::Tensor loss(SeqPass& pass, const at::Tensor& y, bool grad) const {
-    const at::Tensor& out = pass.in.back();
-    pass.grad_out.assign(net_.layers.size(), at::Tensor());
+    const at::Tensor& out = pass.vals.back();
+    pass.grad_vals.assign(pass.vals.size(), at::Tensor());
     if (loss_ == LossKind::kMse) {
       const at::Tensor diff = out - y;
-      if (grad) pass.grad_out.back() = diff * (2.0 / static_cast<double>(out.numel()));
+      if (grad) pass.grad_vals.back() = diff * (2.0 / static_cast<double>(out.numel()));
       return diff.square().mean();
     }
     // make_problem refused negative classes; the class count is known only here, from the output.
@@ -109,81 +113,102 @@ class SeqTask {
       pass.probs = logp.exp();
       at::Tensor g = pass.probs.clone();
       g.scatter_add_(1, y.unsqueeze(1), at::full_like(picked, -1));
-      pass.grad_out.back() = g.div_(static_cast<double>(out.size(0)));
+      pass.grad_vals.back() = g.div_(static_cast<double>(out.size(0)));
     }
     return -picked.mean();
   }
 
-  // Gradients of every param of layers >= lowest (others stay undefined); keeps the per-layer
-  // dL/d(output) in the pass when keep is set (the HVP needs them).
-  Params backward(SeqPass& pass, const Params& theta, int64_t lowest, bool keep) const {
+  // Gradients of the params: of every one (all_params: the meta-gradient, and the passes a
+  // second-order sweep differentiates again) or of the adapted ones only (others stay
+  // undefined). keep: the pass keeps dL/d(value) of every value for hvp().
+  Params backward(SeqPass& pass, const Params& theta, bool all_params, bool keep) const {
+    const std::vector<bool>& needed = all_params ? net_.after_param : net_.after_adapted;
     Params grads(theta.size());
-    at::Tensor gy = pass.grad_out.back();
-    for (int64_t l = static_cast<int64_t>(net_.layers.size()) - 1; l >= lowest; --l) {
+    std::vector<at::Tensor>& gv = pass.grad_vals;
+    for (int64_t l = static_cast<int64_t>(net_.layers.size()) - 1; l >= 0; --l) {
+      const at::Tensor gy = gv[l + 1];
+      if (!gy.defined()) continue;  // no parameter it depends on is needed
       if (l >= 2 && pass.fused[l - 2]) {  // the end of a fused block: back to its batch norm's input
-        const int64_t bn = l - 2;        // >= lowest: ReLU and pooling are never adapted
+        const int64_t bn = l - 2;         // ReLU and pooling have no parameters
         const SeqLayer& L = net_.layers[bn];
         TORCH_CHECK(!keep, "pymeta: internal error: a fused pass cannot keep its gradients for hvp()");
         auto [w, b] = layer_params(theta, L, pass.step);
         const BnReluPoolSaved s{pass.saved[bn].aux, pass.saved[bn].inv_std, pass.saved[l].aux};
-        BnReluPoolGrads g = bn_relu_pool_backward(gy, pass.in[bn], w, pass.in[l + 1], s, bn > lowest);
+        const bool need_x = needed[L.input];
+        BnReluPoolGrads g = bn_relu_pool_backward(gy, pass.vals[L.input], w, pass.vals[l + 1], s, need_x);
         if (L.w_param >= 0) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
         if (L.b_param >= 0) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
-        gy = g.x;
+        if (need_x) add_to(gv[L.input], g.x);
         l = bn;
         continue;
       }
       const SeqLayer& L = net_.layers[l];
-      if (keep) pass.grad_out[l] = gy;
       auto [w, b] = layer_params(theta, L, pass.step);
-      LayerGrads g = seq_backward(L, pass.in[l], w, b, pass.saved[l], gy, l > lowest);
-      if (L.w_param >= 0) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
-      if (L.b_param >= 0) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
-      gy = g.x;
+      const bool need_x = needed[L.input] || (L.input2 >= 0 && needed[L.input2]);
+      LayerGrads g = seq_backward(L, pass.vals[L.input], w, b, pass.saved[l], gy, need_x);
+      if (L.w_param >= 0 && (all_params || L.adapted)) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
+      if (L.b_param >= 0 && (all_params || L.adapted)) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
+      if (needed[L.input]) add_to(gv[L.input], g.x);
+      if (L.input2 >= 0 && needed[L.input2]) add_to(gv[L.input2], g.x2);
     }
-    if (!keep) pass.grad_out.clear();
+    if (!keep) gv.clear();
     return grads;
   }
 
   // H u: the Hessian of the pass's loss at theta applied to u (undefined entries are zero), by
-  // forward-over-reverse differentiation. Needs forward(), loss(grad) and backward(0, keep).
+  // forward-over-reverse differentiation. Needs forward(), loss(grad) and backward(all, keep).
   Params hvp(const SeqPass& pass, const Params& theta, const Params& u) const {
     const size_t n = net_.layers.size();
     for (size_t l = 0; l < n; ++l) TORCH_CHECK(!pass.fused[l], "pymeta: internal error: hvp() of a fused pass");
-    std::vector<at::Tensor> r_in(n + 1), r_saved(n);  // tangents of each layer's input
+    std::vector<at::Tensor> r_val(n + 1), r_saved(n);  // tangents of each value
     for (size_t l = 0; l < n; ++l) {
       const SeqLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, pass.step);
       auto [uw, ub] = direction(u, L, pass.step);
-      r_in[l + 1] = seq_r_forward(L, pass.in[l], w, pass.saved[l], r_in[l], uw, ub, r_saved[l]);
+      const bool two = L.input2 >= 0;
+      r_val[l + 1] = seq_r_forward(L, pass.vals[L.input], two ? pass.vals[L.input2] : at::Tensor(), w,
+                                   pass.saved[l], r_val[L.input], two ? r_val[L.input2] : at::Tensor(), uw, ub,
+                                   r_saved[l]);
     }
     // The loss Hessian applied to the output tangent.
-    at::Tensor rgy;
-    const at::Tensor& r_out = r_in[n];
+    std::vector<at::Tensor> rg(n + 1);  // tangents of dL/d(value)
+    const at::Tensor& r_out = r_val[n];
     if (r_out.defined()) {
-      const at::Tensor& out = pass.in.back();
+      const at::Tensor& out = pass.vals.back();
       if (loss_ == LossKind::kMse) {
-        rgy = r_out * (2.0 / static_cast<double>(out.numel()));
+        rg[n] = r_out * (2.0 / static_cast<double>(out.numel()));
       } else {
         const at::Tensor& p = pass.probs;
-        rgy = (p * (r_out - (p * r_out).sum(1, true))).div_(static_cast<double>(out.size(0)));
+        rg[n] = (p * (r_out - (p * r_out).sum(1, true))).div_(static_cast<double>(out.size(0)));
       }
     }
+    const std::vector<bool>& needed = net_.after_param;
     Params hu(theta.size());
     for (int64_t l = static_cast<int64_t>(n) - 1; l >= 0; --l) {
+      const at::Tensor& gy = pass.grad_vals[l + 1];
+      if (!gy.defined()) continue;
       const SeqLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, pass.step);
       auto [uw, ub] = direction(u, L, pass.step);
-      LayerGrads r = seq_r_backward(L, pass.in[l], w, pass.saved[l], pass.grad_out[l], rgy, r_in[l], uw,
-                                    r_saved[l], l > 0);
+      const bool need_x = needed[L.input] || (L.input2 >= 0 && needed[L.input2]);
+      LayerGrads r = seq_r_backward(L, pass.vals[L.input], w, pass.saved[l], gy, rg[l + 1], r_val[L.input], uw,
+                                    r_saved[l], need_x);
       if (L.w_param >= 0 && r.w.defined()) hu[L.w_param] = place(theta[L.w_param], L, pass.step, r.w);
       if (L.b_param >= 0 && r.b.defined()) hu[L.b_param] = place(theta[L.b_param], L, pass.step, r.b);
-      rgy = r.x;
+      if (needed[L.input]) add_to(rg[L.input], r.x);
+      if (L.input2 >= 0 && needed[L.input2]) add_to(rg[L.input2], r.x2);
     }
     return hu;
   }
 
  private:
+  // acc += t, undefined meaning zero. Out of place: a gradient may be shared (an add passes
+  // its output's gradient to both inputs) or kept by the pass for hvp().
+  static void add_to(at::Tensor& acc, const at::Tensor& t) {
+    if (!t.defined()) return;
+    acc = acc.defined() ? acc + t : t;
+  }
+
   // A per-step param's gradient is zero outside the step's row.
   static at::Tensor place(const at::Tensor& param, const SeqLayer& L, int64_t step, const at::Tensor& g) {
     if (!L.per_step || !g.defined()) return g;
@@ -351,7 +376,7 @@ void record_bn_stats(const SeqNet& net, const SeqPass& pass, at::Tensor out) {
   for (size_t l = 0; l < net.layers.size(); ++l) {
     const SeqLayer& L = net.layers[l];
     if (L.kind != SeqKind::kBatchNorm) continue;
-    const at::Tensor& x = pass.in[l];
+    const at::Tensor& x = pass.vals[L.input];
     const double n = static_cast<double>(x.numel() / x.size(1));
     // The forward kept 1 / sqrt(biased variance + eps).
     at::Tensor var = (pass.saved[l].inv_std.pow(-2) - L.arg).clamp_min_(0.0);
@@ -372,7 +397,7 @@ struct InnerLoop {
 
 InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params& theta0,
                          const std::vector<Params>& lr, const at::Tensor& sx, const at::Tensor& sy,
-                         bool keep_passes, bool keep_grads, int64_t lowest, const at::Tensor& bn_stats) {
+                         bool keep_passes, bool keep_grads, const at::Tensor& bn_stats) {
   InnerLoop out;
   out.theta.push_back(theta0);
   for (int64_t j = 0; j < pb.steps; ++j) {
@@ -381,7 +406,8 @@ InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params
     SeqPass pass = task.forward(cur, sx, j, !keep_passes);
     if (bn_stats.defined()) record_bn_stats(pb.net, pass, bn_stats[j]);
     task.loss(pass, sy, true);
-    Params g = task.backward(pass, cur, lowest, keep_passes);
+    // The sweep differentiates kept passes again, through every layer.
+    Params g = task.backward(pass, cur, keep_passes, keep_passes);
     Params next = cur;  // frozen params are shared, not copied
     const Params& rate = lr[lr_row(pb, j)];
     for (size_t p = 0; p < cur.size(); ++p) {
@@ -440,12 +466,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
   for (int64_t t = 0; t < pb.tasks; ++t) {
     const at::Tensor sx = network_layout(support_x[t]), sy = support_y[t];
     const at::Tensor qx = network_layout(query_x[t]), qy = query_y[t];
-    // The sweep reads each step's support pass (second order) and gradient (learned rates);
-    // without either the inner loop only needs gradients down to the lowest adapted layer.
-    const int64_t lowest = second_order ? 0 : pb.net.lowest_adapted;
+    // The sweep reads each step's support pass (second order) and gradient (learned rates).
     const at::Tensor task_stats = pb.net.bn_channels > 0 ? bn_stats[t] : at::Tensor();
     InnerLoop inner =
-        run_inner_loop(pb, task, theta0, lr, sx, sy, second_order, compute_lr_grads, lowest, task_stats);
+        run_inner_loop(pb, task, theta0, lr, sx, sy, second_order, compute_lr_grads, task_stats);
     at::Tensor task_loss;
     Params v(params.size());  // d(task loss) / d theta_j, from j = J down to 0
     auto add_query_term = [&](int64_t j) {
@@ -455,7 +479,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
       if (j == J && task_stats.defined()) record_bn_stats(pb.net, pass, task_stats[J]);
       const at::Tensor l = task.loss(pass, qy, compute_grads) * w;
       task_loss = task_loss.defined() ? task_loss + l : l;
-      if (compute_grads) add_scaled(v, task.backward(pass, inner.theta[j], 0, false), w);
+      if (compute_grads) add_scaled(v, task.backward(pass, inner.theta[j], true, false), w);
     };
     add_query_term(J);
     for (int64_t j = J - 1; j >= 0 && compute_grads; --j) {
@@ -523,7 +547,7 @@ std::vector<at::Tensor> seq_adapt_kernel(at::TensorList params, at::TensorList l
   }
   for (int64_t t = 0; t < pb.tasks; ++t) {  // one task at a time, as in seq_maml_loss
     InnerLoop inner = run_inner_loop(pb, task, theta0, lr, network_layout(support_x[t]), support_y[t], false, false,
-                                     pb.net.lowest_adapted, at::Tensor());
+                                     at::Tensor());
     for (size_t p = 0; p < adapted.size(); ++p) adapted[p][t].copy_(inner.theta.back()[p]);
   }
   return adapted;

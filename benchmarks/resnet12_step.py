@@ -1,12 +1,13 @@
 """One second-order meta-step on ResNet-12 (pymeta.models.resnet12): time and peak memory of the
 per-task autograd loop (baselines.PerTaskLoopMAML, the loop a user writes with
-torch.autograd.grad(create_graph=True) and torch.func.functional_call) and pymeta.MAML.
+torch.autograd.grad(create_graph=True) and torch.func.functional_call), pymeta.MAML and
+pymeta.ModelAwareMAML.
 
 Usage::
 
     .venv/bin/python benchmarks/resnet12_step.py [--threads 1] [--tasks 2]
         [--widths 32 80 160 320] [--image-size 32] [--shots 1 5] [--inner-steps 1 5]
-        [--implementations per_task_loop pymeta] [--mem-limit-gib 16] [--timeout-s 600]
+        [--implementations per_task_loop pymeta pymeta_aware] [--mem-limit-gib 16] [--timeout-s 600]
     .venv/bin/python benchmarks/resnet12_step.py --full-size
 
 Workloads: 5-way, ``--shots`` examples and 15 queries per class, ``--tasks`` tasks, 3-channel
@@ -52,9 +53,10 @@ DEFAULT_IMAGE_SIZE = 32
 DEFAULT_TASKS = 2
 FULL_SIZE = dict(widths=(64, 160, 320, 640), image_size=84, tasks=1, shots=[5], inner_steps=[5])
 # All take pymeta.MAML's arguments: (model, inner_lr, inner_steps, first_order, loss). The
-# reference comes first. "pymeta_aware": pymeta.ModelAwareMAML joins once its core takes residual
-# networks (issue 12).
-IMPLEMENTATIONS = {"per_task_loop": PerTaskLoopMAML, "pymeta": pymeta.MAML}
+# reference comes first.
+IMPLEMENTATIONS = {
+    "per_task_loop": PerTaskLoopMAML, "pymeta": pymeta.MAML, "pymeta_aware": pymeta.ModelAwareMAML,
+}  # fmt: skip
 REFERENCE = "per_task_loop"
 
 

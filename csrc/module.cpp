@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "core_settings.h"
+#include "cpu/workspace.h"
 #include "mlp_net.h"
 #include "seq_net.h"
 
@@ -76,6 +77,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_activation_cache_limit",
         [](int64_t bytes) { pymeta::activation_cache_limit().store(bytes < 0 ? 0 : bytes); },
         "Sets that cap; 0 makes the sweep recompute every activation (least memory).");
+  m.def("workspace_cached_bytes", &pymeta::workspace_cached_bytes,
+        "Bytes of freed CPU blocks the model-aware core keeps for reuse (csrc/cpu/workspace.h).");
+  m.def("workspace_cache_limit", &pymeta::workspace_cache_limit, "The most bytes it keeps.");
+  m.def("set_workspace_cache_limit", &pymeta::set_workspace_cache_limit,
+        "Sets that limit (bytes >= 0; 0 keeps nothing, as without the cache).");
+  m.def("release_workspaces", &pymeta::release_workspaces, "Frees every cached block.");
   m.def("cpu_fast_paths", [] {
         return pybind11::make_tuple(pymeta::cpu_channels_last().load(), pymeta::cpu_fused_kernels().load());
       },

@@ -13,12 +13,20 @@ on top of 0.588 s of user time; the per-task autograd loop 19,722 faults and 0.0
 cause depends on the process's history (glibc raises its thresholds as ever larger blocks are
 freed). PyTorch's CPU performance guide makes the same point with other allocators (jemalloc,
 tcmalloc).
+
+The model-aware core does not need the process-wide setting: while its ops run, it serves large
+CPU allocations from its own cache of freed blocks (``csrc/cpu/workspace.h``), which keeps them
+for the next task, inner step and call, up to ``core_workspace_limit()`` bytes. The functions
+below inspect and bound that cache. ``retain_freed_memory`` still helps everything else
+(``pymeta.MAML``, autograd loops, data loading).
 """
 
 from __future__ import annotations
 
 import ctypes
 import platform
+
+from pymeta._ops import HAS_COMPILED_CORE
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -54,3 +62,37 @@ def retain_freed_memory(trim_threshold: int = 2**30) -> bool:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
         and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
     )
+
+
+def _core():
+    if not HAS_COMPILED_CORE:
+        raise RuntimeError("pymeta's compiled core failed to load (see the warning at import)")
+    from pymeta import _C
+
+    return _C
+
+
+def core_workspace_bytes() -> int:
+    """Bytes of freed CPU blocks the model-aware core holds for reuse now."""
+    return int(_core().workspace_cached_bytes())
+
+
+def core_workspace_limit() -> int:
+    """The most bytes of freed blocks the core keeps (default 1 GiB); beyond, freed blocks go
+    back to malloc."""
+    return int(_core().workspace_cache_limit())
+
+
+def set_core_workspace_limit(limit_bytes: int) -> None:
+    """Bounds the core's cache of freed blocks (0: keep none). A lower limit than what is held
+    frees every cached block now."""
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int):
+        raise TypeError(f"limit_bytes: expected an int, received {type(limit_bytes).__name__}")
+    if limit_bytes < 0:
+        raise ValueError(f"limit_bytes: expected bytes >= 0, received {limit_bytes}")
+    _core().set_workspace_cache_limit(limit_bytes)
+
+
+def release_core_workspaces() -> None:
+    """Frees every block the core's cache holds (e.g. before a memory-hungry phase)."""
+    _core().release_workspaces()

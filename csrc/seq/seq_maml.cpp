@@ -15,10 +15,12 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "core_settings.h"
 #include "cpu/bn_relu_pool.h"
+#include "cpu/workspace.h"
 #include "seq/seq_layers.h"
 #include "seq_net.h"
 
@@ -444,6 +446,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     at::ArrayRef<double> step_weights, int64_t lr_mode, int64_t loss, bool first_order, bool compute_grads,
     bool compute_lr_grads) {
   constexpr const char* op = "pymeta::seq_maml_loss";
+  std::optional<WorkspaceScope> workspace;  // CPU: activations freed by one task serve the next
+  if (support_x.is_cpu()) workspace.emplace();
   const int64_t J = static_cast<int64_t>(step_weights.size());
   const SeqProblem pb = make_problem(op, params, lrs, support_x, support_y, &query_x, &query_y, layers, layer_args,
                                      J, lr_mode, loss);
@@ -534,6 +538,8 @@ std::vector<at::Tensor> seq_adapt_kernel(at::TensorList params, at::TensorList l
                                          at::ArrayRef<double> layer_args, int64_t steps, int64_t lr_mode,
                                          int64_t loss) {
   constexpr const char* op = "pymeta::seq_adapt";
+  std::optional<WorkspaceScope> workspace;  // CPU: activations freed by one task serve the next
+  if (support_x.is_cpu()) workspace.emplace();
   const SeqProblem pb = make_problem(op, params, lrs, support_x, support_y, nullptr, nullptr, layers, layer_args,
                                      steps, lr_mode, loss);
   const SeqTask task(pb.net, pb.loss);

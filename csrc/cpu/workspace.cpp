@@ -1,0 +1,139 @@
+// The caching CPU allocator behind WorkspaceScope (workspace.h).
+#include "cpu/workspace.h"
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace pymeta {
+namespace {
+
+// Blocks come from c10's alloc_cpu, so that c10's free_cpu frees any of them: oneDNN takes memory
+// through raw_allocate / raw_deallocate (raw_deleter() below), possibly across the scope's edges,
+// and those raw blocks are never cached. Tensors free through their DataPtr's deleter,
+// give_back, which caches the block under its size.
+class WorkspaceAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    if (n < static_cast<size_t>(kWorkspaceMinBytes)) {  // not cached: freed as c10 frees it
+      void* ptr = c10::alloc_cpu(n);
+      return {ptr, ptr, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
+    }
+    void* ptr = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(n);
+      if (it != free_.end() && !it->second.empty()) {
+        ptr = it->second.back();
+        it->second.pop_back();
+        cached_ -= static_cast<int64_t>(n);
+      }
+    }
+    if (ptr == nullptr) ptr = c10::alloc_cpu(n);
+    {
+      // An entry may outlive its block (a raw allocation frees with free_cpu, not give_back);
+      // only give_back reads entries, and only for blocks allocated here as large, which
+      // overwrite any stale entry at their address.
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_[ptr] = n;
+    }
+    return {ptr, ptr, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &c10::free_cpu; }
+
+  void copy_data(void* dest, const void* src, size_t count) const override { std::memcpy(dest, src, count); }
+
+  // Called by a freed tensor of a large block, whenever and wherever: back to the cache.
+  static void give_back(void* ptr) { instance().put(ptr); }
+
+  void put(void* ptr) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = live_.find(ptr);
+      if (it != live_.end()) {
+        const size_t size = it->second;
+        live_.erase(it);
+        if (cached_ + static_cast<int64_t>(size) <= limit_.load()) {
+          free_[size].push_back(ptr);
+          cached_ += static_cast<int64_t>(size);
+          return;
+        }
+      }
+    }
+    c10::free_cpu(ptr);
+  }
+
+  void release() {
+    std::unordered_map<size_t, std::vector<void*>> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(free_);
+      cached_ = 0;
+    }
+    for (auto& [size, ptrs] : blocks) {
+      for (void* p : ptrs) c10::free_cpu(p);
+    }
+  }
+
+  int64_t cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+
+  static WorkspaceAllocator& instance() {
+    static auto* allocator = new WorkspaceAllocator();  // never destroyed: tensors may outlive exit
+    return *allocator;
+  }
+
+  c10::Allocator* previous_ = nullptr;  // the allocator the first scope found in place
+  std::atomic<int64_t> limit_{int64_t{1} << 30};
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;  // cached blocks by size
+  std::unordered_map<void*, size_t> live_;  // sizes of the large blocks tensors hold
+  int64_t cached_ = 0;
+};
+
+std::mutex scope_mutex;
+int scopes = 0;
+bool installed = false;
+
+}  // namespace
+
+WorkspaceScope::WorkspaceScope() {
+  std::lock_guard<std::mutex> lock(scope_mutex);
+  if (scopes++ > 0) return;
+  WorkspaceAllocator& cache = WorkspaceAllocator::instance();
+  cache.previous_ = c10::GetCPUAllocator();
+  // Priority 0, c10's own: an allocator someone installed with a higher priority stays (then
+  // the cache is simply not used).
+  c10::SetCPUAllocator(&cache, 0);
+  installed = c10::GetCPUAllocator() == &cache;
+}
+
+WorkspaceScope::~WorkspaceScope() {
+  std::lock_guard<std::mutex> lock(scope_mutex);
+  if (--scopes > 0 || !installed) return;
+  c10::SetCPUAllocator(WorkspaceAllocator::instance().previous_, 0);
+  installed = false;
+}
+
+int64_t workspace_cached_bytes() { return WorkspaceAllocator::instance().cached(); }
+int64_t workspace_cache_limit() { return WorkspaceAllocator::instance().limit_.load(); }
+void set_workspace_cache_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "pymeta: workspace cache limit: expected bytes >= 0, received ", bytes);
+  WorkspaceAllocator::instance().limit_.store(bytes);
+  if (workspace_cached_bytes() > bytes) release_workspaces();
+}
+void release_workspaces() { WorkspaceAllocator::instance().release(); }
+
+}  // namespace pymeta

@@ -1,0 +1,34 @@
+// The model-aware core's CPU workspaces: while a core op runs, ATen's CPU allocations of at least
+// kWorkspaceMinBytes come from a cache that keeps freed blocks for the next task and inner step
+// (and the next call) instead of handing them back to the kernel. Without it, glibc's malloc
+// serves such blocks with fresh mmap'ed pages, and every task pays a page fault per 4 KiB of
+// activations (pymeta/memory.py measured it); with it the process's malloc settings stay as
+// they are.
+#pragma once
+
+#include <cstdint>
+
+namespace pymeta {
+
+// Blocks below this size stay with the allocator in place (glibc's heap serves them well).
+constexpr int64_t kWorkspaceMinBytes = int64_t{128} << 10;
+
+// While one exists (on any thread), the cache serves CPU allocations. Scopes nest and may overlap
+// across threads: the first installs the cache, the last restores the previous allocator.
+// Memory allocated inside may be freed anywhere, at any time: it returns to the cache.
+class WorkspaceScope {
+ public:
+  WorkspaceScope();
+  ~WorkspaceScope();
+  WorkspaceScope(const WorkspaceScope&) = delete;
+  WorkspaceScope& operator=(const WorkspaceScope&) = delete;
+};
+
+// Bytes of free blocks the cache holds, and the most it keeps (freed blocks beyond go back to
+// malloc); release_workspaces() frees every cached block.
+int64_t workspace_cached_bytes();
+int64_t workspace_cache_limit();
+void set_workspace_cache_limit(int64_t bytes);
+void release_workspaces();
+
+}  // namespace pymeta

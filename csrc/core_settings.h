@@ -13,6 +13,14 @@ inline std::atomic<int64_t>& activation_cache_limit() {
   return limit;
 }
 
+// How many support passes the layered core's reverse sweeps have recomputed (they did not fit
+// under activation_cache_limit), since the process started: a diagnostic for tests and
+// benchmarks.
+inline std::atomic<int64_t>& sweep_recomputed_passes() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
 // The layered core's CPU fast paths, both on by default: the channels-last layout for images
 // and convolution weights, and the fused kernels (cpu/bn_relu_pool.h, cpu/bn_tangent.h). Off,
 // the core runs every layer in ATen ops, as it does on CUDA: tests switch them off to keep those

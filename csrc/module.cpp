@@ -77,6 +77,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_activation_cache_limit",
         [](int64_t bytes) { pymeta::activation_cache_limit().store(bytes < 0 ? 0 : bytes); },
         "Sets that cap; 0 makes the sweep recompute every activation (least memory).");
+  m.def("sweep_recomputed_passes", [] { return pymeta::sweep_recomputed_passes().load(); },
+        "Support passes the layered core's reverse sweeps recomputed so far (diagnostics).");
   m.def("workspace_cached_bytes", &pymeta::workspace_cached_bytes,
         "Bytes of freed CPU blocks the model-aware core keeps for reuse (csrc/cpu/workspace.h).");
   m.def("workspace_cache_limit", &pymeta::workspace_cache_limit, "The most bytes it keeps.");

@@ -300,9 +300,13 @@ class _GraphReader:
                     for n, m in self.model.named_modules(remove_duplicate=False)
                     if m is module
                 ]
-                what = " and ".join(names[:2]) + " are the same" if len(names) > 1 else "one"
+                what = (
+                    " and ".join(names[:2]) + f" are the same nn.{type(module).__name__}"
+                    if len(names) > 1
+                    else f"{where} is called twice, the same nn.{type(module).__name__}"
+                )
                 raise ValueError(
-                    f"{what} nn.{type(module).__name__} (one module used twice); "
+                    f"{what} (one module used twice); "
                     "ModelAwareMAML's core gives every use its own parameters and statistics, "
                     f"so shared layers are not supported; {_USE_MAML}"
                 )
@@ -389,6 +393,8 @@ class NetSpec:
         per_step_bn: whether affine batch norm layers take per-step weights (MAML++).
         signature: the traced graph's signature (graph_signature), to notice a changed forward.
         modules: the modules the graph calls, by qualified name.
+        plain: every module is a layer type the core knows or a plain nn.Sequential, so no
+            forward of the user's can trace differently later.
     """
 
     layers: list
@@ -396,6 +402,7 @@ class NetSpec:
     per_step_bn: bool = False
     signature: list = field(default_factory=list)
     modules: dict = field(default_factory=dict)
+    plain: bool = False
 
     @classmethod
     def from_module(cls, model: nn.Module, per_step_bn: bool = False) -> "NetSpec":
@@ -415,7 +422,11 @@ class NetSpec:
             raise ValueError(
                 "per_step_bn: the model has no affine BatchNorm layer to give per-step weights"
             )
-        return cls(layers, positions, per_step_bn, graph_signature(graph), modules)
+        plain = all(
+            isinstance(m, CORE_LAYER_TYPES) or type(m).forward is nn.Sequential.forward
+            for m in model.modules()
+        )
+        return cls(layers, positions, per_step_bn, graph_signature(graph), modules, plain)
 
     def check_unchanged(self, model: nn.Module) -> None:
         """Raises ValueError if the model no longer computes the graph read at construction:
@@ -432,12 +443,12 @@ class NetSpec:
                     f"model: its layers changed since construction (model.{name} is not the "
                     "layer read then); build a new ModelAwareMAML"
                 )
-        if self.positions:  # nn.Sequential: its forward is fixed, its list of modules is not
-            if sequential_positions(model) != self.positions:
-                raise ValueError(
-                    "model: its layers changed since construction; build a new ModelAwareMAML"
-                )
-        elif graph_signature(trace(model)) != self.signature:
+        if self.positions and sequential_positions(model) != self.positions:
+            raise ValueError(
+                "model: its layers changed since construction; build a new ModelAwareMAML"
+            )
+        # Plain models have fixed forwards; any other may branch on self.training or on state.
+        if not self.plain and graph_signature(trace(model)) != self.signature:
             raise ValueError(
                 f"model: {type(model).__name__}.forward traces to a different graph than at "
                 "construction (does it branch on self.training or on global state?); "

@@ -264,8 +264,8 @@ def test_absent_tangents_are_zero_tangents(name, layout, fast_paths):
     case = CASES[name]
     primals, tangents, gy, rgy = in_layout(layout, *inputs_for(case))
     both = tangents + [rgy]
-    # The core gives a layer's weight and bias tangents together (both or neither); one without
-    # the other is test_weight_tangent_without_bias_tangent below.
+    # A weight tangent without the bias tangent (and the reverse) is
+    # test_weight_tangent_without_bias_tangent below.
     patterns = [[i] for i, t in enumerate(both) if t is not None and (i < 2 or i == 4)]
     patterns += [[2, 3], [0, 1, 2, 3, 4]]
     for absent in patterns:
@@ -283,21 +283,16 @@ def test_absent_tangents_are_zero_tangents(name, layout, fast_paths):
                 assert err < TOL, f"{what}: {out} differs from zero tangents by {err:.3e}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError, RuntimeError),
-    reason="core: R-forward drops ub without uw; batch norm fails",
-)
 @pytest.mark.parametrize(
     ("name", "absent"),
     [("linear", 2), ("conv", 2), ("bn2d", 2), ("bn2d", 3)],
     ids=["linear-no-r_weight", "conv-no-r_weight", "bn2d-no-r_weight", "bn2d-no-r_bias"],
 )
 def test_weight_tangent_without_bias_tangent(name, absent):
-    # The rules' contract is "undefined means zero" for each tangent on its own, but the ATen
-    # R-forward of Linear, Conv2d and batch norm adds the bias tangent only inside `if (uw)`,
-    # and batch norm reads ub whenever uw is given. The core never splits the pair (its
-    # direction() gives both or neither), so this is latent; strict so a fix shows up here.
+    # The rules' contract is "undefined means zero" for each tangent on its own. The ATen
+    # R-forward of Linear, Conv2d and batch norm once added the bias tangent only with a weight
+    # tangent, and batch norm read ub whenever uw was given (the core's own direction() gives
+    # both or neither, so only this op could reach it).
     case = CASES[name]
     primals, tangents, gy, rgy = inputs_for(case)
     tangents[absent] = None

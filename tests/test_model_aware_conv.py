@@ -424,3 +424,48 @@ def test_batch_norm_over_one_value_per_channel_is_refused_like_pytorch():
     with pytest.raises(ValueError, match="support_x: .*more than 1 value per channel"):
         maml.adapt(b.support_x, b.support_y, batched=True)
     maml.meta_loss(batch_for((4,), "cross_entropy", k=2, classes=2))  # two examples are fine
+
+
+# ----------------------------------------------------------------------------- recomputed sweep
+@pytest.fixture
+def cache_limit():
+    """Sets the core's activation cache limit for one test (pymeta._C), restoring it after."""
+    from pymeta import _C
+
+    default = _C.activation_cache_limit()
+    yield _C.set_activation_cache_limit
+    _C.set_activation_cache_limit(default)
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("limit", [0, 150_000])
+def test_a_sweep_that_recomputes_passes_gives_the_same_meta_gradient(net, limit, cache_limit):
+    """Under the activation cache limit the inner loop keeps no support pass (0) or only the
+    first ones (150 kB: one or two of these passes of about 70 kB), and the reverse sweep
+    recomputes the others: memory then grows with the inner steps by the parameters only. The
+    meta-gradient is the same, also with learned per-step rates and per-step batch norm."""
+    from pymeta import _C
+
+    model, example = conv_net(net, seed=6)
+    kwargs = dict(
+        inner_steps=3, loss="cross_entropy", lr_mode="per_layer_step", learn_inner_lr=True,
+        multi_step_loss=True, per_step_bn=True,
+    )  # fmt: skip
+    maml = pymeta.ModelAwareMAML(model, **kwargs)
+    randomize_lrs(maml, seed=2, low=0.05, width=0.3)
+    batch = batch_for(example, "cross_entropy")
+    params = list(maml.parameters())
+    kept = maml.meta_loss(batch)
+    kept_grads = grads_of(kept, params)
+    before = _C.sweep_recomputed_passes()
+    cache_limit(limit)
+    got = maml.meta_loss(batch)
+    recomputed = _C.sweep_recomputed_passes() - before
+    # 3 tasks x 3 steps: all recomputed, or some of each.
+    assert recomputed == 9 if limit == 0 else 0 < recomputed < 9, recomputed
+    grads = grads_of(got, params)
+    assert rel_err(got, kept) < 1e-13
+    assert_close_grads(grads, kept_grads)
+    want = reference_loss(maml, batch, lr_lookup(maml), F.cross_entropy)
+    assert rel_err(got, want) < TOL
+    assert_close_grads(grads, grads_of(want, params))

@@ -376,7 +376,8 @@ class DataDependent(nn.Module):
         (DirectParameter(), r"node 'weight' \(get_attr weight\) in the forward of model "
          r"\(DirectParameter\): not supported by ModelAwareMAML \(it reads a parameter or "
          r"buffer directly\)"),
-        (head(conv(1, 2), Shared()), r"one nn\.Conv2d \(one module used twice\); .*shared "
+        (head(conv(1, 2), Shared()), r"model\.1\.conv \(Conv2d\) is called twice, the same "
+         r"nn\.Conv2d \(one module used twice\); .*shared "
          r"layers are not supported; use pymeta\.MAML"),
         (DataDependent(), r"model: torch\.fx could not trace DataDependent\.forward "
          r"\(TraceError: .*control flow\); .*use pymeta\.MAML"),
@@ -430,11 +431,6 @@ class TrainOnlyBlock(nn.Module):
         return x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: NetSpec.check_unchanged skips the retrace for nn.Sequential models, so a "
-    "block inside one that traces differently in eval() runs the construction-time graph",
-)
 def test_a_block_that_traces_differently_inside_a_sequential_is_refused():
     torch.manual_seed(0)
     model = head(conv(1, 2), TrainOnlyBlock()).double()

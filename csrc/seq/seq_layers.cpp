@@ -60,6 +60,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_vjp(const ConvGeometry& g, c
                                   g.stride, g.padding, g.dilation, false, g.output_padding, 1, mask);
 }
 
+// t + b broadcast over the channels (dim 1) of an output of the given shape; t may be undefined.
+at::Tensor add_bias(const at::Tensor& t, const at::Tensor& b, const std::vector<int64_t>& shape) {
+  std::vector<int64_t> view(shape.size(), 1);
+  view[1] = b.size(0);
+  const at::Tensor bias = b.view(view);
+  return t.defined() ? t + bias : bias.expand(shape).contiguous();
+}
+
 // ---- batch norm over every dimension but the channels (dim 1), with batch statistics
 std::vector<int64_t> channel_reduce_dims(const at::Tensor& x) {
   std::vector<int64_t> dims{0};
@@ -260,12 +268,24 @@ at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tenso
   switch (L.kind) {
     case SeqKind::kLinear:
       if (rx.defined()) ry = rx.mm(w.t());
-      if (uw.defined()) accumulate(ry, ub.defined() ? ub.addmm(x, uw.t()) : x.mm(uw.t()));
+      if (uw.defined()) {
+        accumulate(ry, ub.defined() ? ub.addmm(x, uw.t()) : x.mm(uw.t()));
+      } else if (ub.defined()) {  // a bias tangent alone
+        ry = add_bias(ry, ub, {x.size(0), w.size(0)});
+      }
       return ry;
     case SeqKind::kConv2d: {
       const ConvGeometry g(L);
       if (rx.defined()) ry = conv(g, rx, w, at::Tensor());
-      if (uw.defined()) accumulate(ry, conv(g, x, uw, ub));
+      if (uw.defined()) {
+        accumulate(ry, conv(g, x, uw, ub));
+      } else if (ub.defined()) {  // a bias tangent alone
+        std::vector<int64_t> shape{x.size(0), w.size(0)};
+        for (int i = 0; i < 2; ++i) {
+          shape.push_back((x.size(2 + i) + 2 * g.padding[i] - w.size(2 + i)) / g.stride[i] + 1);
+        }
+        ry = add_bias(ry, ub, shape);
+      }
       return ry;
     }
     case SeqKind::kBatchNorm: {
@@ -276,7 +296,12 @@ at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tenso
       if (rx.defined()) r_saved = bn_project(rx, xhat, bn_inv_std(x, saved));
       if (!w.defined()) return r_saved;
       if (r_saved.defined()) ry = r_saved * per_channel(w, x);
-      if (uw.defined()) accumulate(ry, xhat * per_channel(uw, x) + per_channel(ub, x));
+      if (uw.defined()) {
+        const at::Tensor scaled = xhat * per_channel(uw, x);
+        accumulate(ry, ub.defined() ? scaled + per_channel(ub, x) : scaled);
+      } else if (ub.defined()) {  // a bias tangent alone
+        ry = add_bias(ry, ub, x.sizes().vec());
+      }
       return ry;
     }
     case SeqKind::kActivation:

@@ -40,6 +40,20 @@ struct SeqPass {
   // fused[l]: layers l..l+2 (batch norm, ReLU, max pooling) ran as one block; the block keeps
   // the pooled output only, the statistics in saved[l] and the argmax in saved[l + 2].
   std::vector<bool> fused;
+
+  bool empty() const { return vals.empty(); }
+
+  // Bytes of the tensors it holds (a value shared by two entries counts twice).
+  int64_t bytes() const {
+    int64_t n = probs.defined() ? static_cast<int64_t>(probs.nbytes()) : 0;
+    for (const auto* list : {&vals, &grad_vals}) {
+      for (const auto& t : *list) n += t.defined() ? static_cast<int64_t>(t.nbytes()) : 0;
+    }
+    for (const auto& s : saved) {
+      for (const auto* t : {&s.aux, &s.inv_std}) n += t->defined() ? static_cast<int64_t>(t->nbytes()) : 0;
+    }
+    return n;
+  }
 };
 
 class SeqTask {
@@ -141,6 +155,7 @@ class SeqTask {
         if (L.w_param >= 0) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
         if (L.b_param >= 0) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
         if (need_x) add_to(gv[L.input], g.x);
+        if (!keep) release(pass, l + 1);
         l = bn;
         continue;
       }
@@ -152,6 +167,7 @@ class SeqTask {
       if (L.b_param >= 0 && (all_params || L.adapted)) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
       if (needed[L.input]) add_to(gv[L.input], g.x);
       if (L.input2 >= 0 && needed[L.input2]) add_to(gv[L.input2], g.x2);
+      if (!keep) release(pass, l + 1);
     }
     if (!keep) gv.clear();
     return grads;
@@ -199,11 +215,21 @@ class SeqTask {
       if (L.b_param >= 0 && r.b.defined()) hu[L.b_param] = place(theta[L.b_param], L, pass.step, r.b);
       if (needed[L.input]) add_to(rg[L.input], r.x);
       if (L.input2 >= 0 && needed[L.input2]) add_to(rg[L.input2], r.x2);
+      // Every reader of value l + 1 (a later layer) is done with its tangents.
+      r_val[l + 1] = at::Tensor();
+      rg[l + 1] = at::Tensor();
     }
     return hu;
   }
 
  private:
+  // Value v (the output of layer v - 1) once the reverse pass has gone below its producer: every
+  // reader of it is a later layer, done. Frees it and its gradient (less peak memory).
+  static void release(SeqPass& pass, int64_t v) {
+    pass.vals[v] = at::Tensor();
+    pass.grad_vals[v] = at::Tensor();
+  }
+
   // acc += t, undefined meaning zero. Out of place: a gradient may be shared (an add passes
   // its output's gradient to both inputs) or kept by the pass for hvp().
   static void add_to(at::Tensor& acc, const at::Tensor& t) {
@@ -389,8 +415,11 @@ void record_bn_stats(const SeqNet& net, const SeqPass& pass, at::Tensor out) {
 }
 
 // One task's inner loop: theta[j] after j steps (theta[0] the meta-params), the support pass
-// of every step when `keep_passes`, and the support gradients when `keep_grads`. When bn_stats
-// (steps + 1, 2, bn_channels) is defined, row j gets the batch statistics of the support at step j.
+// of every step for a second-order sweep (`sweep`), and the support gradients when `keep_grads`.
+// Passes are kept while their bytes stay within activation_cache_limit(); a step whose pass is
+// not kept has an empty entry, and the sweep recomputes it (memory then grows with the inner
+// steps by the parameter iterates only). When bn_stats (steps + 1, 2, bn_channels) is defined,
+// row j gets the batch statistics of the support at step j.
 struct InnerLoop {
   std::vector<Params> theta;
   std::vector<SeqPass> passes;
@@ -399,24 +428,33 @@ struct InnerLoop {
 
 InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params& theta0,
                          const std::vector<Params>& lr, const at::Tensor& sx, const at::Tensor& sy,
-                         bool keep_passes, bool keep_grads, const at::Tensor& bn_stats) {
+                         bool sweep, bool keep_grads, const at::Tensor& bn_stats) {
   InnerLoop out;
   out.theta.push_back(theta0);
+  const int64_t limit = activation_cache_limit().load();
+  int64_t kept = 0, last = 0;  // bytes of the kept passes; of the last pass kept
   for (int64_t j = 0; j < pb.steps; ++j) {
     const Params& cur = out.theta.back();
-    // Passes the reverse sweep's hvp() never reads may run fused blocks.
-    SeqPass pass = task.forward(cur, sx, j, !keep_passes);
+    // Kept passes are differentiated again by the sweep, through every layer (no fused blocks);
+    // others run the fused blocks. A pass as big as the last one must fit beside those kept.
+    const bool keep = sweep && (j == 0 || kept + last <= limit);
+    SeqPass pass = task.forward(cur, sx, j, !keep);
     if (bn_stats.defined()) record_bn_stats(pb.net, pass, bn_stats[j]);
     task.loss(pass, sy, true);
-    // The sweep differentiates kept passes again, through every layer.
-    Params g = task.backward(pass, cur, keep_passes, keep_passes);
+    Params g = task.backward(pass, cur, keep, keep);
     Params next = cur;  // frozen params are shared, not copied
     const Params& rate = lr[lr_row(pb, j)];
     for (size_t p = 0; p < cur.size(); ++p) {
       if (pb.adapted[p]) next[p] = cur[p] - rate[p] * g[p];
     }
     out.theta.push_back(std::move(next));
-    if (keep_passes) out.passes.push_back(std::move(pass));
+    if (keep) last = pass.bytes();
+    if (keep && kept + last <= limit) {
+      kept += last;
+      out.passes.push_back(std::move(pass));
+    } else if (sweep) {
+      out.passes.emplace_back();  // recomputed by the sweep
+    }
     if (keep_grads) out.grads.push_back(std::move(g));
   }
   return out;
@@ -507,7 +545,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
         for (size_t p = 0; p < v.size(); ++p) {
           if (pb.adapted[p] && v[p].defined()) u[p] = rate[p] * v[p];
         }
-        add_scaled(v, task.hvp(inner.passes[j], inner.theta[j], u), -1.0);
+        SeqPass& pass = inner.passes[j];
+        if (pass.empty()) {  // not kept by the inner loop: the same pass again
+          sweep_recomputed_passes().fetch_add(1);
+          pass = task.forward(inner.theta[j], sx, j, false);
+          task.loss(pass, sy, true);
+          task.backward(pass, inner.theta[j], true, true);
+        }
+        add_scaled(v, task.hvp(pass, inner.theta[j], u), -1.0);
+        pass = SeqPass();  // the sweep is done with step j
+
       }
       if (j >= 1) add_query_term(j);
     }

@@ -4,7 +4,7 @@ Counts the convolution multiply-adds of conv4 from its shapes, then profiles one
 (torch.profiler, self CPU time per op, averaged over ``--steps`` steps) for ModelAwareMAML and
 for the per-task autograd loop. Both call the same oneDNN convolutions; the core runs batch
 norm, ReLU and pooling in its own fused kernels (the profiler's self time of
-``pymeta::seq_maml_loss``, "fused (pymeta)") where the loop calls ATen's. Run it on a quiet
+``pymeta::net_maml_loss``, "fused (pymeta)") where the loop calls ATen's. Run it on a quiet
 machine: the profiler's own overhead inflates the small ops.
 
 Usage::

@@ -34,4 +34,11 @@ inline std::atomic<bool>& cpu_fused_kernels() {
   return on;
 }
 
+// The MLP fast path (net/mlp_net.h), on by default. Off, MLPs run through the layered rules
+// like any other network: tests switch it off to check both paths on the same MLP.
+inline std::atomic<bool>& mlp_fast_path() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
 }  // namespace pymeta

@@ -1,11 +1,13 @@
 // The small pybind11 module pymeta._C: build facts and the model-aware core's encoding. Ops live
 // in the dispatcher (csrc/ops.cpp); loading this library registers them.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "core_settings.h"
 #include "cpu/workspace.h"
-#include "mlp_net.h"
-#include "seq_net.h"
+#include "net/codes.h"
+#include "net/mlp_net.h"
+#include "net/net.h"
 
 namespace {
 bool with_cuda() {
@@ -32,34 +34,42 @@ pybind11::dict names_dict(const pymeta::EncodingName (&names)[N]) {
 }
 
 // The codes and layouts the model-aware ops read, from the constants their parsers use
-// (csrc/mlp_maml_math.h, csrc/mlp_net.h, csrc/seq_net.h): pymeta/encoding.py reads this.
+// (csrc/net/codes.h, csrc/net/net.h): pymeta/model_aware/encoding.py reads this.
 pybind11::dict encoding() {
   namespace py = pybind11;
-  py::dict seq_fields, mlp_fields, batchnorm_ints, seq, mlp, d;
-  seq_fields["kind"] = pymeta::kSeqKindField;
-  seq_fields["flag"] = pymeta::kSeqFlagField;
-  seq_fields["adapted"] = pymeta::kSeqAdaptedField;
-  seq_fields["input"] = pymeta::kSeqInputField;
-  seq_fields["input2"] = pymeta::kSeqInput2Field;
-  seq_fields["ints"] = pymeta::kSeqIntsField;
+  py::dict fields, batchnorm_ints, net, d;
+  fields["kind"] = pymeta::kLayerKindField;
+  fields["flag"] = pymeta::kLayerFlagField;
+  fields["adapted"] = pymeta::kLayerAdaptedField;
+  fields["input"] = pymeta::kLayerInputField;
+  fields["input2"] = pymeta::kLayerInput2Field;
+  fields["ints"] = pymeta::kLayerIntsField;
   batchnorm_ints["per_step"] = pymeta::kBnPerStepInt;
   batchnorm_ints["channels"] = pymeta::kBnChannelsInt;
-  seq["kinds"] = names_dict(pymeta::kSeqKindNames);
-  seq["fields"] = seq_fields;
-  seq["num_ints"] = pymeta::kSeqNumInts;
-  seq["ints_per_layer"] = pymeta::kSeqLayerInts;
-  seq["batchnorm_ints"] = batchnorm_ints;
-  mlp_fields["activation"] = pymeta::kMlpActivationField;
-  mlp_fields["has_bias"] = pymeta::kMlpHasBiasField;
-  mlp_fields["adapted"] = pymeta::kMlpAdaptedField;
-  mlp["fields"] = mlp_fields;
-  mlp["ints_per_layer"] = pymeta::kMlpLayerInts;
-  d["seq"] = seq;
-  d["mlp"] = mlp;
+  net["kinds"] = names_dict(pymeta::kLayerKindNames);
+  net["fields"] = fields;
+  net["num_ints"] = pymeta::kLayerNumInts;
+  net["ints_per_layer"] = pymeta::kLayerInts;
+  net["batchnorm_ints"] = batchnorm_ints;
+  d["net"] = net;
   d["activations"] = names_dict(pymeta::kActivationNames);
   d["losses"] = names_dict(pymeta::kLossNames);
   d["lr_modes"] = names_dict(pymeta::kLrModeNames);
   return d;
+}
+
+// Whether net_maml_loss takes the MLP fast path for these layers (a CPU call in float32/64 with
+// the path on): net/mlp_net.h's rule, read from the kind and input fields.
+bool mlp_fast_path_applies(const std::vector<int64_t>& layers) {
+  using namespace pymeta;
+  if (layers.empty() || layers.size() % kLayerInts != 0) return false;
+  std::vector<std::pair<LayerKind, int64_t>> chain;
+  for (size_t i = 0; i < layers.size(); i += kLayerInts) {
+    const int64_t kind = layers[i + kLayerKindField];
+    if (kind < 0 || kind >= kNumLayerKinds) return false;
+    chain.emplace_back(static_cast<LayerKind>(kind), layers[i + kLayerInputField]);
+  }
+  return mlp_fast_path().load() && is_mlp_chain(chain);
 }
 }  // namespace
 
@@ -77,6 +87,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_activation_cache_limit",
         [](int64_t bytes) { pymeta::activation_cache_limit().store(bytes < 0 ? 0 : bytes); },
         "Sets that cap; 0 makes the sweep recompute every activation (least memory).");
+  m.def("mlp_fast_path_applies", &mlp_fast_path_applies, pybind11::arg("layers"),
+        "Whether net_maml_loss runs these layers (its `layers` ints) on the MLP fast path.");
+  m.def("mlp_fast_path", [] { return pymeta::mlp_fast_path().load(); },
+        "Whether the MLP fast path is on (default).");
+  m.def("set_mlp_fast_path", [](bool on) { pymeta::mlp_fast_path().store(on); },
+        "Switches the MLP fast path; off, MLPs run through the layered rules.");
   m.def("sweep_recomputed_passes", [] { return pymeta::sweep_recomputed_passes().load(); },
         "Support passes the layered core's reverse sweeps recomputed so far (diagnostics).");
   m.def("workspace_cached_bytes", &pymeta::workspace_cached_bytes,

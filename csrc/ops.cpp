@@ -16,59 +16,45 @@ TORCH_LIBRARY(pymeta, m) {
       "sgd_update_backward(Tensor[] grads, Tensor[] grad_outputs, Tensor[] lrs, "
       "bool compute_lr_grad) -> (Tensor[] grad_grads, Tensor[] grad_lrs)");
 
-  // Model-aware MAML on an MLP, the whole meta-step in one call: for every task, the inner loop
-  // on the support set, the weighted query losses, and (compute_grads) the exact meta-gradient
-  // by a reverse sweep over the inner steps with Hessian-vector products (R-operator).
-  //   params: W_1, [b_1], W_2, [b_2], ... with W_l (out_l, in_l), b_l (out_l); shared by tasks.
+  // Model-aware MAML, the whole meta-step in one call: for every task, the inner loop on the
+  // support set, the weighted query losses, and (compute_grads) the exact meta-gradient by a
+  // reverse sweep over the inner steps with Hessian-vector products (R-operator). The network
+  // is a graph of Linear, Conv2d, BatchNorm (batch statistics), activation, MaxPool2d,
+  // AvgPool2d, Flatten, global average pooling, residual add and channel concat layers in
+  // topological order (an MLP takes the CPU fast path, csrc/net/mlp_net.h).
+  //   params: the parametric layers' weight, [bias], in layer order; shared by all tasks.
   //   lrs: lr_mode 0: [()]; 1: [(steps, n_adapted_layers)]; 2: one per adapted param, its shape.
-  //   support_x (T, K, in_1), query_x (T, Q, in_1); targets (T, K, out_L) floats for MSE
-  //   (loss 0) or (T, K) int64 classes for cross-entropy (loss 1).
-  //   layers: per layer [activation, has_bias, adapted]; activation_args: per layer (slope).
+  //   layers: per layer [kind, flag, adapted, input, input2, six ints] (csrc/net/net.h);
+  //   layer_args: per layer (batch-norm eps or activation slope).
+  //   support_x (T, K, ...), query_x (T, Q, ...); targets (T, K, ...) floats like the output
+  //   for MSE (loss 0) or (T, K) int64 classes for cross-entropy (loss 1).
   //   step_weights (steps,): weight of the query loss after each inner step.
   // Returns the weighted query loss averaged over tasks, its gradient for each param (empty
   // unless compute_grads) and each lr (empty unless compute_lr_grads), and the per-task
-  // weighted query losses (T,). bn_stats (T, steps + 1, 2, 0) is empty: an MLP has no batch
-  // norm (the output exists to share seq_maml_loss's signature).
+  // weighted query losses (T,). Per-step batch-norm weights and biases carry a leading dim of
+  // at least steps + 1: row j is used at inner step j, row steps by the query after the last
+  // step. bn_stats (T, steps + 1, 2, C) holds the batch statistics each task's batch norm
+  // layers normalised with, their channels concatenated in layer order (C in all; layers
+  // ints[1] gives each layer's): [t, j, 0] the means and [t, j, 1] the unbiased variances, row
+  // j < steps of the support at inner step j, row steps of the query after the last step (NaN
+  // if its step weight is 0). Running statistics per step (MAML++) average them.
   m.def(
-      "mlp_maml_loss(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
-      "Tensor query_x, Tensor query_y, int[] layers, float[] activation_args, "
-      "float[] step_weights, int lr_mode, int loss, bool first_order, bool compute_grads, "
-      "bool compute_lr_grads) "
-      "-> (Tensor loss, Tensor[] grad_params, Tensor[] grad_lrs, Tensor task_losses, Tensor bn_stats)");
-  // The inner loop alone (fast adaptation): per-task adapted params, each (T, *param.shape).
-  m.def(
-      "mlp_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
-      "int[] layers, float[] activation_args, int steps, int lr_mode, int loss) -> Tensor[]");
-
-  // Model-aware MAML on a network of Linear, Conv2d, BatchNorm (batch statistics), activation,
-  // MaxPool2d, AvgPool2d, Flatten, global average pooling, residual add and channel concat
-  // layers, in topological order: the same meta-step and outputs as
-  // mlp_maml_loss. layers: per layer [kind, flag, adapted, input, input2, six ints] (csrc/seq_net.h);
-  // layer_args: per layer (batch-norm eps or activation slope). support_x (T, K, ...),
-  // query_x (T, Q, ...); targets (T, K, ...) floats like the output for MSE or (T, K) int64.
-  // Per-step batch-norm weights and biases carry a leading dim of at least steps + 1: row j is
-  // used at inner step j, row steps by the query after the last step. bn_stats
-  // (T, steps + 1, 2, C) holds the batch statistics each task's batch norm layers normalised
-  // with, their channels concatenated in layer order (C in all; layers ints[1] gives each
-  // layer's): [t, j, 0] the means and [t, j, 1] the unbiased variances, row j < steps of the
-  // support at inner step j, row steps of the query after the last step (NaN if its step
-  // weight is 0). Running statistics per step (MAML++) average them.
-  m.def(
-      "seq_maml_loss(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
+      "net_maml_loss(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
       "Tensor query_x, Tensor query_y, int[] layers, float[] layer_args, "
       "float[] step_weights, int lr_mode, int loss, bool first_order, bool compute_grads, "
       "bool compute_lr_grads) "
       "-> (Tensor loss, Tensor[] grad_params, Tensor[] grad_lrs, Tensor task_losses, Tensor bn_stats)");
   // One layer's rules on their own, for tests against autograd: layer is one row of
-  // seq_maml_loss's layers (its inputs read value 0), layer_arg its arg. Returns
+  // net_maml_loss's layers (its inputs read value 0), layer_arg its arg. Returns
   // [y, dL/dx, dL/dx2, dL/dw, dL/db] for gy = dL/dy, then the tangents along
   // (r_x, r_x2, r_weight, r_bias) and r_grad_y: [R{y}, R{dL/dx}, R{dL/dx2}, R{dL/dw}, R{dL/db}].
   // Absent inputs read as zero; absent outputs are zero tensors shaped like their input.
   m.def(
-      "seq_layer_rules(int[] layer, float layer_arg, Tensor x, Tensor? x2, Tensor? weight, "
+      "net_layer_rules(int[] layer, float layer_arg, Tensor x, Tensor? x2, Tensor? weight, "
       "Tensor? bias, Tensor grad_y, Tensor? r_x, Tensor? r_x2, Tensor? r_weight, Tensor? r_bias, "
       "Tensor? r_grad_y) -> Tensor[]");
+  // The inner loop alone (fast adaptation): per-task adapted params, each (T, *param.shape).
   m.def(
-      "seq_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
+      "net_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "
       "int[] layers, float[] layer_args, int steps, int lr_mode, int loss) -> Tensor[]");
 }

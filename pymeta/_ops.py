@@ -8,12 +8,9 @@ trace the ops.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
-
-from pymeta.encoding import BATCHNORM_INTS, LOSSES, SEQ_FIELDS, SEQ_KINDS, seq_rows
 
 try:
     from pymeta import _C  # noqa: F401  (loading the library registers torch.ops.pymeta.*)
@@ -95,6 +92,13 @@ if HAS_COMPILED_CORE:
         grad_lrs = [torch.empty_like(lr) for lr in lrs] if compute_lr_grad else []
         return grad_grads, grad_lrs
 
+    # The model-aware core's layout, read from the compiled core (an import here would be
+    # circular: pymeta.model_aware imports this module).
+    def _encoding():
+        from pymeta.model_aware import encoding
+
+        return encoding
+
     def _check_core_args(op, params, lrs, loss, support_x, support_y, query_x=None, query_y=None):
         """The model-aware ops' device and dtype rules: one device for all, the params' dtype
         for the lrs and inputs, and for float targets (MSE); int64 class indices for
@@ -105,23 +109,23 @@ if HAS_COMPILED_CORE:
         check_one_device(op, params=params, lrs=lrs, **data)
         if not params:
             raise ValueError(f"{op}: params: expected at least one tensor, received none")
-        floats = {k: v for k, v in data.items() if k.endswith("_x") or loss == LOSSES["mse"]}
+        losses = _encoding().LOSSES
+        floats = {k: v for k, v in data.items() if k.endswith("_x") or loss == losses["mse"]}
         check_one_dtype(op, params[0].dtype, "params[0]", params=params, lrs=lrs, **floats)
-        if loss == LOSSES["cross_entropy"]:
+        if loss == losses["cross_entropy"]:
             labels = {k: v for k, v in data.items() if k.endswith("_y")}
             check_one_dtype(op, torch.int64, "class indices", **labels)
 
-    def _bn_channels(core: str, layers) -> int:
-        """Channels of all batch norm layers (the layered core's layout: pymeta.encoding)."""
-        if core != "seq":
-            return 0
-        kind, channels = SEQ_FIELDS["kind"], SEQ_FIELDS["ints"] + BATCHNORM_INTS["channels"]
-        rows = seq_rows(layers)
-        return sum(row[channels] for row in rows if row[kind] == SEQ_KINDS["batchnorm"])
+    def _bn_channels(layers) -> int:
+        """Channels of all batch norm layers (the core's layout: pymeta.model_aware.encoding)."""
+        e = _encoding()
+        kind, channels = e.FIELDS["kind"], e.FIELDS["ints"] + e.BATCHNORM_INTS["channels"]
+        return sum(
+            row[channels] for row in e.layer_rows(layers) if row[kind] == e.KINDS["batchnorm"]
+        )
 
-    # The MLP core and the layered core (convolutions, batch norm, pooling) share signatures.
+    @torch.library.register_fake("pymeta::net_maml_loss")
     def _maml_loss_fake(
-        core,
         params,
         lrs,
         support_x,
@@ -138,7 +142,7 @@ if HAS_COMPILED_CORE:
         compute_lr_grads,
     ):
         _check_core_args(
-            f"pymeta::{core}_maml_loss", params, lrs, loss, support_x, support_y, query_x, query_y
+            "pymeta::net_maml_loss", params, lrs, loss, support_x, support_y, query_x, query_y
         )
         ref = params[0]
         grads = [torch.empty_like(p) for p in params] if compute_grads else []
@@ -146,17 +150,10 @@ if HAS_COMPILED_CORE:
             [torch.empty_like(lr) for lr in lrs] if compute_grads and compute_lr_grads else []
         )
         tasks, rows = support_x.shape[0], len(step_weights) + 1
-        bn_stats = ref.new_empty((tasks, rows, 2, _bn_channels(core, layers)))
+        bn_stats = ref.new_empty((tasks, rows, 2, _bn_channels(layers)))
         return ref.new_empty(()), grads, lr_grads, ref.new_empty(tasks), bn_stats
 
-    def _adapt_fake(
-        core, params, lrs, support_x, support_y, layers, layer_args, steps, lr_mode, loss
-    ):
-        _check_core_args(f"pymeta::{core}_adapt", params, lrs, loss, support_x, support_y)
+    @torch.library.register_fake("pymeta::net_adapt")
+    def _adapt_fake(params, lrs, support_x, support_y, layers, layer_args, steps, lr_mode, loss):
+        _check_core_args("pymeta::net_adapt", params, lrs, loss, support_x, support_y)
         return [p.new_empty((support_x.shape[0], *p.shape)) for p in params]
-
-    for _core in ("mlp", "seq"):
-        torch.library.register_fake(f"pymeta::{_core}_maml_loss")(
-            functools.partial(_maml_loss_fake, _core)
-        )
-        torch.library.register_fake(f"pymeta::{_core}_adapt")(functools.partial(_adapt_fake, _core))

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import pymeta
-from pymeta.module_checks import flatten_sequential
 
 ACTIVATIONS = ("relu", "leaky", "tanh", "sigmoid", "none")
 
@@ -264,7 +263,7 @@ def parametric_positions(model: nn.Sequential, skip_batch_norm: bool = False) ->
     """model[i] indices (nested Sequentials flattened) of the layers with parameters."""
     return [
         i
-        for i, (_, m) in enumerate(flatten_sequential(model))
+        for i, (_, m) in enumerate(leaves(model))
         if any(True for _ in m.parameters())
         and not (skip_batch_norm and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)))
     ]
@@ -280,9 +279,9 @@ def options_recipe(c, model: nn.Sequential, inner_steps: int) -> dict:
     positions = parametric_positions(model, skip_batch_norm=per_step_bn)
     adapt = c.choice(("all", "head", "indices"))
     if adapt == "indices":
-        leaves = len(list(flatten_sequential(model)))
+        n_leaves = len(leaves(model))
         picked = [p for p in positions if c.boolean()] or [c.choice(positions)]
-        adapt_layers = [p - leaves if c.boolean() else p for p in picked]
+        adapt_layers = [p - n_leaves if c.boolean() else p for p in picked]
     else:
         adapt_layers = None if adapt == "all" else "head"
     multi = c.choice(("last", "mean", "weights"))
@@ -314,8 +313,7 @@ BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 def leaves(model: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of the leaves under nested Sequentials, a module used twice at
-    both places. Unlike flatten_sequential, checks nothing: it reads models that
-    ModelAwareMAML refuses."""
+    both places. Checks nothing: it reads models that ModelAwareMAML refuses too."""
     out = []
     for name, child in model._modules.items():
         if isinstance(child, nn.Sequential):
@@ -520,9 +518,9 @@ def invalid_constructor(c, model: nn.Sequential) -> tuple[str, dict | nn.Module]
     if name == "learn_inner_lr":
         return name, {name: c.choice(("per_layer_step", "yes", 1, None))}
     if name == "adapt_layers":
-        leaves = len(list(flatten_sequential(model)))
-        plain = [i for i in range(leaves) if i not in parametric_positions(model)]
-        bad = [[], "tail", 3, [1.5], [True], [leaves + c.integer(0, 3)], [-leaves - 1]]
+        n_leaves = len(leaves(model))
+        plain = [i for i in range(n_leaves) if i not in parametric_positions(model)]
+        bad = [[], "tail", 3, [1.5], [True], [n_leaves + c.integer(0, 3)], [-n_leaves - 1]]
         if plain:
             bad.append([c.choice(plain)])
         return name, {name: c.choice(bad)}
@@ -546,7 +544,7 @@ def invalid_constructor(c, model: nn.Sequential) -> tuple[str, dict | nn.Module]
         }
     if name in ("per_step_bn", "track_bn_stats"):
         return name, {name: c.choice(("yes", 1, None))}
-    layers = list(flatten_sequential(model))
+    layers = list(leaves(model))
     position = c.integer(0, len(layers))
     modules = [m for _, m in layers]
     modules.insert(position, _unsupported_layer(c))
@@ -672,11 +670,11 @@ def raw_op_call(c) -> tuple[str, object]:
             args[i] = c.integer(-2, 4)
     layered = maml.core_kind == "layered"
     if c.boolean():
-        op = torch.ops.pymeta.seq_maml_loss if layered else torch.ops.pymeta.mlp_maml_loss
+        op = torch.ops.pymeta.net_maml_loss if layered else torch.ops.pymeta.net_maml_loss
         flags = (c.boolean(), c.boolean(), c.boolean())
         thunk = lambda: op(*args, *flags)  # noqa: E731
     else:
-        op = torch.ops.pymeta.seq_adapt if layered else torch.ops.pymeta.mlp_adapt
+        op = torch.ops.pymeta.net_adapt if layered else torch.ops.pymeta.net_adapt
         steps = c.integer(-1, 3)
         thunk = lambda: op(*args[:4], args[6], args[7], steps, args[9], args[10])  # noqa: E731
     return f"{op} broken: {broken}", thunk

@@ -10,7 +10,8 @@ from parity import lr_lookup, reference_loss, rel_err
 from torch import nn
 
 import pymeta
-from pymeta import _C, encoding, losses, mlp_spec, model_aware, net_spec
+from pymeta import _C, losses
+from pymeta.model_aware import LR_MODES, encoding, net_spec
 
 TOL = 1e-10
 
@@ -58,17 +59,16 @@ def meta_loss_error(model, example) -> float:
 def test_python_tables_are_the_exported_ones():
     exported = _C.encoding()
     assert encoding.ENCODING == exported
-    assert net_spec.KIND == exported["seq"]["kinds"]
-    assert sorted(mlp_spec.ACTIVATION_CODES.values()) == sorted(
+    assert net_spec.KINDS == exported["net"]["kinds"]
+    assert sorted(net_spec.ACTIVATION_CODES.values()) == sorted(
         code for name, code in exported["activations"].items() if name != "none"
     )
-    assert set(model_aware.LR_MODES) == set(exported["lr_modes"])
+    assert set(LR_MODES) == set(exported["lr_modes"])
     assert set(losses.LOSS_NAMES) == set(exported["losses"])
-    seq, mlp = exported["seq"], exported["mlp"]
-    assert seq["ints_per_layer"] == len(seq["fields"]) - 1 + seq["num_ints"]
-    assert mlp["ints_per_layer"] == len(mlp["fields"])
+    net = exported["net"]
+    assert net["ints_per_layer"] == len(net["fields"]) - 1 + net["num_ints"]
     # Codes are dense from 0: the op's parsers accept [0, count).
-    for table in (seq["kinds"], exported["activations"], exported["losses"], exported["lr_modes"]):
+    for table in (net["kinds"], exported["activations"], exported["losses"], exported["lr_modes"]):
         assert sorted(table.values()) == list(range(len(table)))
 
 
@@ -76,15 +76,15 @@ def test_every_kind_round_trips_through_the_op():
     model, example = every_kind_net()
     spec = net_spec.NetSpec.from_module(model)
     ints, args = spec.core_layers(spec.resolve_adapted(None))
-    rows = encoding.seq_rows(ints)
-    kind = encoding.SEQ_FIELDS["kind"]
-    assert {row[kind] for row in rows} == set(encoding.SEQ_KINDS.values())
-    assert all(len(row) == encoding.SEQ_INTS_PER_LAYER for row in rows) and len(args) == len(rows)
+    rows = encoding.layer_rows(ints)
+    kind = encoding.FIELDS["kind"]
+    assert {row[kind] for row in rows} == set(encoding.KINDS.values())
+    assert all(len(row) == encoding.INTS_PER_LAYER for row in rows) and len(args) == len(rows)
     assert meta_loss_error(model, example) < TOL
 
 
 def test_fake_kernel_reads_the_layout_like_the_op():
-    """The fake kernel's batch norm channels (read with pymeta.encoding) match the op's."""
+    """The fake kernel's batch norm channels (read with the encoding module) match the op's."""
     model, example = every_kind_net()
     maml = pymeta.ModelAwareMAML(model, inner_steps=2, loss="cross_entropy")
     batch = batch_for(example)
@@ -101,9 +101,9 @@ def test_fake_kernel_reads_the_layout_like_the_op():
 def test_swapped_kind_codes_are_caught(monkeypatch):
     """Valid but wrong codes (max and average pooling swapped) give a wrong loss, so the
     round-trip check above can fail."""
-    kinds = dict(net_spec.KIND)
-    monkeypatch.setitem(net_spec.KIND, "maxpool", kinds["avgpool"])
-    monkeypatch.setitem(net_spec.KIND, "avgpool", kinds["maxpool"])
+    kinds = dict(net_spec.KINDS)
+    monkeypatch.setitem(net_spec.KINDS, "maxpool", kinds["avgpool"])
+    monkeypatch.setitem(net_spec.KINDS, "avgpool", kinds["maxpool"])
     assert meta_loss_error(*every_kind_net()) > 1e-3
 
 
@@ -118,18 +118,15 @@ def test_out_of_range_codes_are_refused_by_the_op(table):
     args = list(maml._core_args(batch.support_x, batch.support_y, batch.query_x, batch.query_y))
     layers = list(args[6])
     if table == "kind":  # the Flatten layer's kind
-        row = len(encoding.seq_rows(layers)) - 2
-        layers[row * encoding.SEQ_INTS_PER_LAYER + encoding.SEQ_FIELDS["kind"]] = len(
-            encoding.SEQ_KINDS
-        )
+        row = len(encoding.layer_rows(layers)) - 2
+        layers[row * encoding.INTS_PER_LAYER + encoding.FIELDS["kind"]] = len(encoding.KINDS)
         match = "unknown kind"
     elif table == "activation":  # the ReLU layer's flag
-        layers[2 * encoding.SEQ_INTS_PER_LAYER + encoding.SEQ_FIELDS["flag"]] = len(
-            encoding.ACTIVATIONS
-        )
+        layers[2 * encoding.INTS_PER_LAYER + encoding.FIELDS["flag"]] = len(encoding.ACTIVATIONS)
         match = "unknown activation code"
-    elif table == "mlp_activation":
-        layers[encoding.MLP_FIELDS["activation"]] = len(encoding.ACTIVATIONS)
+    elif table == "mlp_activation":  # the Tanh layer's flag, on the MLP fast path
+        assert maml.core_kind == "mlp"
+        layers[encoding.INTS_PER_LAYER + encoding.FIELDS["flag"]] = len(encoding.ACTIVATIONS)
         match = "unknown activation code"
     elif table == "lr_mode":
         args[9] = len(encoding.LR_MODES)
@@ -143,13 +140,11 @@ def test_out_of_range_codes_are_refused_by_the_op(table):
 
 
 def test_layer_helpers_place_fields_where_the_export_says():
-    row = encoding.seq_layer(5, 1, True, range(10, 10 + encoding.SEQ_NUM_INTS), (3, 2))
-    fields = encoding.SEQ_FIELDS
+    row = encoding.layer_row(5, 1, True, range(10, 10 + encoding.NUM_INTS), (3, 2))
+    fields = encoding.FIELDS
     assert (row[fields["kind"]], row[fields["flag"]], row[fields["adapted"]]) == (5, 1, 1)
     assert (row[fields["input"]], row[fields["input2"]]) == (3, 2)
-    assert encoding.seq_layer(0, 0, False, [0] * encoding.SEQ_NUM_INTS, (4,))[fields["input2"]] == -1
-    assert row[fields["ints"] :][: encoding.SEQ_NUM_INTS] == list(range(10, 16))
-    row = encoding.mlp_layer(3, False, True)
-    assert [row[encoding.MLP_FIELDS[k]] for k in ("activation", "has_bias", "adapted")] == [3, 0, 1]
+    assert encoding.layer_row(0, 0, False, [0] * encoding.NUM_INTS, (4,))[fields["input2"]] == -1
+    assert row[fields["ints"] :][: encoding.NUM_INTS] == list(range(10, 16))
     with pytest.raises(ValueError, match="ints: expected 6 layer ints, received 2"):
-        encoding.seq_layer(0, 0, False, (1, 2), (0,))
+        encoding.layer_row(0, 0, False, (1, 2), (0,))

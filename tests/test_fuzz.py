@@ -59,7 +59,7 @@ from test_op_devices import _at, _expected_message, _positions, _with
 from torch import nn
 
 import pymeta
-from pymeta.module_checks import CORE_LAYER_TYPES, flatten_sequential
+from pymeta.model_aware.module_checks import CORE_LAYER_TYPES
 
 TOL = 1e-10
 RANDOM = bool(os.environ.get("PYMETA_FUZZ_RANDOM"))
@@ -113,7 +113,7 @@ def collapses_batch_norm(model, batch) -> bool:
     with torch.no_grad():
         for x in (*batch.support_x, *batch.query_x):
             h = x
-            for _, layer in flatten_sequential(model):
+            for _, layer in leaves(model):
                 if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                     per_channel = h.transpose(0, 1).reshape(h.shape[1], -1)
                     spread = per_channel.amax(1) - per_channel.amin(1)
@@ -454,7 +454,7 @@ def test_raw_ops_refuse_a_tensor_on_another_device(recipe, s, op_name, data):
             params=[p.detach() for p in maml._params()],
             lrs=[lr.detach() for lr in maml.inner_lrs()],
         )  # fmt: skip
-        op_name = f"{'seq' if maml.core_kind == 'layered' else 'mlp'}_{op_name}"
+        op_name = f"net_{op_name}"
         if op_name.endswith("maml_loss"):
             args = [*core_args, *data.draw(st.tuples(st.booleans(), st.booleans()))]
         else:  # adapt: params, lrs, support_x, support_y, layers, layer_args, steps, ...

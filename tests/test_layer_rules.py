@@ -1,5 +1,5 @@
 """Each layer kind's four rules in the layered core (forward, backward, R-forward, R-backward), on
-their own, against torch.func in float64 through the test op ``pymeta::seq_layer_rules``."""
+their own, against torch.func in float64 through the test op ``pymeta::net_layer_rules``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from parity import rel_err
 from torch.func import jvp, vjp
 
 import pymeta
-from pymeta.encoding import ACTIVATIONS, BATCHNORM_INTS, SEQ_KINDS, SEQ_NUM_INTS, seq_layer
+from pymeta.model_aware.encoding import ACTIVATIONS, BATCHNORM_INTS, KINDS, NUM_INTS, layer_row
 
 # torch.func's forward AD loads torch's own jit-scripted decompositions on first use.
 pytestmark = pytest.mark.filterwarnings(
@@ -40,13 +40,13 @@ class Case:
     arg: float = 0.0
 
     def row(self):
-        ints = list(self.ints) + [0] * (SEQ_NUM_INTS - len(self.ints))
+        ints = list(self.ints) + [0] * (NUM_INTS - len(self.ints))
         inputs = (0, 0) if self.x2 is not None else (0,)
-        return seq_layer(SEQ_KINDS[self.kind], self.flag, self.w is not None, ints, inputs)
+        return layer_row(KINDS[self.kind], self.flag, self.w is not None, ints, inputs)
 
 
 def bn_ints(channels):
-    ints = [0] * SEQ_NUM_INTS
+    ints = [0] * NUM_INTS
     ints[BATCHNORM_INTS["per_step"]], ints[BATCHNORM_INTS["channels"]] = 0, channels
     return ints
 
@@ -180,7 +180,7 @@ def reference(case, primals, tangents, gy, rgy):
 
 def run_op(case, primals, tangents, gy, rgy):
     x, x2, w, b = primals
-    return torch.ops.pymeta.seq_layer_rules(case.row(), case.arg, x, x2, w, b, gy, *tangents, rgy)
+    return torch.ops.pymeta.net_layer_rules(case.row(), case.arg, x, x2, w, b, gy, *tangents, rgy)
 
 
 def assert_matches(got, want, what):

@@ -201,7 +201,7 @@ def test_gradcheck_of_the_core_op():
             params=list(tensors[:n]),
             lrs=list(tensors[n:]),
         )
-        out = torch.ops.pymeta.mlp_maml_loss(*args, False, False)
+        out = torch.ops.pymeta.net_maml_loss(*args, False, False)
         return out[0]
 
     inputs = tuple(t.detach().clone().requires_grad_() for t in maml._params() + maml.inner_lrs())
@@ -220,10 +220,10 @@ def test_ops_return_gradients_only_when_asked():
     maml = pymeta.ModelAwareMAML(mlp(widths))
     b = batch_for(widths, "mse")
     args = maml._core_args(b.support_x, b.support_y, b.query_x, b.query_y)
-    loss, grads, lr_grads, per_task, _ = torch.ops.pymeta.mlp_maml_loss(*args, False, False)
+    loss, grads, lr_grads, per_task, _ = torch.ops.pymeta.net_maml_loss(*args, False, False)
     assert grads == [] and lr_grads == [] and per_task.shape == (4,)
     torch.testing.assert_close(per_task.mean(), loss.detach())
-    _, grads, lr_grads, _, _ = torch.ops.pymeta.mlp_maml_loss(*args, True, True)
+    _, grads, lr_grads, _, _ = torch.ops.pymeta.net_maml_loss(*args, True, True)
     assert [g.shape for g in grads] == [p.shape for p in maml._params()] and lr_grads[0].shape == ()
     with torch.no_grad():
         assert torch.equal(maml.meta_loss(b), loss.detach())
@@ -234,7 +234,7 @@ def test_fake_kernels_trace_with_torch_compile():
     maml = pymeta.ModelAwareMAML(mlp(widths))
     b = batch_for(widths, "mse")
     torch.library.opcheck(
-        torch.ops.pymeta.mlp_maml_loss.default,
+        torch.ops.pymeta.net_maml_loss.default,
         (
             *maml._core_args(
                 b.support_x,
@@ -341,7 +341,8 @@ def test_unsupported_models(model, exc, match):
         (
             dict(adapt_layers=[1]),
             ValueError,
-            r"adapt_layers: model\[1\] is not an nn.Linear; Linear layers are at indices \[0, 2\]",
+            r"adapt_layers: model\[1\] has no parameters to adapt; layers with parameters are at "
+            r"indices \[0, 2\]",
         ),
         (dict(adapt_layers=[]), ValueError, r"adapt_layers: expected at least one layer"),
         (dict(adapt_layers="body"), TypeError, r"adapt_layers: expected None, 'head' or a list"),
@@ -379,7 +380,9 @@ def test_bad_data():
         )
     with pytest.raises(TypeError, match=r"batch.support_x: expected dtype torch.float64"):
         maml.meta_loss(b.to(dtype=torch.float32))
-    with pytest.raises(ValueError, match=r"batch.support_x: expected \(T, K, 2\) inputs"):
+    with pytest.raises(
+        ValueError, match=r"batch.support_x: the model cannot take examples of shape \(1,\)"
+    ):
         maml.meta_loss(
             pymeta.TaskBatch(b.support_x[..., :1], b.support_y, b.query_x[..., :1], b.query_y)
         )
@@ -419,3 +422,68 @@ def test_float32_matches_maml(widths, loss):
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
     for g, w in zip(grads_of(la, params), grads_of(lb, params)):
         assert rel_err(g, w) < 1e-4
+
+
+# ------------------------------------------------------------------ the MLP fast path
+@pytest.fixture
+def mlp_fast_path_off():
+    """Runs MLPs through the core's layered rules instead of its MLP fast path."""
+    _C.set_mlp_fast_path(False)
+    yield
+    _C.set_mlp_fast_path(True)
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky", "tanh", "sigmoid"])
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_layer_step", "per_parameter"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_the_mlp_fast_path_equals_the_layered_rules(act, lr_mode, loss):
+    """One driver, two ways to run an MLP: the fast path's flat-buffer kernels and the layered
+    rules give the same losses, meta-gradients (rates included) and adapted parameters."""
+    widths = (3, 5, 4)
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(3, 5), ACTIVATIONS[act](), nn.Linear(5, 4)
+    ).double()  # fmt: skip
+    maml = pymeta.ModelAwareMAML(
+        model, inner_steps=3, loss=loss, lr_mode=lr_mode, learn_inner_lr=True,
+        multi_step_loss=True, adapt_layers="head" if lr_mode == "scalar" else None,
+    )  # fmt: skip
+    randomize_lrs(maml, seed=4)
+    b = batch_for(widths, loss)
+    params = list(maml.parameters())
+    results = {}
+    for path in ("mlp", "layered"):
+        _C.set_mlp_fast_path(path == "mlp")
+        try:
+            assert maml.core_kind == path
+            loss_value = maml.meta_loss(b)
+            grads = torch.autograd.grad(loss_value, params)
+            adapted = maml.adapt(b.support_x, b.support_y)(b.query_x)
+        finally:
+            _C.set_mlp_fast_path(True)
+        results[path] = (loss_value, grads, adapted)
+    (la, ga, aa), (lb, gb, ab) = results["mlp"], results["layered"]
+    assert rel_err(la, lb) < 1e-12 and rel_err(aa, ab) < 1e-12
+    for x, y in zip(ga, gb):
+        assert rel_err(x, y) < 1e-11
+
+
+@pytest.mark.parametrize(
+    "layers, fast",
+    [
+        ([nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)], True),
+        ([nn.Flatten(), nn.Linear(3, 4), nn.Linear(4, 2)], True),
+        ([nn.Linear(3, 4), nn.Tanh(), nn.ReLU(), nn.Linear(4, 2)], False),  # two activations
+        ([nn.Tanh(), nn.Linear(3, 4)], False),  # an activation before any Linear
+        ([nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)], False),
+        ([nn.Linear(3, 4), nn.Flatten(), nn.Linear(4, 2)], False),  # a Flatten inside
+    ],
+)
+def test_which_networks_take_the_mlp_fast_path(layers, fast):
+    maml = pymeta.ModelAwareMAML(nn.Sequential(*layers))
+    assert maml.core_kind == ("mlp" if fast else "layered")
+
+
+def test_mlp_fast_path_switch(mlp_fast_path_off):
+    maml = pymeta.ModelAwareMAML(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    assert not _C.mlp_fast_path() and maml.core_kind == "layered"

@@ -214,7 +214,7 @@ def test_gradcheck_of_the_layered_op():
             batch.support_x, batch.support_y, batch.query_x, batch.query_y,
             params=list(tensors[:n]), lrs=list(tensors[n:]),
         )  # fmt: skip
-        return torch.ops.pymeta.seq_maml_loss(*args, False, False)[0]
+        return torch.ops.pymeta.net_maml_loss(*args, False, False)[0]
 
     inputs = tuple(t.detach().clone().requires_grad_() for t in maml._params() + maml.inner_lrs())
     assert torch.autograd.gradcheck(f, inputs, atol=1e-6)
@@ -225,7 +225,7 @@ def test_layered_op_schema_and_fake_kernel():
     maml = pymeta.ModelAwareMAML(model, loss="cross_entropy")
     b = batch_for(example, "cross_entropy")
     args = maml._core_args(b.support_x, b.support_y, b.query_x, b.query_y)
-    torch.library.opcheck(torch.ops.pymeta.seq_maml_loss.default, (*args, True, False))
+    torch.library.opcheck(torch.ops.pymeta.net_maml_loss.default, (*args, True, False))
     loss = maml.meta_loss(b)
     with pytest.raises(RuntimeError, match="cannot be differentiated again"):
         torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
@@ -403,10 +403,10 @@ def test_the_raw_op_refuses_classes_outside_the_outputs(bad, where):
     args = maml._core_args(b.support_x, parts["support_y"], b.query_x, parts["query_y"])
     match = "expected class indices >= 0" if bad < 0 else r"expected classes in \[0, 3\)"
     with pytest.raises(ValueError, match=match):
-        torch.ops.pymeta.seq_maml_loss(*args, True, False)
+        torch.ops.pymeta.net_maml_loss(*args, True, False)
     if where == "support_y":
         with pytest.raises(ValueError, match=match):
-            torch.ops.pymeta.seq_adapt(
+            torch.ops.pymeta.net_adapt(
                 maml._params(), maml.inner_lrs(), b.support_x, parts["support_y"],
                 maml._layer_codes, maml._layer_args, 1, 0, 1,
             )  # fmt: skip

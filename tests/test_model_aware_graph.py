@@ -1,7 +1,8 @@
 """pymeta.ModelAwareMAML on networks that are graphs, not chains (issue 12): residual blocks
 (projection, identity and in-place shortcuts), channel concatenation, functional forms of the
 supported layers and a tiny ResNet-12, exact in float64 against pymeta.MAML and a per-task
-autograd loop under every option; and the errors of the torch.fx reader (pymeta/net_spec.py)."""
+autograd loop under every option; and the errors of the torch.fx reader
+(pymeta/model_aware/net_spec.py)."""
 
 import pytest
 import torch
@@ -120,7 +121,7 @@ NETS = ["residual", "identity-residual", "dense", "functional"]
 
 def test_the_graph_nets_run_in_the_layered_core_as_graphs():
     # Not vacuous: each net reaches the core as a graph with the nodes it is meant to test.
-    kinds = {v: k for k, v in pymeta.net_spec.KIND.items()}
+    kinds = {v: k for k, v in pymeta.model_aware.net_spec.KINDS.items()}
     want = {
         "residual": {"add": 1},
         "identity-residual": {"add": 2, "global_avgpool": 1},

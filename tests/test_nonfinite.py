@@ -292,7 +292,7 @@ def assert_adapt_like_maml(model, example, act, where, bad):
 
 
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
-def test_mlp_adapt_propagates_a_bad_parameter_like_maml(act):
+def test_net_adapt_propagates_a_bad_parameter_like_maml(act):
     for where in ("weight", "hidden weight", "head bias"):
         for bad in BAD:
             assert_adapt_like_maml(mlp((3, 8, 6, 3), act), (3,), act, where, bad)

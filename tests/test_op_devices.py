@@ -63,8 +63,8 @@ def _case(op):
     return getattr(torch.ops.pymeta, op), [*args[:4], *args[6:8], 2, *args[9:11]]
 
 
-OPS = ["sgd_update", "sgd_update_backward", "mlp_maml_loss", "mlp_adapt", "seq_maml_loss",
-       "seq_adapt"]  # fmt: skip
+OPS = ["sgd_update", "sgd_update_backward", "net_maml_loss", "net_adapt", "net_maml_loss",
+       "net_adapt"]  # fmt: skip
 
 
 def _positions(op, args):
@@ -171,7 +171,7 @@ def test_fake_kernels_refuse_a_dtype_the_cpu_kernels_refuse(op_name):
 
 
 def test_fake_kernels_refuse_non_integer_class_targets():
-    op, args = _case("mlp_maml_loss")
+    op, args = _case("net_maml_loss")
     args[3] = args[3].double()  # support_y: cross-entropy takes int64 class indices
     with pytest.raises(TypeError, match=r"support_y: expected dtype torch.int64"):
         op(*_to(args, "meta"))

@@ -5,7 +5,7 @@
 // forward (statistics, then normalise + pool + ReLU) and twice backward (per-channel sums, then
 // dL/dx), and keeps only the pooled output and the argmax. The model-aware core uses it for passes
 // that need no Hessian-vector product (query sets, first-order and adapt-only inner loops); the
-// R-operator rules still run layer by layer (seq_layers.cpp, cpu/bn_tangent.h).
+// R-operator rules still run layer by layer (net/layers.cpp, cpu/bn_tangent.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,6 +1,6 @@
 // Batch norm (batch statistics) as fused CPU kernels: the forward and the backward, and the two
 // R-operator rules, the tangent of the forward and the tangent of the backward, that every
-// Hessian-vector product through a batch-norm layer runs (seq_layers.cpp has the same formulas in
+// Hessian-vector product through a batch-norm layer runs (net/layers.cpp has the same formulas in
 // ATen ops, and the derivation is in docs/model-aware.md). In ATen ops each R-rule is 15-30
 // elementwise and reduction ops; here it is one pass of per-channel sums and one elementwise pass.
 //

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "mlp_maml_math.h"
+#include "net/activation_math.h"
 
 namespace pymeta {
 

@@ -6,7 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "seq_net.h"
+#include "net/net.h"
 
 namespace pymeta {
 
@@ -26,17 +26,17 @@ struct LayerGrads {
 // y = layer(x; w, b), or layer(x, x2) for the two-input kinds (x2 is undefined for the others).
 // w and b are undefined for layers without them; for per-step batch norm they are the current
 // step's rows.
-at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& x2,
+at::Tensor layer_forward(const NetLayer& L, const at::Tensor& x, const at::Tensor& x2,
                        const at::Tensor& w, const at::Tensor& b, LayerSaved& saved);
 
 // Vector-Jacobian products of gy = dL/dy: dL/dx and dL/dx2 (only when need_x) and dL/dw, dL/db.
-LayerGrads seq_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w,
+LayerGrads layer_backward(const NetLayer& L, const at::Tensor& x, const at::Tensor& w,
                         const at::Tensor& b, const LayerSaved& saved, const at::Tensor& gy,
                         bool need_x);
 
 // Tangent of y along (rx, rx2, uw, ub), the tangents of x, x2, w and b. Batch norm keeps the
 // tangent of x̂ in r_saved for r_backward.
-at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& x2,
+at::Tensor layer_r_forward(const NetLayer& L, const at::Tensor& x, const at::Tensor& x2,
                          const at::Tensor& w, const LayerSaved& saved, const at::Tensor& rx,
                          const at::Tensor& rx2, const at::Tensor& uw, const at::Tensor& ub,
                          at::Tensor& r_saved);
@@ -44,7 +44,7 @@ at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tenso
 // Tangent of the backward pass: given gy and its tangent rgy, the tangents of dL/dx and dL/dx2
 // (only when need_x), dL/dw and dL/db along the same direction as r_forward. The two-input
 // kinds are linear, so their rules need neither x2 nor its tangent.
-LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w,
+LayerGrads layer_r_backward(const NetLayer& L, const at::Tensor& x, const at::Tensor& w,
                           const LayerSaved& saved, const at::Tensor& gy, const at::Tensor& rgy,
                           const at::Tensor& rx, const at::Tensor& uw, const at::Tensor& r_saved,
                           bool need_x);

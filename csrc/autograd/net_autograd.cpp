@@ -1,4 +1,4 @@
-// Autograd of the model-aware core's ops (mlp_maml_loss and seq_maml_loss share a signature).
+// Autograd of the model-aware core's ops (net_maml_loss, net_adapt).
 // They compute the exact meta-gradient in the same call as the loss, so the backward only
 // scales the stored gradients by the incoming one.
 // That gradient is exact but not differentiable again: create_graph=True through it is refused.
@@ -115,18 +115,14 @@ std::vector<at::Tensor> adapt_autograd(at::TensorList params, at::TensorList lrs
   return op.call(params, lrs, sx, sy, layers, layer_args, steps, lr_mode, loss);
 }
 
-constexpr char kMlpLoss[] = "pymeta::mlp_maml_loss";
-constexpr char kMlpAdapt[] = "pymeta::mlp_adapt";
-constexpr char kSeqLoss[] = "pymeta::seq_maml_loss";
-constexpr char kSeqAdapt[] = "pymeta::seq_adapt";
+constexpr char kNetLoss[] = "pymeta::net_maml_loss";
+constexpr char kNetAdapt[] = "pymeta::net_adapt";
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymeta, Autograd, m) {
-  m.impl("mlp_maml_loss", &maml_loss_autograd<kMlpLoss>);
-  m.impl("mlp_adapt", &adapt_autograd<kMlpAdapt>);
-  m.impl("seq_maml_loss", &maml_loss_autograd<kSeqLoss>);
-  m.impl("seq_adapt", &adapt_autograd<kSeqAdapt>);
+  m.impl("net_maml_loss", &maml_loss_autograd<kNetLoss>);
+  m.impl("net_adapt", &adapt_autograd<kNetAdapt>);
 }
 
 }  // namespace pymeta

@@ -15,13 +15,11 @@ from pymeta._checks import (
 )
 from pymeta._ops import HAS_COMPILED_CORE
 from pymeta.adapted import AdaptedModel
-from pymeta.bn_running_stats import BnRunningStats
-from pymeta.encoding import LOSSES, mlp_layer
-from pymeta.encoding import LR_MODES as _LR_MODE_CODES
 from pymeta.losses import LOSS_NAMES, TaskLoss
-from pymeta.mlp_spec import MlpSpec
-from pymeta.module_checks import flatten_sequential
-from pymeta.net_spec import KIND, NetSpec
+from pymeta.model_aware.bn_running_stats import BnRunningStats
+from pymeta.model_aware.encoding import KINDS, LOSSES
+from pymeta.model_aware.encoding import LR_MODES as _LR_MODE_CODES
+from pymeta.model_aware.net_spec import NetSpec
 from pymeta.task_batch import TaskBatch
 from pymeta.task_forward import TaskForward, call_module
 
@@ -114,8 +112,7 @@ class ModelAwareMAML(nn.Module):
             )
         if not isinstance(per_step_bn, bool):
             raise TypeError(f"per_step_bn: expected a bool, received {per_step_bn!r}")
-        self.spec = self._read_spec(model, per_step_bn)
-        self._layered = isinstance(self.spec, NetSpec)
+        self.spec = NetSpec.from_module(model, per_step_bn)
         self.module = model
         self.inner_steps = check_positive_int("inner_steps", inner_steps)
         self.first_order = bool(first_order)
@@ -139,40 +136,23 @@ class ModelAwareMAML(nn.Module):
             raise ValueError(f"inner_lr: expected a finite number >= 0, received {inner_lr!r}")
         self.lr_mode = lr_mode
         self.learn_inner_lr = learn_inner_lr
-        if not self._layered:  # the graph reader keeps what it checks in its spec
-            self._leaves = [child for _, child in flatten_sequential(model)]
         self._requires_grad = self._trainable_layers()
         self.adapted = self._resolve_adapted(adapt_layers)
         self.step_weights = self._resolve_step_weights(multi_step_loss)
-        if self._layered:
-            self._layer_codes, self._layer_args = self.spec.core_layers(self.adapted)
-        else:
-            self._layer_codes, self._layer_args = [], []
-            for layer, adapted in zip(self.spec.layers, self.adapted):
-                self._layer_codes += mlp_layer(
-                    layer.activation, layer.bias_name is not None, adapted
-                )
-                self._layer_args.append(layer.slope)
+        self._layer_codes, self._layer_args = self.spec.core_layers(self.adapted)
         self._make_lrs(float(inner_lr))
         self._make_step_bn()
         self._make_bn_running_stats(track_bn_stats)
         self._forward = TaskForward(model, "auto")
         self._output_shapes: dict = {}
 
-    @staticmethod
-    def _read_spec(model: nn.Module, per_step_bn: bool):
-        """An MlpSpec when the model is a plain MLP (fused MLP kernels), else a NetSpec."""
-        if not per_step_bn:
-            try:
-                return MlpSpec.from_module(model)
-            except (TypeError, ValueError):
-                pass  # not a plain MLP: the layered kernels take it, or explain what they lack
-        return NetSpec.from_module(model, per_step_bn)
-
     @property
     def core_kind(self) -> str:
-        """ "mlp" (fused MLP kernels) or "layered" (convolutions, batch norm, pooling)."""
-        return "layered" if self._layered else "mlp"
+        """ "mlp" when the core runs this network on its MLP fast path (CPU, an nn.Sequential
+        of Linear layers each followed by at most one activation), else "layered"."""
+        from pymeta import _C  # loaded: the constructor checked HAS_COMPILED_CORE
+
+        return "mlp" if _C.mlp_fast_path_applies(self._layer_codes) else "layered"
 
     # ------------------------------------------------------------------ construction helpers
     def _resolve_step_weights(self, multi_step_loss) -> list[float]:
@@ -203,7 +183,7 @@ class ModelAwareMAML(nn.Module):
         return weights
 
     def _param_layers(self) -> list:
-        return self.spec.parametric_layers if self._layered else self.spec.layers
+        return self.spec.parametric_layers
 
     @staticmethod
     def _layer_where(layer) -> str:
@@ -261,16 +241,7 @@ class ModelAwareMAML(nn.Module):
     def _check_model(self) -> None:
         """Hooks, swapped layers or changed requires_grad since construction would make the core
         compute a network other than the module's: refused (cheap: a walk over the layers)."""
-        if self._layered:
-            self.spec.check_unchanged(self.module)
-        else:
-            leaves = [child for _, child in flatten_sequential(self.module)]
-            if len(leaves) != len(self._leaves) or any(
-                a is not b for a, b in zip(leaves, self._leaves)
-            ):
-                raise ValueError(
-                    "model: its layers changed since construction; build a new ModelAwareMAML"
-                )
+        self.spec.check_unchanged(self.module)
         now = self._trainable_layers()
         for layer, was, is_ in zip(self._param_layers(), self._requires_grad, now):
             if was != is_:
@@ -290,7 +261,7 @@ class ModelAwareMAML(nn.Module):
     def _make_step_bn(self) -> None:
         """Per-step batch norm weights and biases (MAML++), initialised from the module's."""
         self._step_bn_index: dict[str, int] = {}
-        if not (self._layered and self.spec.per_step_bn):
+        if not self.spec.per_step_bn:
             return
         named = dict(self.module.named_parameters())
         rows = []
@@ -313,9 +284,7 @@ class ModelAwareMAML(nn.Module):
         self.bn_running_stats = None
         if not track:
             return
-        layers = (
-            [layer for layer in self.spec.layers if layer.is_batch_norm] if self._layered else []
-        )
+        layers = [layer for layer in self.spec.layers if layer.is_batch_norm]
         if not layers:
             raise ValueError(
                 "track_bn_stats: the model has no BatchNorm layer to keep running statistics for"
@@ -393,12 +362,11 @@ class ModelAwareMAML(nn.Module):
 
     @property
     def _loss_op(self):
-        return torch.ops.pymeta.seq_maml_loss if self._layered else torch.ops.pymeta.mlp_maml_loss
+        return torch.ops.pymeta.net_maml_loss
 
     def _core_args(self, sx, sy, qx, qy, params=None, lrs=None) -> tuple:
-        """The arguments of the core's loss op (``torch.ops.pymeta.mlp_maml_loss`` or
-        ``seq_maml_loss``) up to ``first_order``, for checked inputs; params and lrs default
-        to this learner's own."""
+        """The arguments of the core's loss op (``torch.ops.pymeta.net_maml_loss``) up to
+        ``first_order``, for checked inputs; params and lrs default to this learner's own."""
         return (
             self._params() if params is None else params,
             self.inner_lrs() if lrs is None else lrs,
@@ -451,8 +419,7 @@ class ModelAwareMAML(nn.Module):
         sx = self._inputs("support_x", support_x)
         sy = self._targets("support_y", support_y)
         params = [p.detach() for p in self._params()]
-        adapt_op = torch.ops.pymeta.seq_adapt if self._layered else torch.ops.pymeta.mlp_adapt
-        adapted = adapt_op(
+        adapted = torch.ops.pymeta.net_adapt(
             params, lrs, sx, sy, self._layer_codes, self._layer_args, steps,
             _LR_MODE_CODES[self.lr_mode], self._loss_code(),
         )  # fmt: skip
@@ -478,16 +445,18 @@ class ModelAwareMAML(nn.Module):
         return TaskForward(self.bn_running_stats.inference_module(self.module, steps), "auto")
 
     def _infer_batched(self, support_x: torch.Tensor) -> bool:
-        if not self._layered:
-            if self.spec.flatten_input:
-                features = self.spec.layers[0].linear.in_features
-                return support_x.dim() >= 3 and math.prod(support_x.shape[2:]) == features
-            return support_x.dim() == 3
-        first = next(layer.module for layer in self.spec.layers if layer.module is not None)
+        """From the first layer's example shape; after a leading Flatten, from the features
+        of a Linear right after it."""
+        layers = self.spec.layers
+        first = next(layer.module for layer in layers if layer.module is not None)
         example_dims = {nn.Linear: 1, nn.BatchNorm1d: 1}.get(type(first), 3)
-        if self.spec.layers[0].kind == KIND["flatten"]:
+        if layers[0].kind == KINDS["flatten"]:
+            if len(layers) > 1 and type(layers[1].module) is nn.Linear:
+                features = layers[1].module.in_features
+                return support_x.dim() >= 3 and math.prod(support_x.shape[2:]) == features
             raise ValueError(
-                "batched: cannot be inferred for a model that starts with Flatten; pass "
+                "batched: cannot be inferred for a model that starts with Flatten (not followed "
+                "by a Linear layer); pass "
                 "batched=True for (T, K, ...) inputs or False for (K, ...)"
             )
         return support_x.dim() == example_dims + 2
@@ -509,22 +478,11 @@ class ModelAwareMAML(nn.Module):
                 f"{name}: expected dtype {ref.dtype} like the model's parameters (float32 or "
                 f"float64), received {x.dtype}"
             )
-        if self._layered:
-            if x.dim() < 3 or x.shape[1] == 0:
-                raise ValueError(
-                    f"{name}: expected (T, K, ...) inputs with K > 0, received shape "
-                    f"{tuple(x.shape)}"
-                )
-            self._output_shape(name, x)
-            return x
-        if self.spec.flatten_input:
-            x = x.reshape(*x.shape[:2], -1)
-        features = self.spec.layers[0].linear.in_features
-        if x.dim() != 3 or x.shape[2] != features:
+        if x.dim() < 3 or x.shape[1] == 0:
             raise ValueError(
-                f"{name}: expected (T, K, {features}) inputs for the first Linear layer, "
-                f"received shape {tuple(x.shape)}"
+                f"{name}: expected (T, K, ...) inputs with K > 0, received shape {tuple(x.shape)}"
             )
+        self._output_shape(name, x)
         return x
 
     def _output_shape(self, name: str, x: torch.Tensor) -> tuple:
@@ -551,10 +509,8 @@ class ModelAwareMAML(nn.Module):
         return self._last_output_shape
 
     def _out_features(self) -> tuple:
-        """The output shape of one example: of the inputs checked last, for the layered core."""
-        if self._layered:
-            return self._last_output_shape
-        return (self.spec.layers[-1].linear.out_features,)
+        """The output shape of one example, for the inputs checked last."""
+        return self._last_output_shape
 
     def _targets(self, name: str, y: torch.Tensor) -> torch.Tensor:
         out_shape = self._out_features()

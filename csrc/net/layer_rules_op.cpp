@@ -1,4 +1,4 @@
-// seq_layer_rules: one layer's forward, backward and R-operator rules on their own, so that the
+// net_layer_rules: one layer's forward, backward and R-operator rules on their own, so that the
 // tests can check each rule against autograd (tests/test_layer_rules.py).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros_like.h>
@@ -7,8 +7,8 @@
 #include <optional>
 #include <vector>
 
-#include "seq/seq_layers.h"
-#include "seq_net.h"
+#include "net/layers.h"
+#include "net/net.h"
 
 namespace pymeta {
 namespace {
@@ -21,7 +21,7 @@ at::Tensor or_zeros(const at::Tensor& t, const at::Tensor& like) {
   return like.defined() ? at::zeros_like(like) : at::Tensor();
 }
 
-std::vector<at::Tensor> seq_layer_rules_kernel(at::IntArrayRef layer, double layer_arg, const at::Tensor& x,
+std::vector<at::Tensor> net_layer_rules_kernel(at::IntArrayRef layer, double layer_arg, const at::Tensor& x,
                                                const std::optional<at::Tensor>& x2_opt,
                                                const std::optional<at::Tensor>& w_opt,
                                                const std::optional<at::Tensor>& b_opt, const at::Tensor& gy,
@@ -30,30 +30,30 @@ std::vector<at::Tensor> seq_layer_rules_kernel(at::IntArrayRef layer, double lay
                                                const std::optional<at::Tensor>& uw_opt,
                                                const std::optional<at::Tensor>& ub_opt,
                                                const std::optional<at::Tensor>& rgy_opt) {
-  constexpr const char* op = "pymeta::seq_layer_rules";
+  constexpr const char* op = "pymeta::net_layer_rules";
   const at::Tensor x2 = value(x2_opt), w = value(w_opt), b = value(b_opt);
   std::vector<at::Tensor> params;
   for (const auto& p : {w, b}) {
     if (p.defined()) params.push_back(p);
   }
-  TORCH_CHECK(layer.size() == static_cast<size_t>(kSeqLayerInts), op, ": layer must hold ", kSeqLayerInts,
+  TORCH_CHECK(layer.size() == static_cast<size_t>(kLayerInts), op, ": layer must hold ", kLayerInts,
               " ints, got ", layer.size());
   size_t next = 0;
-  const SeqLayer L = read_seq_layer(op, 0, layer.data(), layer_arg, params, next, 1);
+  const NetLayer L = read_net_layer(op, 0, layer.data(), layer_arg, params, next, 1);
   TORCH_CHECK(next == params.size(), op, ": the layer takes ", next, " params, got ", params.size());
   LayerSaved saved;
-  const at::Tensor y = seq_forward(L, x, x2, w, b, saved);
-  const LayerGrads g = seq_backward(L, x, w, b, saved, gy, true);
+  const at::Tensor y = layer_forward(L, x, x2, w, b, saved);
+  const LayerGrads g = layer_backward(L, x, w, b, saved, gy, true);
   at::Tensor r_saved;
   const at::Tensor rx = value(rx_opt), rx2 = value(rx2_opt), uw = value(uw_opt), ub = value(ub_opt);
-  const at::Tensor ry = seq_r_forward(L, x, x2, w, saved, rx, rx2, uw, ub, r_saved);
-  const LayerGrads r = seq_r_backward(L, x, w, saved, gy, value(rgy_opt), rx, uw, r_saved, true);
+  const at::Tensor ry = layer_r_forward(L, x, x2, w, saved, rx, rx2, uw, ub, r_saved);
+  const LayerGrads r = layer_r_backward(L, x, w, saved, gy, value(rgy_opt), rx, uw, r_saved, true);
   return {y.contiguous(),         or_zeros(g.x, x),  or_zeros(g.x2, x2), or_zeros(g.w, w), or_zeros(g.b, b),
           or_zeros(ry, y),        or_zeros(r.x, x),  or_zeros(r.x2, x2), or_zeros(r.w, w), or_zeros(r.b, b)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pymeta, CPU, m) { m.impl("seq_layer_rules", &seq_layer_rules_kernel); }
+TORCH_LIBRARY_IMPL(pymeta, CPU, m) { m.impl("net_layer_rules", &net_layer_rules_kernel); }
 
 }  // namespace pymeta

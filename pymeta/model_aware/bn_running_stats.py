@@ -9,12 +9,14 @@ import copy
 import torch
 from torch import nn
 
+from pymeta.model_aware.encoding import BATCHNORM_INTS
+
 
 class BnRunningStats(nn.Module):
     """Running means and variances of every batch norm layer, one row per inner step.
 
     In meta-training the core normalises with batch statistics (the MAML convention) and
-    reports them (``seq_maml_loss``'s ``bn_stats``); ``update`` averages them over the tasks of
+    reports them (``net_maml_loss``'s ``bn_stats``); ``update`` averages them over the tasks of
     the meta-batch and folds them into the running values with each layer's ``momentum`` (an
     exponential average, or the cumulative average when the layer's momentum is None), as
     ``nn.BatchNorm`` does with its batches.
@@ -29,7 +31,7 @@ class BnRunningStats(nn.Module):
     def __init__(self, layers: list, steps: int, like: torch.Tensor):
         super().__init__()
         self.layer_names = [layer.name for layer in layers]
-        self.channels = [layer.ints[1] for layer in layers]
+        self.channels = [layer.ints[BATCHNORM_INTS["channels"]] for layer in layers]
         self.momenta = [layer.module.momentum for layer in layers]
         width = sum(self.channels)
         options = {"dtype": like.dtype, "device": like.device}

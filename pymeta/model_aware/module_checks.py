@@ -1,14 +1,14 @@
 """The leaves of an nn.Sequential as the model-aware core will run them, and the one check that
-the core computes the network that ``model(x)`` computes: no hooks, no subclasses or custom
-forwards, no shared layers with parameters, no tied parameters. Both model-aware readers
-(``mlp_spec``, ``net_spec``) walk the model through ``flatten_sequential``."""
+the core computes the network that ``model(x)`` computes: no hooks, no subclasses of the layer
+types, no shared layers with parameters, no tied parameters. The graph reader (``net_spec``)
+calls them."""
 
 from __future__ import annotations
 
 from torch import nn
 
-# Every layer type that a model-aware reader knows (net_spec's list; the MLP reader takes a
-# subset). Other types get the readers' own "not supported" errors.
+# Every layer type the graph reader knows (net_spec's list). Other types get its own "not
+# supported" errors.
 CORE_LAYER_TYPES = (
     nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
     nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity,
@@ -26,23 +26,6 @@ _MODULE_HOOKS = {
     "_backward_pre_hooks": "backward pre-hook",
 }
 _USE_MAML = "use pymeta.MAML, which runs the module itself"
-
-
-def flatten_sequential(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of the leaves of nested nn.Sequentials, in order; a module
-    object used twice is listed at both places.
-
-    The one check, for both model-aware readers, that the core computes the network that
-    ``model(x)`` computes. Raises ValueError naming the module for: forward or backward hooks
-    (on any module, or global ones), a subclass of a supported layer type, a container or layer
-    with its own forward, a layer with parameters or batch norm used twice, and one Parameter
-    held by two layers (tied weights).
-    """
-    _check_no_global_hooks()
-    leaves: list[tuple[str, nn.Module]] = []
-    _collect_leaves(model, "", leaves)
-    check_sharing(leaves)
-    return leaves
 
 
 def _check_no_global_hooks() -> None:
@@ -81,35 +64,6 @@ def _check_runs_as_is(name: str, module: nn.Module) -> None:
             f"{_where(name, module)}: overrides forward on the instance, which ModelAwareMAML's "
             f"core would not run; {_USE_MAML}"
         )
-
-
-def _collect_leaves(container: nn.Sequential, prefix: str, out: list) -> None:
-    """Appends the leaves under ``container`` (named ``prefix``) to ``out``, checking each
-    container and leaf on the way."""
-    cls = type(container)
-    if cls.forward is not nn.Sequential.forward or cls.__call__ is not nn.Module.__call__:
-        raise ValueError(
-            f"{_where(prefix.rstrip('.'), container)}: overrides forward, which ModelAwareMAML's "
-            f"core would not run; {_USE_MAML}"
-        )
-    _check_runs_as_is(prefix.rstrip("."), container)
-    # _modules, not named_children(): that one lists a module used twice only once.
-    for name, child in container._modules.items():
-        qual = f"{prefix}{name}"
-        if isinstance(child, nn.Sequential):
-            _collect_leaves(child, qual + ".", out)
-            continue
-        if child is not None:
-            _check_runs_as_is(qual, child)
-            base = type(child) in CORE_LAYER_TYPES or next(
-                (t for t in CORE_LAYER_TYPES if isinstance(child, t)), None
-            )
-            if base not in (None, True):
-                raise ValueError(
-                    f"{_where(qual, child)}: a subclass of nn.{base.__name__}; ModelAwareMAML "
-                    f"runs only the exact layer types (not the subclass's code); {_USE_MAML}"
-                )
-        out.append((qual, child))
 
 
 def check_sharing(leaves: list) -> None:

@@ -1,5 +1,5 @@
-"""Reads a module into the graph of layers that the model-aware core's layered path
-(``seq_maml_loss``) runs, by ``torch.fx`` symbolic tracing.
+"""Reads a module into the graph of layers that the model-aware core (``net_maml_loss``) runs,
+by ``torch.fx`` symbolic tracing: the one reader, for MLPs and any other network.
 
 Any module whose traced graph uses only supported operations is accepted: ``nn.Sequential``
 models, and blocks with their own ``forward`` such as a residual block written the torchvision
@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from pymeta.encoding import BATCHNORM_INTS, SEQ_KINDS, SEQ_NUM_INTS, seq_layer
-from pymeta.mlp_spec import ACTIVATION_CODES
-from pymeta.module_checks import CORE_LAYER_TYPES, check_no_hooks, check_sharing
+from pymeta.model_aware.encoding import ACTIVATIONS, BATCHNORM_INTS, KINDS, NUM_INTS, layer_row
+from pymeta.model_aware.module_checks import CORE_LAYER_TYPES, check_no_hooks, check_sharing
 
 SUPPORTED = (
     "Linear, Conv2d (groups=1, dilation=1, zero padding), BatchNorm1d/2d (batch statistics: "
@@ -28,7 +27,13 @@ SUPPORTED = (
     "x.view/reshape(x.size(0), -1), Identity, the sum of two tensors (residual add) and "
     "torch.cat along the channels (dim=1)"
 )
-KIND = SEQ_KINDS  # layer kind name -> the core's code (csrc/seq_net.h, via pymeta.encoding)
+# Activation module type -> the core's activation code (csrc/net/codes.h, via encoding).
+ACTIVATION_CODES = {
+    nn.ReLU: ACTIVATIONS.get("relu"),
+    nn.LeakyReLU: ACTIVATIONS.get("leaky_relu"),
+    nn.Tanh: ACTIVATIONS.get("tanh"),
+    nn.Sigmoid: ACTIVATIONS.get("sigmoid"),
+}
 _USE_MAML = "use pymeta.MAML, which takes any nn.Module"
 
 # Functions and tensor methods that are activations, with the nn module they equal.
@@ -54,7 +59,7 @@ class NetLayerSpec:
         position: its index in the flattened module list (model[i]) for nn.Sequential models,
             else None.
         name: the module's qualified name, or the fx node's name for functional forms.
-        kind, flag, ints, arg: the core's encoding of the layer (csrc/seq_net.h).
+        kind, flag, ints, arg: the core's encoding of the layer (csrc/net/net.h).
         inputs: the values it reads (0: the network input, l + 1: layer l's output).
     """
 
@@ -63,7 +68,7 @@ class NetLayerSpec:
     name: str
     kind: int
     flag: int = 0
-    ints: tuple = (0,) * SEQ_NUM_INTS
+    ints: tuple = (0,) * NUM_INTS
     arg: float = 0.0
     weight_name: str | None = None
     bias_name: str | None = None
@@ -75,7 +80,7 @@ class NetLayerSpec:
 
     @property
     def is_batch_norm(self) -> bool:
-        return self.kind == KIND["batchnorm"]
+        return self.kind == KINDS["batchnorm"]
 
 
 def _read_layer(name: str, child: nn.Module, where: str) -> NetLayerSpec | None:
@@ -87,7 +92,7 @@ def _read_layer(name: str, child: nn.Module, where: str) -> NetLayerSpec | None:
     if type(child) is nn.Identity:
         return None
     if type(child) is nn.Linear:
-        spec.kind, spec.flag = KIND["linear"], int(child.bias is not None)
+        spec.kind, spec.flag = KINDS["linear"], int(child.bias is not None)
         spec.weight_name, spec.bias_name = params["weight_name"], params["bias_name"]
     elif type(child) is nn.Conv2d:
         if child.groups != 1 or _pair(child.dilation) != (1, 1):
@@ -99,7 +104,7 @@ def _read_layer(name: str, child: nn.Module, where: str) -> NetLayerSpec | None:
                 f"{where}: only numeric zero padding is supported by ModelAwareMAML, received "
                 f"padding={child.padding!r}, padding_mode={child.padding_mode!r}"
             )
-        spec.kind, spec.flag = KIND["conv2d"], int(child.bias is not None)
+        spec.kind, spec.flag = KINDS["conv2d"], int(child.bias is not None)
         spec.ints = (*_pair(child.stride), *_pair(child.padding), 0, 0)
         spec.weight_name, spec.bias_name = params["weight_name"], params["bias_name"]
     elif type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
@@ -110,14 +115,14 @@ def _read_layer(name: str, child: nn.Module, where: str) -> NetLayerSpec | None:
                 "never be used or updated; ModelAwareMAML(..., track_bn_stats=True) keeps "
                 "per-step ones)"
             )
-        spec.kind, spec.flag, spec.arg = KIND["batchnorm"], int(child.affine), float(child.eps)
-        ints = [0] * SEQ_NUM_INTS
+        spec.kind, spec.flag, spec.arg = KINDS["batchnorm"], int(child.affine), float(child.eps)
+        ints = [0] * NUM_INTS
         ints[BATCHNORM_INTS["channels"]] = child.num_features
         spec.ints = tuple(ints)
         if child.affine:
             spec.weight_name, spec.bias_name = params["weight_name"], params["bias_name"]
     elif type(child) in ACTIVATION_CODES:
-        spec.kind, spec.flag = KIND["activation"], ACTIVATION_CODES[type(child)]
+        spec.kind, spec.flag = KINDS["activation"], ACTIVATION_CODES[type(child)]
         if type(child) is nn.LeakyReLU:
             spec.arg = float(child.negative_slope)
     elif type(child) in (nn.MaxPool2d, nn.AvgPool2d):
@@ -130,11 +135,11 @@ def _read_layer(name: str, child: nn.Module, where: str) -> NetLayerSpec | None:
                     f"{where}: only dilation=1 without return_indices is supported by "
                     "ModelAwareMAML"
                 )
-            spec.kind = KIND["maxpool"]
+            spec.kind = KINDS["maxpool"]
         else:
             if child.divisor_override is not None:
                 raise ValueError(f"{where}: divisor_override is not supported by ModelAwareMAML")
-            spec.kind, spec.flag = KIND["avgpool"], int(child.count_include_pad)
+            spec.kind, spec.flag = KINDS["avgpool"], int(child.count_include_pad)
         spec.ints = (*_pair(child.kernel_size), *_pair(stride), *_pair(child.padding))
     elif type(child) is nn.AdaptiveAvgPool2d:
         if _pair(child.output_size) != (1, 1):
@@ -142,11 +147,11 @@ def _read_layer(name: str, child: nn.Module, where: str) -> NetLayerSpec | None:
                 f"{where}: only output_size=1 (global average pooling) is supported by "
                 f"ModelAwareMAML, received {child.output_size!r}"
             )
-        spec.kind = KIND["global_avgpool"]
+        spec.kind = KINDS["global_avgpool"]
     elif type(child) is nn.Flatten:
         if child.start_dim != 1 or child.end_dim != -1:
             raise ValueError(f"{where}: only Flatten(start_dim=1, end_dim=-1) is supported")
-        spec.kind = KIND["flatten"]
+        spec.kind = KINDS["flatten"]
     else:
         raise ValueError(
             f"{where}: layer type not supported by ModelAwareMAML (supported: {SUPPORTED}); "
@@ -251,7 +256,7 @@ class _GraphReader:
         self.values[node] = len(self.layers)
 
     def functional(self, node: fx.Node, kind: str, flag: int = 0, arg: float = 0.0):
-        return NetLayerSpec(None, None, node.name, KIND[kind], flag=flag, arg=arg)
+        return NetLayerSpec(None, None, node.name, KINDS[kind], flag=flag, arg=arg)
 
     def read(self, graph: fx.Graph) -> None:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -484,7 +489,7 @@ class NetSpec:
         if adapt_layers is None:
             return [not self.is_per_step(layer) for layer in layers]
         if adapt_layers == "head":
-            linear = [i for i, layer in enumerate(layers) if layer.kind == KIND["linear"]]
+            linear = [i for i, layer in enumerate(layers) if layer.kind == KINDS["linear"]]
             head = linear[-1] if linear else len(layers) - 1
             return [i == head for i in range(len(layers))]
         if isinstance(adapt_layers, str) or not hasattr(adapt_layers, "__iter__"):
@@ -535,7 +540,6 @@ class NetSpec:
             extra = list(layer.ints)
             if self.is_per_step(layer):
                 extra[BATCHNORM_INTS["per_step"]] = 1
-            ints += seq_layer(layer.kind, layer.flag, is_adapted, extra, layer.inputs)
+            ints += layer_row(layer.kind, layer.flag, is_adapted, extra, layer.inputs)
             args.append(layer.arg)
         return ints, args
-

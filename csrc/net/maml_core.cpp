@@ -1,9 +1,10 @@
-// Kernels of the layered model-aware core (seq_maml_loss, seq_adapt): MAML on a sequential
-// network of convolutions, batch norm, pooling, linear layers and activations. Like the MLP
-// core, each task runs its whole meta-step here (inner loop, query losses, and the exact
-// meta-gradient by a reverse sweep with Hessian-vector products) without an autograd graph;
-// memory is one task's worth per thread. The layer rules (seq_layers.cpp) are ATen ops, which
-// bring the library's tuned convolution kernels; this file only orchestrates them.
+// The model-aware core's driver (net_maml_loss, net_adapt): MAML on a network of convolutions,
+// batch norm, pooling, linear layers, activations, residual adds and concatenations (net/net.h).
+// Each task runs its whole meta-step here (inner loop, query losses, and the exact meta-gradient
+// by a reverse sweep with Hessian-vector products) without an autograd graph. Every call is
+// checked here once; an MLP then takes the fast path of flat-buffer CPU kernels
+// (net/mlp_net.h), any other network the layer rules of net/layers.cpp, which are ATen ops and
+// bring the library's tuned convolution kernels: this file only orchestrates them.
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
@@ -21,8 +22,9 @@
 #include "core_settings.h"
 #include "cpu/bn_relu_pool.h"
 #include "cpu/workspace.h"
-#include "seq/seq_layers.h"
-#include "seq_net.h"
+#include "net/layers.h"
+#include "net/mlp_net.h"
+#include "net/net.h"
 
 namespace pymeta {
 namespace {
@@ -30,8 +32,8 @@ namespace {
 using Params = std::vector<at::Tensor>;  // one tensor per param; undefined = zero
 
 // One forward pass and what the backward and R-passes after it need. Values are indexed as in
-// SeqNet: vals[0] is the input, vals[l + 1] layer l's output, vals.back() the network's output.
-struct SeqPass {
+// Net: vals[0] is the input, vals[l + 1] layer l's output, vals.back() the network's output.
+struct NetPass {
   int64_t step = 0;                // inner step: selects per-step batch-norm rows
   std::vector<at::Tensor> vals;
   std::vector<LayerSaved> saved;   // per layer
@@ -56,23 +58,23 @@ struct SeqPass {
   }
 };
 
-class SeqTask {
+class NetTask {
  public:
-  SeqTask(const SeqNet& net, LossKind loss) : net_(net), loss_(loss), block_start_(net.layers.size(), false) {
+  NetTask(const Net& net, LossKind loss) : net_(net), loss_(loss), block_start_(net.layers.size(), false) {
     const auto& layers = net.layers;
     for (size_t l = 0; l + 2 < layers.size(); ++l) {
-      const SeqLayer &bn = layers[l], &act = layers[l + 1], &pool = layers[l + 2];
+      const NetLayer &bn = layers[l], &act = layers[l + 1], &pool = layers[l + 2];
       // A chain whose inner values nobody else reads: the block does not materialise them.
       const bool chain = act.input == static_cast<int64_t>(l) + 1 && pool.input == static_cast<int64_t>(l) + 2 &&
                          net.uses[l + 1] == 1 && net.uses[l + 2] == 1;
-      block_start_[l] = chain && bn.kind == SeqKind::kBatchNorm && act.kind == SeqKind::kActivation &&
-                        act.activation() == Activation::kRelu && pool.kind == SeqKind::kMaxPool2d &&
-                        pool.ints == std::array<int64_t, kSeqNumInts>{2, 2, 2, 2, 0, 0};
+      block_start_[l] = chain && bn.kind == LayerKind::kBatchNorm && act.kind == LayerKind::kActivation &&
+                        act.activation() == Activation::kRelu && pool.kind == LayerKind::kMaxPool2d &&
+                        pool.ints == std::array<int64_t, kLayerNumInts>{2, 2, 2, 2, 0, 0};
     }
   }
 
   // The weight and bias layer L uses at inner step `step` (undefined when it has none).
-  std::pair<at::Tensor, at::Tensor> layer_params(const Params& theta, const SeqLayer& L, int64_t step) const {
+  std::pair<at::Tensor, at::Tensor> layer_params(const Params& theta, const NetLayer& L, int64_t step) const {
     at::Tensor w, b;
     if (L.w_param >= 0) w = L.per_step ? theta[L.w_param].select(0, step) : theta[L.w_param];
     if (L.b_param >= 0) b = L.per_step ? theta[L.b_param].select(0, step) : theta[L.b_param];
@@ -81,16 +83,16 @@ class SeqTask {
 
   // With `fuse`, batch norm -> ReLU -> 2x2 max pooling runs as one block where the CPU kernel
   // takes the input (cpu/bn_relu_pool.h); such a pass has no hvp().
-  SeqPass forward(const Params& theta, const at::Tensor& x, int64_t step, bool fuse) const {
+  NetPass forward(const Params& theta, const at::Tensor& x, int64_t step, bool fuse) const {
     const size_t n = net_.layers.size();
-    SeqPass pass;
+    NetPass pass;
     pass.step = step;
     pass.saved.resize(n);
     pass.fused.assign(n, false);
     pass.vals.resize(n + 1);
     pass.vals[0] = x;
     for (size_t l = 0; l < n; ++l) {
-      const SeqLayer& L = net_.layers[l];
+      const NetLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, step);
       const at::Tensor& in = pass.vals[L.input];
       if (fuse && block_start_[l] && cpu_fused_kernels() && bn_relu_pool_applies(in) && in.size(1) == L.ints[kBnChannelsInt]) {
@@ -103,13 +105,13 @@ class SeqTask {
         continue;
       }
       const at::Tensor in2 = L.input2 >= 0 ? pass.vals[L.input2] : at::Tensor();
-      pass.vals[l + 1] = seq_forward(L, in, in2, w, b, pass.saved[l]);
+      pass.vals[l + 1] = layer_forward(L, in, in2, w, b, pass.saved[l]);
     }
     return pass;
   }
 
   // Mean loss of the pass's output against the targets; with `grad`, also dL/d(output).
-  at::Tensor loss(SeqPass& pass, const at::Tensor& y, bool grad) const {
+  at::Tensor loss(NetPass& pass, const at::Tensor& y, bool grad) const {
     const at::Tensor& out = pass.vals.back();
     pass.grad_vals.assign(pass.vals.size(), at::Tensor());
     if (loss_ == LossKind::kMse) {
@@ -137,7 +139,7 @@ class SeqTask {
   // Gradients of the params: of every one (all_params: the meta-gradient, and the passes a
   // second-order sweep differentiates again) or of the adapted ones only (others stay
   // undefined). keep: the pass keeps dL/d(value) of every value for hvp().
-  Params backward(SeqPass& pass, const Params& theta, bool all_params, bool keep) const {
+  Params backward(NetPass& pass, const Params& theta, bool all_params, bool keep) const {
     const std::vector<bool>& needed = all_params ? net_.after_param : net_.after_adapted;
     Params grads(theta.size());
     std::vector<at::Tensor>& gv = pass.grad_vals;
@@ -146,7 +148,7 @@ class SeqTask {
       if (!gy.defined()) continue;  // no parameter it depends on is needed
       if (l >= 2 && pass.fused[l - 2]) {  // the end of a fused block: back to its batch norm's input
         const int64_t bn = l - 2;         // ReLU and pooling have no parameters
-        const SeqLayer& L = net_.layers[bn];
+        const NetLayer& L = net_.layers[bn];
         TORCH_CHECK(!keep, "pymeta: internal error: a fused pass cannot keep its gradients for hvp()");
         auto [w, b] = layer_params(theta, L, pass.step);
         const BnReluPoolSaved s{pass.saved[bn].aux, pass.saved[bn].inv_std, pass.saved[l].aux};
@@ -159,10 +161,10 @@ class SeqTask {
         l = bn;
         continue;
       }
-      const SeqLayer& L = net_.layers[l];
+      const NetLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, pass.step);
       const bool need_x = needed[L.input] || (L.input2 >= 0 && needed[L.input2]);
-      LayerGrads g = seq_backward(L, pass.vals[L.input], w, b, pass.saved[l], gy, need_x);
+      LayerGrads g = layer_backward(L, pass.vals[L.input], w, b, pass.saved[l], gy, need_x);
       if (L.w_param >= 0 && (all_params || L.adapted)) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
       if (L.b_param >= 0 && (all_params || L.adapted)) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
       if (needed[L.input]) add_to(gv[L.input], g.x);
@@ -175,16 +177,16 @@ class SeqTask {
 
   // H u: the Hessian of the pass's loss at theta applied to u (undefined entries are zero), by
   // forward-over-reverse differentiation. Needs forward(), loss(grad) and backward(all, keep).
-  Params hvp(const SeqPass& pass, const Params& theta, const Params& u) const {
+  Params hvp(const NetPass& pass, const Params& theta, const Params& u) const {
     const size_t n = net_.layers.size();
     for (size_t l = 0; l < n; ++l) TORCH_CHECK(!pass.fused[l], "pymeta: internal error: hvp() of a fused pass");
     std::vector<at::Tensor> r_val(n + 1), r_saved(n);  // tangents of each value
     for (size_t l = 0; l < n; ++l) {
-      const SeqLayer& L = net_.layers[l];
+      const NetLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, pass.step);
       auto [uw, ub] = direction(u, L, pass.step);
       const bool two = L.input2 >= 0;
-      r_val[l + 1] = seq_r_forward(L, pass.vals[L.input], two ? pass.vals[L.input2] : at::Tensor(), w,
+      r_val[l + 1] = layer_r_forward(L, pass.vals[L.input], two ? pass.vals[L.input2] : at::Tensor(), w,
                                    pass.saved[l], r_val[L.input], two ? r_val[L.input2] : at::Tensor(), uw, ub,
                                    r_saved[l]);
     }
@@ -205,11 +207,11 @@ class SeqTask {
     for (int64_t l = static_cast<int64_t>(n) - 1; l >= 0; --l) {
       const at::Tensor& gy = pass.grad_vals[l + 1];
       if (!gy.defined()) continue;
-      const SeqLayer& L = net_.layers[l];
+      const NetLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, pass.step);
       auto [uw, ub] = direction(u, L, pass.step);
       const bool need_x = needed[L.input] || (L.input2 >= 0 && needed[L.input2]);
-      LayerGrads r = seq_r_backward(L, pass.vals[L.input], w, pass.saved[l], gy, rg[l + 1], r_val[L.input], uw,
+      LayerGrads r = layer_r_backward(L, pass.vals[L.input], w, pass.saved[l], gy, rg[l + 1], r_val[L.input], uw,
                                     r_saved[l], need_x);
       if (L.w_param >= 0 && r.w.defined()) hu[L.w_param] = place(theta[L.w_param], L, pass.step, r.w);
       if (L.b_param >= 0 && r.b.defined()) hu[L.b_param] = place(theta[L.b_param], L, pass.step, r.b);
@@ -225,7 +227,7 @@ class SeqTask {
  private:
   // Value v (the output of layer v - 1) once the reverse pass has gone below its producer: every
   // reader of it is a later layer, done. Frees it and its gradient (less peak memory).
-  static void release(SeqPass& pass, int64_t v) {
+  static void release(NetPass& pass, int64_t v) {
     pass.vals[v] = at::Tensor();
     pass.grad_vals[v] = at::Tensor();
   }
@@ -238,7 +240,7 @@ class SeqTask {
   }
 
   // A per-step param's gradient is zero outside the step's row.
-  static at::Tensor place(const at::Tensor& param, const SeqLayer& L, int64_t step, const at::Tensor& g) {
+  static at::Tensor place(const at::Tensor& param, const NetLayer& L, int64_t step, const at::Tensor& g) {
     if (!L.per_step || !g.defined()) return g;
     at::Tensor full = at::zeros_like(param);
     full.select(0, step).copy_(g);
@@ -246,19 +248,19 @@ class SeqTask {
   }
 
   // The HVP direction restricted to layer L (only adapted layers have one).
-  static std::pair<at::Tensor, at::Tensor> direction(const Params& u, const SeqLayer& L, int64_t step) {
+  static std::pair<at::Tensor, at::Tensor> direction(const Params& u, const NetLayer& L, int64_t step) {
     if (!L.adapted) return {};
     return {L.w_param >= 0 ? u[L.w_param] : at::Tensor(), L.b_param >= 0 ? u[L.b_param] : at::Tensor()};
   }
 
-  const SeqNet& net_;
+  const Net& net_;
   LossKind loss_;
   std::vector<bool> block_start_;  // layer l starts a batch norm -> ReLU -> 2x2 max pooling block
 };
 
 // Everything the per-task pipeline reads, checked once.
-struct SeqProblem {
-  SeqNet net;
+struct NetProblem {
+  Net net;
   LossKind loss;
   LrMode lr_mode;
   int64_t steps, tasks;
@@ -268,9 +270,9 @@ struct SeqProblem {
 // Calls fn(layer, param index, k) for every adapted param in order; k counts them (the index
 // of its rate in lr_mode 2).
 template <typename F>
-void for_each_adapted_param(const SeqProblem& pb, const F& fn) {
+void for_each_adapted_param(const NetProblem& pb, const F& fn) {
   int64_t k = 0;
-  for (const SeqLayer& L : pb.net.layers) {
+  for (const NetLayer& L : pb.net.layers) {
     if (!L.adapted) continue;
     for (int64_t p : {L.w_param, L.b_param}) {
       if (p >= 0) fn(L, p, k++);
@@ -301,14 +303,14 @@ void check_labels(const char* op, const char* name, const at::Tensor& y, const a
   }
 }
 
-SeqProblem make_problem(const char* op, at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
+NetProblem make_problem(const char* op, at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
                         const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy, at::IntArrayRef layers,
                         at::ArrayRef<double> layer_args, int64_t steps, int64_t lr_mode, int64_t loss) {
   OneDevice(op).list("params", params).list("lrs", lrs).arg("support_x", sx).arg("support_y", sy)
       .arg("query_x", qx != nullptr ? *qx : at::Tensor()).arg("query_y", qy != nullptr ? *qy : at::Tensor());
   TORCH_CHECK(steps >= 1, op, ": expected at least one inner step, got ", steps);
   TORCH_CHECK(!params.empty(), op, ": expected params");
-  SeqProblem pb{parse_seq(op, params, layers, layer_args, steps)};
+  NetProblem pb{parse_net(op, params, layers, layer_args, steps)};
   TORCH_CHECK(loss >= 0 && loss < kNumLossKinds, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
   TORCH_CHECK(lr_mode >= 0 && lr_mode < kNumLrModes, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
   pb.loss = static_cast<LossKind>(loss);
@@ -329,7 +331,7 @@ SeqProblem make_problem(const char* op, at::TensorList params, at::TensorList lr
   }
   pb.adapted.assign(params.size(), false);
   std::vector<int64_t> adapted_params;
-  for_each_adapted_param(pb, [&](const SeqLayer&, int64_t p, int64_t) {
+  for_each_adapted_param(pb, [&](const NetLayer&, int64_t p, int64_t) {
     pb.adapted[p] = true;
     adapted_params.push_back(p);
   });
@@ -354,13 +356,13 @@ SeqProblem make_problem(const char* op, at::TensorList params, at::TensorList lr
   return pb;
 }
 
-int64_t lr_rows(const SeqProblem& pb) { return pb.lr_mode == LrMode::kPerLayerStep ? pb.steps : 1; }
-int64_t lr_row(const SeqProblem& pb, int64_t j) { return pb.lr_mode == LrMode::kPerLayerStep ? j : 0; }
+int64_t lr_rows(const NetProblem& pb) { return pb.lr_mode == LrMode::kPerLayerStep ? pb.steps : 1; }
+int64_t lr_row(const NetProblem& pb, int64_t j) { return pb.lr_mode == LrMode::kPerLayerStep ? j : 0; }
 
 // The rate of every adapted param, per lr row (0-dim or the param's shape); undefined elsewhere.
-std::vector<Params> expand_lrs(const SeqProblem& pb, at::TensorList params, at::TensorList lrs) {
+std::vector<Params> expand_lrs(const NetProblem& pb, at::TensorList params, at::TensorList lrs) {
   std::vector<Params> rows(lr_rows(pb), Params(params.size()));
-  for_each_adapted_param(pb, [&](const SeqLayer& L, int64_t p, int64_t k) {
+  for_each_adapted_param(pb, [&](const NetLayer& L, int64_t p, int64_t k) {
     for (int64_t j = 0; j < lr_rows(pb); ++j) {
       if (pb.lr_mode == LrMode::kScalar) rows[j][p] = lrs[0];
       if (pb.lr_mode == LrMode::kPerLayerStep) rows[j][p] = lrs[0][j][L.adapted_index];
@@ -371,10 +373,10 @@ std::vector<Params> expand_lrs(const SeqProblem& pb, at::TensorList params, at::
 }
 
 // Reduces d loss / d(rate of each param element), per lr row, to the lrs' layout.
-std::vector<at::Tensor> reduce_lr_grads(const SeqProblem& pb, at::TensorList lrs, const std::vector<Params>& d) {
+std::vector<at::Tensor> reduce_lr_grads(const NetProblem& pb, at::TensorList lrs, const std::vector<Params>& d) {
   std::vector<at::Tensor> out;
   for (const auto& lr : lrs) out.push_back(at::zeros_like(lr));
-  for_each_adapted_param(pb, [&](const SeqLayer& L, int64_t p, int64_t k) {
+  for_each_adapted_param(pb, [&](const NetLayer& L, int64_t p, int64_t k) {
     for (int64_t j = 0; j < lr_rows(pb); ++j) {
       const at::Tensor& g = d[j][p];
       if (!g.defined()) continue;
@@ -400,10 +402,10 @@ void add_scaled(Params& acc, const Params& t, double scale) {
 
 // Writes the batch statistics of every batch norm layer in `pass` into out (2, bn_channels): row
 // 0 the mean, row 1 the unbiased variance (what nn.BatchNorm's running_var averages).
-void record_bn_stats(const SeqNet& net, const SeqPass& pass, at::Tensor out) {
+void record_bn_stats(const Net& net, const NetPass& pass, at::Tensor out) {
   for (size_t l = 0; l < net.layers.size(); ++l) {
-    const SeqLayer& L = net.layers[l];
-    if (L.kind != SeqKind::kBatchNorm) continue;
+    const NetLayer& L = net.layers[l];
+    if (L.kind != LayerKind::kBatchNorm) continue;
     const at::Tensor& x = pass.vals[L.input];
     const double n = static_cast<double>(x.numel() / x.size(1));
     // The forward kept 1 / sqrt(biased variance + eps).
@@ -422,11 +424,11 @@ void record_bn_stats(const SeqNet& net, const SeqPass& pass, at::Tensor out) {
 // row j gets the batch statistics of the support at step j.
 struct InnerLoop {
   std::vector<Params> theta;
-  std::vector<SeqPass> passes;
+  std::vector<NetPass> passes;
   std::vector<Params> grads;
 };
 
-InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params& theta0,
+InnerLoop run_inner_loop(const NetProblem& pb, const NetTask& task, const Params& theta0,
                          const std::vector<Params>& lr, const at::Tensor& sx, const at::Tensor& sy,
                          bool sweep, bool keep_grads, const at::Tensor& bn_stats) {
   InnerLoop out;
@@ -438,7 +440,7 @@ InnerLoop run_inner_loop(const SeqProblem& pb, const SeqTask& task, const Params
     // Kept passes are differentiated again by the sweep, through every layer (no fused blocks);
     // others run the fused blocks. A pass as big as the last one must fit beside those kept.
     const bool keep = sweep && (j == 0 || kept + last <= limit);
-    SeqPass pass = task.forward(cur, sx, j, !keep);
+    NetPass pass = task.forward(cur, sx, j, !keep);
     if (bn_stats.defined()) record_bn_stats(pb.net, pass, bn_stats[j]);
     task.loss(pass, sy, true);
     Params g = task.backward(pass, cur, keep, keep);
@@ -472,26 +474,38 @@ at::Tensor network_layout(const at::Tensor& x) {
   return x.clone(at::MemoryFormat::ChannelsLast);
 }
 
+// The MLP fast path's network when it takes this call: an MLP chain, float32 or float64, on the
+// CPU, with the path switched on.
+std::optional<MlpNet> fast_path_mlp(const NetProblem& pb, at::TensorList params, const at::Tensor& x) {
+  const auto dtype = params[0].scalar_type();
+  if (!x.is_cpu() || !mlp_fast_path() || (dtype != at::kFloat && dtype != at::kDouble)) return std::nullopt;
+  return mlp_net_of(pb.net, params);
+}
+
 Params param_list(at::TensorList params) {
   Params out;
   for (const auto& p : params) out.push_back(network_layout(p.detach()));
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> seq_maml_loss_kernel(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> net_maml_loss_kernel(
     at::TensorList params, at::TensorList lrs, const at::Tensor& support_x, const at::Tensor& support_y,
     const at::Tensor& query_x, const at::Tensor& query_y, at::IntArrayRef layers, at::ArrayRef<double> layer_args,
     at::ArrayRef<double> step_weights, int64_t lr_mode, int64_t loss, bool first_order, bool compute_grads,
     bool compute_lr_grads) {
-  constexpr const char* op = "pymeta::seq_maml_loss";
+  constexpr const char* op = "pymeta::net_maml_loss";
+  const int64_t J = static_cast<int64_t>(step_weights.size());
+  const NetProblem pb = make_problem(op, params, lrs, support_x, support_y, &query_x, &query_y, layers, layer_args,
+                                     J, lr_mode, loss);
+  if (auto mlp = fast_path_mlp(pb, params, support_x)) {
+    return mlp_maml_loss_fast(std::move(*mlp), params, lrs, support_x, support_y, query_x, query_y, step_weights,
+                              pb.lr_mode, pb.loss, first_order, compute_grads, compute_lr_grads);
+  }
   std::optional<WorkspaceScope> workspace;  // CPU: activations freed by one task serve the next
   if (support_x.is_cpu()) workspace.emplace();
-  const int64_t J = static_cast<int64_t>(step_weights.size());
-  const SeqProblem pb = make_problem(op, params, lrs, support_x, support_y, &query_x, &query_y, layers, layer_args,
-                                     J, lr_mode, loss);
   compute_lr_grads = compute_lr_grads && compute_grads;
   const bool second_order = compute_grads && !first_order;
-  const SeqTask task(pb.net, pb.loss);
+  const NetTask task(pb.net, pb.loss);
   const Params theta0 = param_list(params);
   const std::vector<Params> lr = expand_lrs(pb, params, lrs);
   at::Tensor task_losses = at::empty({pb.tasks}, params[0].options());
@@ -517,7 +531,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     auto add_query_term = [&](int64_t j) {
       const double w = step_weights[j - 1];
       if (w == 0.0) return;
-      SeqPass pass = task.forward(inner.theta[j], qx, j, true);
+      NetPass pass = task.forward(inner.theta[j], qx, j, true);
       if (j == J && task_stats.defined()) record_bn_stats(pb.net, pass, task_stats[J]);
       const at::Tensor l = task.loss(pass, qy, compute_grads) * w;
       task_loss = task_loss.defined() ? task_loss + l : l;
@@ -545,7 +559,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
         for (size_t p = 0; p < v.size(); ++p) {
           if (pb.adapted[p] && v[p].defined()) u[p] = rate[p] * v[p];
         }
-        SeqPass& pass = inner.passes[j];
+        NetPass& pass = inner.passes[j];
         if (pass.empty()) {  // not kept by the inner loop: the same pass again
           sweep_recomputed_passes().fetch_add(1);
           pass = task.forward(inner.theta[j], sx, j, false);
@@ -553,7 +567,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
           task.backward(pass, inner.theta[j], true, true);
         }
         add_scaled(v, task.hvp(pass, inner.theta[j], u), -1.0);
-        pass = SeqPass();  // the sweep is done with step j
+        pass = NetPass();  // the sweep is done with step j
 
       }
       if (j >= 1) add_query_term(j);
@@ -580,16 +594,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
   return {mean_loss, grad_params, grad_lrs, task_losses, bn_stats};
 }
 
-std::vector<at::Tensor> seq_adapt_kernel(at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,
+std::vector<at::Tensor> net_adapt_kernel(at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,
                                          const at::Tensor& support_y, at::IntArrayRef layers,
                                          at::ArrayRef<double> layer_args, int64_t steps, int64_t lr_mode,
                                          int64_t loss) {
-  constexpr const char* op = "pymeta::seq_adapt";
+  constexpr const char* op = "pymeta::net_adapt";
+  const NetProblem pb = make_problem(op, params, lrs, support_x, support_y, nullptr, nullptr, layers, layer_args,
+                                     steps, lr_mode, loss);
+  if (auto mlp = fast_path_mlp(pb, params, support_x)) {
+    return mlp_adapt_fast(std::move(*mlp), params, lrs, support_x, support_y, steps, pb.lr_mode, pb.loss);
+  }
   std::optional<WorkspaceScope> workspace;  // CPU: activations freed by one task serve the next
   if (support_x.is_cpu()) workspace.emplace();
-  const SeqProblem pb = make_problem(op, params, lrs, support_x, support_y, nullptr, nullptr, layers, layer_args,
-                                     steps, lr_mode, loss);
-  const SeqTask task(pb.net, pb.loss);
+  const NetTask task(pb.net, pb.loss);
   const Params theta0 = param_list(params);
   const std::vector<Params> lr = expand_lrs(pb, params, lrs);
   std::vector<at::Tensor> adapted;
@@ -598,7 +615,7 @@ std::vector<at::Tensor> seq_adapt_kernel(at::TensorList params, at::TensorList l
     shape.insert(shape.end(), p.sizes().begin(), p.sizes().end());
     adapted.push_back(at::empty(shape, p.options()));
   }
-  for (int64_t t = 0; t < pb.tasks; ++t) {  // one task at a time, as in seq_maml_loss
+  for (int64_t t = 0; t < pb.tasks; ++t) {  // one task at a time, as in net_maml_loss
     InnerLoop inner = run_inner_loop(pb, task, theta0, lr, network_layout(support_x[t]), support_y[t], false, false,
                                      at::Tensor());
     for (size_t p = 0; p < adapted.size(); ++p) adapted[p][t].copy_(inner.theta.back()[p]);
@@ -610,13 +627,13 @@ std::vector<at::Tensor> seq_adapt_kernel(at::TensorList params, at::TensorList l
 
 // The kernels are ATen compositions, so one registration per backend serves them all.
 TORCH_LIBRARY_IMPL(pymeta, CPU, m) {
-  m.impl("seq_maml_loss", &seq_maml_loss_kernel);
-  m.impl("seq_adapt", &seq_adapt_kernel);
+  m.impl("net_maml_loss", &net_maml_loss_kernel);
+  m.impl("net_adapt", &net_adapt_kernel);
 }
 
 TORCH_LIBRARY_IMPL(pymeta, CUDA, m) {
-  m.impl("seq_maml_loss", &seq_maml_loss_kernel);
-  m.impl("seq_adapt", &seq_adapt_kernel);
+  m.impl("net_maml_loss", &net_maml_loss_kernel);
+  m.impl("net_adapt", &net_adapt_kernel);
 }
 
 }  // namespace pymeta

@@ -1,6 +1,6 @@
 // Forward, backward and R-operator rules of each layer kind, from ATen ops. The formulas are in
 // docs/model-aware.md ("Convolutional networks"); an undefined tensor stands for zero.
-#include "seq/seq_layers.h"
+#include "net/layers.h"
 
 #include "core_settings.h"
 #include "cpu/bn_tangent.h"
@@ -42,7 +42,7 @@ void accumulate(at::Tensor& acc, const at::Tensor& t) {
 // ---- convolution (and Linear, its 1x1 special case done with matrix products)
 struct ConvGeometry {
   std::vector<int64_t> stride, padding, dilation{1, 1}, output_padding{0, 0};
-  explicit ConvGeometry(const SeqLayer& L)
+  explicit ConvGeometry(const NetLayer& L)
       : stride{L.ints[0], L.ints[1]}, padding{L.ints[2], L.ints[3]} {}
 };
 
@@ -100,7 +100,7 @@ at::Tensor bn_xhat(const at::Tensor& x, const LayerSaved& saved) {
 }
 
 // ---- activations
-at::Tensor act_forward(const SeqLayer& L, const at::Tensor& x) {
+at::Tensor act_forward(const NetLayer& L, const at::Tensor& x) {
   switch (L.activation()) {
     case Activation::kRelu:
       return x.relu();
@@ -114,7 +114,7 @@ at::Tensor act_forward(const SeqLayer& L, const at::Tensor& x) {
 }
 
 // act'(x) * v.
-at::Tensor act_times_d1(const SeqLayer& L, const at::Tensor& x, const LayerSaved& s, const at::Tensor& v) {
+at::Tensor act_times_d1(const NetLayer& L, const at::Tensor& x, const LayerSaved& s, const at::Tensor& v) {
   switch (L.activation()) {
     case Activation::kRelu:
       return at::threshold_backward(v, x, 0);
@@ -128,7 +128,7 @@ at::Tensor act_times_d1(const SeqLayer& L, const at::Tensor& x, const LayerSaved
 }
 
 // act''(x), or undefined for the piecewise-linear activations (zero almost everywhere).
-at::Tensor act_d2(const SeqLayer& L, const LayerSaved& s) {
+at::Tensor act_d2(const NetLayer& L, const LayerSaved& s) {
   const at::Tensor& y = s.aux;
   switch (L.activation()) {
     case Activation::kTanh:
@@ -142,20 +142,20 @@ at::Tensor act_d2(const SeqLayer& L, const LayerSaved& s) {
 
 struct PoolGeometry {
   std::vector<int64_t> kernel, stride, padding, dilation{1, 1};
-  explicit PoolGeometry(const SeqLayer& L)
+  explicit PoolGeometry(const NetLayer& L)
       : kernel{L.ints[0], L.ints[1]}, stride{L.ints[2], L.ints[3]}, padding{L.ints[4], L.ints[5]} {}
 };
 
 }  // namespace
 
-at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& x2, const at::Tensor& w,
+at::Tensor layer_forward(const NetLayer& L, const at::Tensor& x, const at::Tensor& x2, const at::Tensor& w,
                        const at::Tensor& b, LayerSaved& saved) {
   switch (L.kind) {
-    case SeqKind::kLinear:
+    case LayerKind::kLinear:
       return b.defined() ? b.addmm(x, w.t()) : x.mm(w.t());
-    case SeqKind::kConv2d:
+    case LayerKind::kConv2d:
       return conv(ConvGeometry(L), x, w, b);
-    case SeqKind::kBatchNorm: {
+    case LayerKind::kBatchNorm: {
       TORCH_CHECK(x.dim() >= 2 && x.size(1) == L.ints[1], "pymeta: BatchNorm over ", L.ints[1],
                   " channels received an input of shape ", x.sizes());
       if (cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel: sums in double
@@ -166,53 +166,53 @@ at::Tensor seq_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor&
       saved.inv_std = inv_std;
       return y;
     }
-    case SeqKind::kActivation: {
+    case LayerKind::kActivation: {
       at::Tensor y = act_forward(L, x);
       if (!activation_is_piecewise_linear(L.activation())) saved.aux = y;
       return y;
     }
-    case SeqKind::kMaxPool2d: {
+    case LayerKind::kMaxPool2d: {
       const PoolGeometry g(L);
       auto [y, indices] = at::max_pool2d_with_indices(x, g.kernel, g.stride, g.padding, g.dilation, false);
       saved.aux = indices;
       return y;
     }
-    case SeqKind::kAvgPool2d: {
+    case LayerKind::kAvgPool2d: {
       const PoolGeometry g(L);
       return at::avg_pool2d(x, g.kernel, g.stride, g.padding, false, L.flag != 0, std::nullopt);
     }
-    case SeqKind::kFlatten:
+    case LayerKind::kFlatten:
       return x.flatten(1);
-    case SeqKind::kAdd:
+    case LayerKind::kAdd:
       TORCH_CHECK(x.sizes() == x2.sizes(), "pymeta: a residual add received inputs of shapes ", x.sizes(),
                   " and ", x2.sizes(), "; expected one shape");
       return x + x2;
-    case SeqKind::kConcat:
+    case LayerKind::kConcat:
       TORCH_CHECK(x.dim() >= 2 && x.dim() == x2.dim() && x.size(0) == x2.size(0) &&
                       x.sizes().slice(2) == x2.sizes().slice(2),
                   "pymeta: a channel concatenation received inputs of shapes ", x.sizes(), " and ", x2.sizes(),
                   "; expected equal shapes but for dim 1");
       return at::cat({x, x2}, 1);
-    case SeqKind::kGlobalAvgPool:
+    case LayerKind::kGlobalAvgPool:
       TORCH_CHECK(x.dim() == 4, "pymeta: global average pooling expects (N, C, H, W) inputs, received ", x.sizes());
       return x.mean({2, 3}, true);
   }
   TORCH_CHECK(false, "pymeta: unknown layer kind");
 }
 
-LayerGrads seq_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+LayerGrads layer_backward(const NetLayer& L, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                         const LayerSaved& saved, const at::Tensor& gy, bool need_x) {
   LayerGrads g;
   switch (L.kind) {
-    case SeqKind::kLinear:
+    case LayerKind::kLinear:
       if (need_x) g.x = gy.mm(w);
       g.w = gy.t().mm(x);
       if (b.defined()) g.b = gy.sum(0);
       return g;
-    case SeqKind::kConv2d:
+    case LayerKind::kConv2d:
       std::tie(g.x, g.w, g.b) = conv_vjp(ConvGeometry(L), gy, x, w, {need_x, true, b.defined()});
       return g;
-    case SeqKind::kBatchNorm: {
+    case LayerKind::kBatchNorm: {
       if (!need_x && !w.defined()) return g;
       if (cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel: sums in double
         BnGrads f = bn_backward_fused(x, saved.aux, saved.inv_std, gy, w, need_x);
@@ -222,35 +222,35 @@ LayerGrads seq_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor
                                                                 L.arg, {need_x, w.defined(), w.defined()});
       return g;
     }
-    case SeqKind::kActivation:
+    case LayerKind::kActivation:
       if (need_x) g.x = act_times_d1(L, x, saved, gy);
       return g;
-    case SeqKind::kMaxPool2d:
+    case LayerKind::kMaxPool2d:
       if (need_x) {
         const PoolGeometry p(L);
         g.x = at::max_pool2d_with_indices_backward(gy, x, p.kernel, p.stride, p.padding, p.dilation, false,
                                                    saved.aux);
       }
       return g;
-    case SeqKind::kAvgPool2d:
+    case LayerKind::kAvgPool2d:
       if (need_x) {
         const PoolGeometry p(L);
         g.x = at::avg_pool2d_backward(gy, x, p.kernel, p.stride, p.padding, false, L.flag != 0, std::nullopt);
       }
       return g;
-    case SeqKind::kFlatten:
+    case LayerKind::kFlatten:
       if (need_x) g.x = gy.reshape(x.sizes());
       return g;
-    case SeqKind::kAdd:
+    case LayerKind::kAdd:
       if (need_x) g.x = g.x2 = gy;
       return g;
-    case SeqKind::kConcat:
+    case LayerKind::kConcat:
       if (need_x) {
         g.x = gy.narrow(1, 0, x.size(1));
         g.x2 = gy.narrow(1, x.size(1), gy.size(1) - x.size(1));
       }
       return g;
-    case SeqKind::kGlobalAvgPool:
+    case LayerKind::kGlobalAvgPool:
       // Materialised in x's layout: the layers below expect dense gradients.
       if (need_x) {
         g.x = (gy * (1.0 / static_cast<double>(x.size(2) * x.size(3)))).expand(x.sizes())
@@ -261,12 +261,12 @@ LayerGrads seq_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor
   TORCH_CHECK(false, "pymeta: unknown layer kind");
 }
 
-at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& x2, const at::Tensor& w,
+at::Tensor layer_r_forward(const NetLayer& L, const at::Tensor& x, const at::Tensor& x2, const at::Tensor& w,
                          const LayerSaved& saved, const at::Tensor& rx, const at::Tensor& rx2, const at::Tensor& uw,
                          const at::Tensor& ub, at::Tensor& r_saved) {
   at::Tensor ry;
   switch (L.kind) {
-    case SeqKind::kLinear:
+    case LayerKind::kLinear:
       if (rx.defined()) ry = rx.mm(w.t());
       if (uw.defined()) {
         accumulate(ry, ub.defined() ? ub.addmm(x, uw.t()) : x.mm(uw.t()));
@@ -274,7 +274,7 @@ at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tenso
         ry = add_bias(ry, ub, {x.size(0), w.size(0)});
       }
       return ry;
-    case SeqKind::kConv2d: {
+    case LayerKind::kConv2d: {
       const ConvGeometry g(L);
       if (rx.defined()) ry = conv(g, rx, w, at::Tensor());
       if (uw.defined()) {
@@ -288,7 +288,7 @@ at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tenso
       }
       return ry;
     }
-    case SeqKind::kBatchNorm: {
+    case LayerKind::kBatchNorm: {
       if (rx.defined() && cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel
         return bn_r_forward_fused(x, saved.aux, saved.inv_std, rx, w, uw, ub, r_saved);
       }
@@ -304,39 +304,39 @@ at::Tensor seq_r_forward(const SeqLayer& L, const at::Tensor& x, const at::Tenso
       }
       return ry;
     }
-    case SeqKind::kActivation:
+    case LayerKind::kActivation:
       return rx.defined() ? act_times_d1(L, x, saved, rx) : ry;
-    case SeqKind::kMaxPool2d: {
+    case LayerKind::kMaxPool2d: {
       if (!rx.defined()) return ry;
       const at::Tensor& indices = saved.aux;
       return rx.flatten(2).gather(2, indices.flatten(2)).view(indices.sizes());
     }
-    case SeqKind::kAvgPool2d:
-    case SeqKind::kFlatten:
-    case SeqKind::kGlobalAvgPool:
+    case LayerKind::kAvgPool2d:
+    case LayerKind::kFlatten:
+    case LayerKind::kGlobalAvgPool:
       // Linear maps: the tangent goes through the layer itself.
       if (!rx.defined()) return ry;
       {
         LayerSaved unused;
-        return seq_forward(L, rx, at::Tensor(), at::Tensor(), at::Tensor(), unused);
+        return layer_forward(L, rx, at::Tensor(), at::Tensor(), at::Tensor(), unused);
       }
-    case SeqKind::kAdd:
+    case LayerKind::kAdd:
       ry = rx.defined() ? rx : ry;
       if (rx2.defined()) ry = ry.defined() ? ry + rx2 : rx2;
       return ry;
-    case SeqKind::kConcat:
+    case LayerKind::kConcat:
       if (!rx.defined() && !rx2.defined()) return ry;
       return at::cat({rx.defined() ? rx : at::zeros_like(x), rx2.defined() ? rx2 : at::zeros_like(x2)}, 1);
   }
   TORCH_CHECK(false, "pymeta: unknown layer kind");
 }
 
-LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tensor& w, const LayerSaved& saved,
+LayerGrads layer_r_backward(const NetLayer& L, const at::Tensor& x, const at::Tensor& w, const LayerSaved& saved,
                           const at::Tensor& gy, const at::Tensor& rgy, const at::Tensor& rx, const at::Tensor& uw,
                           const at::Tensor& r_saved, bool need_x) {
   LayerGrads r;
   switch (L.kind) {
-    case SeqKind::kLinear:
+    case LayerKind::kLinear:
       if (rgy.defined()) {
         if (need_x) r.x = rgy.mm(w);
         r.w = rgy.t().mm(x);
@@ -345,14 +345,14 @@ LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tens
       if (need_x && uw.defined()) accumulate(r.x, gy.mm(uw));
       if (rx.defined()) accumulate(r.w, gy.t().mm(rx));
       return r;
-    case SeqKind::kConv2d: {
+    case LayerKind::kConv2d: {
       const ConvGeometry g(L);
       if (rgy.defined()) std::tie(r.x, r.w, r.b) = conv_vjp(g, rgy, x, w, {need_x, true, L.b_param >= 0});
       if (need_x && uw.defined()) accumulate(r.x, std::get<0>(conv_vjp(g, gy, x, uw, {true, false, false})));
       if (rx.defined()) accumulate(r.w, std::get<1>(conv_vjp(g, gy, rx, w, {false, true, false})));
       return r;
     }
-    case SeqKind::kBatchNorm: {
+    case LayerKind::kBatchNorm: {
       if (rgy.defined() && rx.defined() && cpu_fused_kernels() && bn_tangent_applies(x)) {  // fused
         BnGrads f = bn_r_backward_fused(x, saved.aux, saved.inv_std, gy, rgy, rx, r_saved, w, uw, need_x);
         return {f.x, f.w, f.b};
@@ -383,7 +383,7 @@ LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tens
       }
       return r;
     }
-    case SeqKind::kActivation: {
+    case LayerKind::kActivation: {
       if (!need_x) return r;
       if (rgy.defined()) r.x = act_times_d1(L, x, saved, rgy);
       if (rx.defined()) {
@@ -392,15 +392,15 @@ LayerGrads seq_r_backward(const SeqLayer& L, const at::Tensor& x, const at::Tens
       }
       return r;
     }
-    case SeqKind::kMaxPool2d:
-    case SeqKind::kAvgPool2d:
-    case SeqKind::kFlatten:
-    case SeqKind::kAdd:
-    case SeqKind::kConcat:
-    case SeqKind::kGlobalAvgPool:
+    case LayerKind::kMaxPool2d:
+    case LayerKind::kAvgPool2d:
+    case LayerKind::kFlatten:
+    case LayerKind::kAdd:
+    case LayerKind::kConcat:
+    case LayerKind::kGlobalAvgPool:
       // Linear in x with no parameters: the tangent goes back through the same backward.
       if (need_x && rgy.defined()) {
-        const LayerGrads g = seq_backward(L, x, w, at::Tensor(), saved, rgy, true);
+        const LayerGrads g = layer_backward(L, x, w, at::Tensor(), saved, rgy, true);
         r.x = g.x;
         r.x2 = g.x2;
       }

@@ -1,5 +1,6 @@
-// CPU kernels of the model-aware MLP core (mlp_maml_loss, mlp_adapt). Tasks are spread over
-// threads with at::parallel_for; each thread runs its tasks one at a time through the whole
+// The model-aware core's MLP fast path: CPU kernels that run net_maml_loss and net_adapt on
+// flat buffers when the network is an MLP (net/mlp_net.h; the driver, net/maml_core.cpp, has
+// checked the call and chooses this path). Tasks are spread over threads with at::parallel_for; each thread runs its tasks one at a time through the whole
 // meta-step with its own workspace, so there is no per-op dispatch inside the inner loop and
 // memory is one task's worth per thread: the inner-step parameter iterates, and activations
 // that the reverse sweep recomputes instead of keeping.
@@ -15,9 +16,9 @@
 #include <vector>
 
 #include "core_settings.h"
-#include "mlp_elementwise.h"
-#include "mlp_net.h"
-#include "small_gemm.h"
+#include "cpu/mlp_elementwise.h"
+#include "net/mlp_net.h"
+#include "cpu/small_gemm.h"
 
 namespace pymeta {
 namespace {
@@ -215,7 +216,7 @@ class MlpTask {
   std::vector<bool> r_zero_;  // R{h_l} is identically zero (below the first adapted layer)
 };
 
-// Everything the per-task pipeline reads, checked and made contiguous once.
+// Everything the per-task pipeline reads, made contiguous once.
 struct Problem {
   MlpNet net;
   LossKind loss;
@@ -225,89 +226,38 @@ struct Problem {
   std::vector<at::Tensor> params;
 };
 
-void check_targets(const char* op, const char* name, const at::Tensor& y, const at::Tensor& x,
-                   const MlpNet& net, LossKind loss) {
+// The kernels read raw memory, so the shapes the driver's ATen path would check as it goes are
+// checked here first: inputs (T, K, in_features) after a leading Flatten, MSE targets
+// (T, K, out_features), classes below out_features.
+at::Tensor mlp_inputs(const char* op, const char* name, const at::Tensor& x, const MlpNet& net) {
+  const at::Tensor flat = net.flatten_input ? x.flatten(2) : x;
+  TORCH_CHECK(flat.dim() == 3 && flat.size(2) == net.in_features(), op, ": ", name, " must have shape [T, K, ",
+              net.in_features(), "] for the first Linear layer, got ", x.sizes());
+  return flat.contiguous();
+}
+
+at::Tensor mlp_targets(const char* op, const char* name, const at::Tensor& y, const MlpNet& net, LossKind loss) {
   if (loss == LossKind::kMse) {
-    TORCH_CHECK(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.size(2) == net.out_features(),
-                op, ": ", name, " must have shape [", x.size(0), ", ", x.size(1), ", ",
+    TORCH_CHECK(y.dim() == 3 && y.size(2) == net.out_features(), op, ": ", name, " must have shape [T, K, ",
                 net.out_features(), "] for MSE, got ", y.sizes());
-    TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ",
-                x.scalar_type(), ", got ", y.scalar_type());
-  } else {
-    TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name,
-                " must have shape [", x.size(0), ", ", x.size(1), "] for cross-entropy, got ", y.sizes());
-    TORCH_CHECK(y.scalar_type() == at::kLong, op, ": ", name, " must hold int64 class indices, got ",
-                y.scalar_type());
-    if (y.numel() > 0) {
-      const int64_t lo = y.min().item<int64_t>(), hi = y.max().item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < net.out_features(), op, ": ", name, " must hold classes in [0, ",
-                  net.out_features(), "), got values in [", lo, ", ", hi, "]");
-    }
+  } else if (y.numel() > 0) {
+    const int64_t hi = y.max().item<int64_t>();
+    TORCH_CHECK_VALUE(hi < net.out_features(), op, ": ", name, ": expected classes in [0, ", net.out_features(),
+                      ") for the network's ", net.out_features(), " outputs, received class ", hi);
   }
+  return y.contiguous();
 }
 
-void check_inputs(const char* op, const char* name, const at::Tensor& x, const at::Tensor& ref,
-                  const MlpNet& net) {
-  TORCH_CHECK(x.dim() == 3 && x.size(2) == net.in_features() && x.size(1) > 0, op, ": ", name,
-              " must have shape [T, K>0, ", net.in_features(), "], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
-              ref.scalar_type(), " like the params, got ", x.scalar_type());
-}
-
-Problem make_problem(const char* op, at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
-                     const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy,
-                     at::IntArrayRef layers, at::ArrayRef<double> act_args, int64_t steps,
-                     int64_t lr_mode, int64_t loss) {
-  OneDevice(op).list("params", params).list("lrs", lrs).arg("support_x", sx).arg("support_y", sy)
-      .arg("query_x", qx != nullptr ? *qx : at::Tensor()).arg("query_y", qy != nullptr ? *qy : at::Tensor());
-  Problem pb{parse_mlp(op, params, layers, act_args)};
-  TORCH_CHECK(loss >= 0 && loss < kNumLossKinds, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
-  TORCH_CHECK(lr_mode >= 0 && lr_mode < kNumLrModes, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
-  TORCH_CHECK(steps >= 1, op, ": expected at least one inner step, got ", steps);
-  pb.loss = static_cast<LossKind>(loss);
-  pb.lr_mode = static_cast<LrMode>(lr_mode);
-  pb.steps = steps;
-  const at::Tensor& ref = params[0];
-  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, op,
-              ": params must be float32 or float64, got ", ref.scalar_type());
-  check_inputs(op, "support_x", sx, ref, pb.net);
-  check_targets(op, "support_y", sy, sx, pb.net, pb.loss);
-  pb.tasks = sx.size(0);
-  pb.k_support = sx.size(1);
-  pb.support_x = sx.contiguous();
-  pb.support_y = sy.contiguous();
+Problem make_problem(const char* op, MlpNet net, at::TensorList params, const at::Tensor& sx,
+                     const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy, int64_t steps,
+                     LrMode lr_mode, LossKind loss) {
+  Problem pb{std::move(net), loss, lr_mode, steps, sx.size(0), sx.size(1), 0};
+  pb.support_x = mlp_inputs(op, "support_x", sx, pb.net);
+  pb.support_y = mlp_targets(op, "support_y", sy, pb.net, loss);
   if (qx != nullptr) {
-    check_inputs(op, "query_x", *qx, ref, pb.net);
-    TORCH_CHECK(qx->size(0) == pb.tasks, op, ": query_x has ", qx->size(0), " tasks, support_x has ", pb.tasks);
-    check_targets(op, "query_y", *qy, *qx, pb.net, pb.loss);
     pb.k_query = qx->size(1);
-    pb.query_x = qx->contiguous();
-    pb.query_y = qy->contiguous();
-  }
-  // Learning-rate layout.
-  if (pb.lr_mode == LrMode::kScalar) {
-    TORCH_CHECK(lrs.size() == 1 && lrs[0].dim() == 0, op, ": lr_mode 0 takes one 0-dim lr");
-  } else if (pb.lr_mode == LrMode::kPerLayerStep) {
-    TORCH_CHECK(lrs.size() == 1 && lrs[0].dim() == 2 && lrs[0].size(0) == steps &&
-                    lrs[0].size(1) == pb.net.num_adapted,
-                op, ": lr_mode 1 takes one lr of shape [", steps, ", ", pb.net.num_adapted, "], got ",
-                lrs.empty() ? at::IntArrayRef{} : lrs[0].sizes());
-  } else {
-    size_t k = 0;
-    for (const MlpLayer& L : pb.net.layers) {
-      if (!L.adapted) continue;
-      for (int64_t p : {L.w_param, L.b_param}) {
-        if (p < 0) continue;
-        TORCH_CHECK(k < lrs.size() && lrs[k].sizes() == params[p].sizes(), op, ": lr_mode 2 takes one lr per adapted param; lrs[",
-                    k, "] must have shape ", params[p].sizes());
-        ++k;
-      }
-    }
-    TORCH_CHECK(k == lrs.size(), op, ": lr_mode 2 expects ", k, " lrs, got ", lrs.size());
-  }
-  for (const auto& lr : lrs) {
-    TORCH_CHECK(lr.scalar_type() == ref.scalar_type(), op, ": lrs: expected dtype ", ref.scalar_type(),
-                " like the params, received ", lr.scalar_type());
+    pb.query_x = mlp_inputs(op, "query_x", *qx, pb.net);
+    pb.query_y = mlp_targets(op, "query_y", *qy, pb.net, loss);
   }
   for (const auto& p : params) pb.params.push_back(p.contiguous());
   return pb;
@@ -488,14 +438,14 @@ std::vector<at::Tensor> reduce_lr_grads(const Problem& pb, at::TensorList lrs, c
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> mlp_maml_loss_cpu(
-    at::TensorList params, at::TensorList lrs, const at::Tensor& support_x, const at::Tensor& support_y,
-    const at::Tensor& query_x, const at::Tensor& query_y, at::IntArrayRef layers,
-    at::ArrayRef<double> activation_args, at::ArrayRef<double> step_weights, int64_t lr_mode,
-    int64_t loss, bool first_order, bool compute_grads, bool compute_lr_grads) {
-  constexpr const char* op = "pymeta::mlp_maml_loss";
-  const Problem pb = make_problem(op, params, lrs, support_x, support_y, &query_x, &query_y, layers,
-                                  activation_args, static_cast<int64_t>(step_weights.size()), lr_mode, loss);
+}  // namespace
+
+MamlLossResult mlp_maml_loss_fast(MlpNet net, at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,
+                                  const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
+                                  at::ArrayRef<double> step_weights, LrMode lr_mode, LossKind loss, bool first_order,
+                                  bool compute_grads, bool compute_lr_grads) {
+  const Problem pb = make_problem("pymeta::net_maml_loss", std::move(net), params, support_x, support_y, &query_x,
+                                  &query_y, static_cast<int64_t>(step_weights.size()), lr_mode, loss);
   compute_lr_grads = compute_lr_grads && compute_grads;
   at::Tensor task_losses = at::empty({pb.tasks}, params[0].options());
   at::Tensor mean_loss;
@@ -593,18 +543,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
       grad_lrs = reduce_lr_grads<T>(pb, lrs, total, inv_tasks);
     }
   });
-  // An MLP has no batch norm: no statistics (the output keeps the layered core's signature).
+  // An MLP has no batch norm: no statistics.
   at::Tensor bn_stats = at::empty({pb.tasks, pb.steps + 1, 2, 0}, params[0].options());
   return {mean_loss, grad_params, grad_lrs, task_losses, bn_stats};
 }
 
-std::vector<at::Tensor> mlp_adapt_cpu(at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,
-                                      const at::Tensor& support_y, at::IntArrayRef layers,
-                                      at::ArrayRef<double> activation_args, int64_t steps, int64_t lr_mode,
-                                      int64_t loss) {
-  constexpr const char* op = "pymeta::mlp_adapt";
-  const Problem pb = make_problem(op, params, lrs, support_x, support_y, nullptr, nullptr, layers,
-                                  activation_args, steps, lr_mode, loss);
+std::vector<at::Tensor> mlp_adapt_fast(MlpNet net, at::TensorList params, at::TensorList lrs,
+                                       const at::Tensor& support_x, const at::Tensor& support_y, int64_t steps,
+                                       LrMode lr_mode, LossKind loss) {
+  const Problem pb = make_problem("pymeta::net_adapt", std::move(net), params, support_x, support_y, nullptr,
+                                  nullptr, steps, lr_mode, loss);
   std::vector<at::Tensor> adapted;
   for (const auto& p : pb.params) {
     std::vector<int64_t> shape{pb.tasks};
@@ -637,13 +585,6 @@ std::vector<at::Tensor> mlp_adapt_cpu(at::TensorList params, at::TensorList lrs,
     });
   });
   return adapted;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pymeta, CPU, m) {
-  m.impl("mlp_maml_loss", &mlp_maml_loss_cpu);
-  m.impl("mlp_adapt", &mlp_adapt_cpu);
 }
 
 }  // namespace pymeta

@@ -1,5 +1,5 @@
 // The network (convolutions, batch norm, pooling, linear layers, activations, residual adds and
-// channel concatenations) that the model-aware core's layered path runs, read from the op's
+// channel concatenations) that the model-aware core runs, read from the op's
 // arguments and checked once. It is a graph in topological order: value 0 is the network's
 // input, layer l reads one or two earlier values and produces value l + 1, and the last value
 // is the output.
@@ -12,12 +12,12 @@
 #include <iterator>
 #include <vector>
 
-#include "mlp_maml_math.h"
+#include "net/activation_math.h"
 #include "op_checks.h"
 
 namespace pymeta {
 
-enum class SeqKind : int64_t {
+enum class LayerKind : int64_t {
   kLinear = 0,      // flag: has bias
   kConv2d = 1,      // flag: has bias; ints: stride_h, stride_w, pad_h, pad_w
   kBatchNorm = 2,   // flag: affine; ints[0]: per-step weights, ints[1]: channels; arg: eps
@@ -31,35 +31,35 @@ enum class SeqKind : int64_t {
 };
 
 // Python's names of the kinds (pymeta._C.encoding() exports them), in code order.
-inline constexpr EncodingName kSeqKindNames[] = {
-    {"linear", static_cast<int64_t>(SeqKind::kLinear)},
-    {"conv2d", static_cast<int64_t>(SeqKind::kConv2d)},
-    {"batchnorm", static_cast<int64_t>(SeqKind::kBatchNorm)},
-    {"activation", static_cast<int64_t>(SeqKind::kActivation)},
-    {"maxpool", static_cast<int64_t>(SeqKind::kMaxPool2d)},
-    {"avgpool", static_cast<int64_t>(SeqKind::kAvgPool2d)},
-    {"flatten", static_cast<int64_t>(SeqKind::kFlatten)},
-    {"add", static_cast<int64_t>(SeqKind::kAdd)},
-    {"concat", static_cast<int64_t>(SeqKind::kConcat)},
-    {"global_avgpool", static_cast<int64_t>(SeqKind::kGlobalAvgPool)}};
-constexpr int64_t kNumSeqKinds = std::size(kSeqKindNames);
-static_assert(kNumSeqKinds == static_cast<int64_t>(SeqKind::kGlobalAvgPool) + 1);
+inline constexpr EncodingName kLayerKindNames[] = {
+    {"linear", static_cast<int64_t>(LayerKind::kLinear)},
+    {"conv2d", static_cast<int64_t>(LayerKind::kConv2d)},
+    {"batchnorm", static_cast<int64_t>(LayerKind::kBatchNorm)},
+    {"activation", static_cast<int64_t>(LayerKind::kActivation)},
+    {"maxpool", static_cast<int64_t>(LayerKind::kMaxPool2d)},
+    {"avgpool", static_cast<int64_t>(LayerKind::kAvgPool2d)},
+    {"flatten", static_cast<int64_t>(LayerKind::kFlatten)},
+    {"add", static_cast<int64_t>(LayerKind::kAdd)},
+    {"concat", static_cast<int64_t>(LayerKind::kConcat)},
+    {"global_avgpool", static_cast<int64_t>(LayerKind::kGlobalAvgPool)}};
+constexpr int64_t kNumLayerKinds = std::size(kLayerKindNames);
+static_assert(kNumLayerKinds == static_cast<int64_t>(LayerKind::kGlobalAvgPool) + 1);
 
 // One layer in the op's `layers` argument: [kind, flag, adapted, input, input2, six layer ints];
 // the fields' positions, and those of batch norm's layer ints. input and input2 are value
 // indices (0: the network's input, l + 1: layer l's output); input2 is -1 except for the
 // two-input kinds (kAdd, kConcat).
-constexpr int64_t kSeqKindField = 0, kSeqFlagField = 1, kSeqAdaptedField = 2, kSeqInputField = 3,
-                  kSeqInput2Field = 4, kSeqIntsField = 5;
-constexpr int64_t kSeqNumInts = 6;
-constexpr int64_t kSeqLayerInts = kSeqIntsField + kSeqNumInts;
+constexpr int64_t kLayerKindField = 0, kLayerFlagField = 1, kLayerAdaptedField = 2, kLayerInputField = 3,
+                  kLayerInput2Field = 4, kLayerIntsField = 5;
+constexpr int64_t kLayerNumInts = 6;
+constexpr int64_t kLayerInts = kLayerIntsField + kLayerNumInts;
 constexpr int64_t kBnPerStepInt = 0, kBnChannelsInt = 1;
 
-struct SeqLayer {
-  SeqKind kind = SeqKind::kFlatten;
+struct NetLayer {
+  LayerKind kind = LayerKind::kFlatten;
   int64_t flag = 0;
   bool adapted = false;
-  std::array<int64_t, kSeqNumInts> ints{};
+  std::array<int64_t, kLayerNumInts> ints{};
   double arg = 0.0;
   int64_t input = 0, input2 = -1;      // the values it reads
   int64_t w_param = -1, b_param = -1;  // index into the params list
@@ -68,12 +68,12 @@ struct SeqLayer {
   int64_t stats_offset = -1;           // batch norm: first channel of its batch statistics
 
   bool has_params() const { return w_param >= 0; }
-  bool two_inputs() const { return kind == SeqKind::kAdd || kind == SeqKind::kConcat; }
+  bool two_inputs() const { return kind == LayerKind::kAdd || kind == LayerKind::kConcat; }
   Activation activation() const { return static_cast<Activation>(flag); }
 };
 
-struct SeqNet {
-  std::vector<SeqLayer> layers;
+struct Net {
+  std::vector<NetLayer> layers;
   int64_t num_adapted = 0;
   int64_t bn_channels = 0;  // channels of all batch norm layers (their statistics, concatenated)
   // Per value: how many layers read it, and whether it depends on any parameter / on an adapted
@@ -82,50 +82,50 @@ struct SeqNet {
   std::vector<bool> after_param, after_adapted;
 };
 
-inline const char* seq_kind_name(SeqKind kind) {
+inline const char* layer_kind_name(LayerKind kind) {
   static constexpr const char* names[] = {"Linear",    "Conv2d",    "BatchNorm", "activation",
                                           "MaxPool2d", "AvgPool2d", "Flatten",   "add",
                                           "concat",    "global average pooling"};
-  static_assert(std::size(names) == kNumSeqKinds);
+  static_assert(std::size(names) == kNumLayerKinds);
   return names[static_cast<int64_t>(kind)];
 }
 
-// One layer: row r of the op's `layers` (kSeqLayerInts ints), with its arg; its params are taken
+// One layer: row r of the op's `layers` (kLayerInts ints), with its arg; its params are taken
 // from params[next...] (next advances past them). steps: inner steps of the call (per-step
 // batch-norm weights have at least steps + 1 rows).
-inline SeqLayer read_seq_layer(const char* op, size_t l, const int64_t* r, double arg, at::TensorList params,
+inline NetLayer read_net_layer(const char* op, size_t l, const int64_t* r, double arg, at::TensorList params,
                                size_t& next, int64_t steps) {
   auto take = [&](const char* what) {
     TORCH_CHECK(next < params.size(), op, ": layer ", l, " needs a ", what, ", but only ",
                 params.size(), " params were given");
     return static_cast<int64_t>(next++);
   };
-  SeqLayer L;
-  const int64_t kind = r[kSeqKindField];
-  TORCH_CHECK(kind >= 0 && kind < kNumSeqKinds, op, ": layer ", l, " has unknown kind ", kind);
-  L.kind = static_cast<SeqKind>(kind);
-  L.flag = r[kSeqFlagField];
-  L.adapted = r[kSeqAdaptedField] != 0;
-  for (int64_t i = 0; i < kSeqNumInts; ++i) L.ints[i] = r[kSeqIntsField + i];
+  NetLayer L;
+  const int64_t kind = r[kLayerKindField];
+  TORCH_CHECK(kind >= 0 && kind < kNumLayerKinds, op, ": layer ", l, " has unknown kind ", kind);
+  L.kind = static_cast<LayerKind>(kind);
+  L.flag = r[kLayerFlagField];
+  L.adapted = r[kLayerAdaptedField] != 0;
+  for (int64_t i = 0; i < kLayerNumInts; ++i) L.ints[i] = r[kLayerIntsField + i];
   L.arg = arg;
-  L.input = r[kSeqInputField];
-  L.input2 = r[kSeqInput2Field];
+  L.input = r[kLayerInputField];
+  L.input2 = r[kLayerInput2Field];
   const int64_t values = static_cast<int64_t>(l) + 1;  // values before this layer's output
   TORCH_CHECK(L.input >= 0 && L.input < values, op, ": layer ", l, " reads value ", L.input,
               ", expected an earlier value in [0, ", values, ")");
   TORCH_CHECK(L.two_inputs() ? (L.input2 >= 0 && L.input2 < values) : L.input2 == -1, op,
-              ": layer ", l, " (", seq_kind_name(L.kind), ") has second input ", L.input2,
+              ": layer ", l, " (", layer_kind_name(L.kind), ") has second input ", L.input2,
               L.two_inputs() ? ", expected an earlier value" : ", expected -1 (one input)");
-  const bool parametric = L.kind == SeqKind::kLinear || L.kind == SeqKind::kConv2d ||
-                          (L.kind == SeqKind::kBatchNorm && L.flag != 0);
-  TORCH_CHECK(parametric || !L.adapted, op, ": layer ", l, " (", seq_kind_name(L.kind),
+  const bool parametric = L.kind == LayerKind::kLinear || L.kind == LayerKind::kConv2d ||
+                          (L.kind == LayerKind::kBatchNorm && L.flag != 0);
+  TORCH_CHECK(parametric || !L.adapted, op, ": layer ", l, " (", layer_kind_name(L.kind),
               ") has no parameters to adapt");
   if (parametric) {
     L.w_param = take("weight");
     const at::Tensor& w = params[L.w_param];
-    if (L.kind == SeqKind::kLinear) {
+    if (L.kind == LayerKind::kLinear) {
       TORCH_CHECK(w.dim() == 2, op, ": layer ", l, " (Linear) weight must be 2-D, got ", w.sizes());
-    } else if (L.kind == SeqKind::kConv2d) {
+    } else if (L.kind == LayerKind::kConv2d) {
       TORCH_CHECK(w.dim() == 4, op, ": layer ", l, " (Conv2d) weight must be 4-D, got ", w.sizes());
       for (int i = 0; i < 2; ++i) {
         TORCH_CHECK(L.ints[i] >= 1 && L.ints[2 + i] >= 0, op, ": layer ", l,
@@ -142,47 +142,47 @@ inline SeqLayer read_seq_layer(const char* op, size_t l, const int64_t* r, doubl
       TORCH_CHECK(L.arg > 0, op, ": layer ", l, " (BatchNorm) eps must be > 0, got ", L.arg);
     }
     // Affine batch norm always has a bias (beta); Linear and Conv2d say so in their flag.
-    if (L.kind == SeqKind::kBatchNorm || L.flag != 0) {
+    if (L.kind == LayerKind::kBatchNorm || L.flag != 0) {
       L.b_param = take("bias");
       const at::Tensor& b = params[L.b_param];
-      const int64_t channels = L.kind == SeqKind::kBatchNorm ? w.size(-1) : w.size(0);
+      const int64_t channels = L.kind == LayerKind::kBatchNorm ? w.size(-1) : w.size(0);
       TORCH_CHECK(b.dim() == (L.per_step ? 2 : 1) && b.size(-1) == channels &&
                       (!L.per_step || b.size(0) == w.size(0)),
-                  op, ": layer ", l, " (", seq_kind_name(L.kind), ") bias has shape ", b.sizes(),
+                  op, ": layer ", l, " (", layer_kind_name(L.kind), ") bias has shape ", b.sizes(),
                   ", which does not match the weight ", w.sizes());
     }
   }
-  if (L.kind == SeqKind::kBatchNorm) {
+  if (L.kind == LayerKind::kBatchNorm) {
     const int64_t channels = L.ints[kBnChannelsInt];
     TORCH_CHECK(channels >= 1, op, ": layer ", l, " (BatchNorm) needs its channel count >= 1, got ", channels);
     TORCH_CHECK(!parametric || params[L.w_param].size(-1) == channels, op, ": layer ", l,
                 " (BatchNorm) weight has ", params[L.w_param].size(-1), " channels, expected ", channels);
   }
-  if (L.kind == SeqKind::kActivation) {
+  if (L.kind == LayerKind::kActivation) {
     TORCH_CHECK(L.flag >= 1 && L.flag < kNumActivations, op, ": layer ", l, " has unknown activation code ", L.flag);
   }
-  if (L.kind == SeqKind::kMaxPool2d || L.kind == SeqKind::kAvgPool2d) {
+  if (L.kind == LayerKind::kMaxPool2d || L.kind == LayerKind::kAvgPool2d) {
     TORCH_CHECK(L.ints[0] >= 1 && L.ints[1] >= 1 && L.ints[2] >= 1 && L.ints[3] >= 1 && L.ints[4] >= 0 &&
                     L.ints[5] >= 0 && 2 * L.ints[4] <= L.ints[0] && 2 * L.ints[5] <= L.ints[1],
-                op, ": layer ", l, " (", seq_kind_name(L.kind),
+                op, ": layer ", l, " (", layer_kind_name(L.kind),
                 ") needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2");
   }
   return L;
 }
 
-// The whole network: every layer (read_seq_layer) and the checks that span layers.
-inline SeqNet parse_seq(const char* op, at::TensorList params, at::IntArrayRef spec,
+// The whole network: every layer (read_net_layer) and the checks that span layers.
+inline Net parse_net(const char* op, at::TensorList params, at::IntArrayRef spec,
                         at::ArrayRef<double> layer_args, int64_t steps) {
-  TORCH_CHECK(!spec.empty() && spec.size() % kSeqLayerInts == 0, op, ": layers must hold ",
-              kSeqLayerInts, " ints per layer, got ", spec.size(), " values");
-  const size_t num_layers = spec.size() / kSeqLayerInts;
+  TORCH_CHECK(!spec.empty() && spec.size() % kLayerInts == 0, op, ": layers must hold ",
+              kLayerInts, " ints per layer, got ", spec.size(), " values");
+  const size_t num_layers = spec.size() / kLayerInts;
   TORCH_CHECK(layer_args.size() == num_layers, op, ": expected ", num_layers,
               " layer args (one per layer), got ", layer_args.size());
-  SeqNet net;
+  Net net;
   size_t next = 0;
   for (size_t l = 0; l < num_layers; ++l) {
-    SeqLayer L = read_seq_layer(op, l, spec.data() + l * kSeqLayerInts, layer_args[l], params, next, steps);
-    if (L.kind == SeqKind::kBatchNorm) {
+    NetLayer L = read_net_layer(op, l, spec.data() + l * kLayerInts, layer_args[l], params, next, steps);
+    if (L.kind == LayerKind::kBatchNorm) {
       L.stats_offset = net.bn_channels;
       net.bn_channels += L.ints[kBnChannelsInt];
     }
@@ -196,7 +196,7 @@ inline SeqNet parse_seq(const char* op, at::TensorList params, at::IntArrayRef s
   net.after_param.assign(num_layers + 1, false);
   net.after_adapted.assign(num_layers + 1, false);
   for (size_t l = 0; l < num_layers; ++l) {
-    const SeqLayer& L = net.layers[l];
+    const NetLayer& L = net.layers[l];
     bool param = L.has_params(), adapted = L.adapted;
     for (int64_t v : {L.input, L.input2}) {
       if (v < 0) continue;

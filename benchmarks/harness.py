@@ -34,6 +34,8 @@ from collections.abc import Callable
 
 from torch.profiler import ProfilerActivity, profile
 
+import pymeta
+
 
 def time_calls(fn: Callable[[], object], calls: int) -> float:
     """Seconds per call, averaged over ``calls`` back-to-back calls."""
@@ -114,7 +116,9 @@ def peak_rss_bytes(fn: Callable[[], object]) -> int | None:
         return None
     gc.collect()
     # Without the trim, heap pages freed by earlier calls stay resident and the call under
-    # test reuses them without raising the RSS: its peak would read as ~0.
+    # test reuses them without raising the RSS: its peak would read as ~0. The same holds for
+    # the blocks the model-aware core keeps for reuse (pymeta.memory).
+    pymeta.memory.release_core_workspaces()
     _MALLOC_TRIM(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -13,10 +13,19 @@ inline std::atomic<int64_t>& activation_cache_limit() {
   return limit;
 }
 
-// How many support passes the layered core's reverse sweeps have recomputed (they did not fit
-// under activation_cache_limit), since the process started: a diagnostic for tests and
-// benchmarks.
+// How many support passes the layered core's reverse sweeps have recomputed, and how many inner
+// steps they ran again to recompute parameter iterates (what did not fit under
+// activation_cache_limit), since the process started: diagnostics for tests and benchmarks.
 inline std::atomic<int64_t>& sweep_recomputed_passes() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+inline std::atomic<int64_t>& sweep_recomputed_steps() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+// How many layers checkpointed forwards ran again in backward (values beyond the limit).
+inline std::atomic<int64_t>& recomputed_layers() {
   static std::atomic<int64_t> count{0};
   return count;
 }

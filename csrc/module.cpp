@@ -95,6 +95,10 @@ PYBIND11_MODULE(_C, m) {
         "Switches the MLP fast path; off, MLPs run through the layered rules.");
   m.def("sweep_recomputed_passes", [] { return pymeta::sweep_recomputed_passes().load(); },
         "Support passes the layered core's reverse sweeps recomputed so far (diagnostics).");
+  m.def("recomputed_layers", [] { return pymeta::recomputed_layers().load(); },
+        "Layers checkpointed forwards of the layered core ran again in backward (diagnostics).");
+  m.def("sweep_recomputed_steps", [] { return pymeta::sweep_recomputed_steps().load(); },
+        "Inner steps the layered core ran again to recompute parameter iterates (diagnostics).");
   m.def("workspace_cached_bytes", &pymeta::workspace_cached_bytes,
         "Bytes of freed CPU blocks the model-aware core keeps for reuse (csrc/cpu/workspace.h).");
   m.def("workspace_cache_limit", &pymeta::workspace_cache_limit, "The most bytes it keeps.");

@@ -107,6 +107,15 @@ CASES = {
         IMG,
         arg=0.2,
     ),
+    # A negative slope: the one activation whose rules read its input, not its output.
+    "leaky_relu-negative": Case(
+        "activation",
+        ACTIVATIONS["leaky_relu"],
+        (),
+        act_fn(lambda x: F.leaky_relu(x, -0.3)),
+        IMG,
+        arg=-0.3,
+    ),
     "tanh": Case("activation", ACTIVATIONS["tanh"], (), act_fn(torch.tanh), IMG),
     "sigmoid": Case("activation", ACTIVATIONS["sigmoid"], (), act_fn(torch.sigmoid), (5, 4)),
     "maxpool-2-2": Case("maxpool", 0, pool_ints((2, 2), (2, 2), (0, 0)), max_fn(2, 2, 0), IMG),

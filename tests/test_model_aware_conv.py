@@ -438,12 +438,13 @@ def cache_limit():
 
 
 @pytest.mark.parametrize("net", NETS)
-@pytest.mark.parametrize("limit", [0, 150_000])
+@pytest.mark.parametrize("limit", [0, 80_000])
 def test_a_sweep_that_recomputes_passes_gives_the_same_meta_gradient(net, limit, cache_limit):
     """Under the activation cache limit the inner loop keeps no support pass (0) or only the
-    first ones (150 kB: one or two of these passes of about 70 kB), and the reverse sweep
-    recomputes the others: memory then grows with the inner steps by the parameters only. The
-    meta-gradient is the same, also with learned per-step rates and per-step batch norm."""
+    first ones (80 kB: one of these passes of about 40-50 kB), and the reverse sweep
+    recomputes the others; under 0 it also recomputes the parameter iterates from theta_0.
+    The meta-gradient is the same, also with learned per-step rates, a multi-step loss and
+    per-step batch norm."""
     from pymeta import _C
 
     model, example = conv_net(net, seed=6)
@@ -457,12 +458,16 @@ def test_a_sweep_that_recomputes_passes_gives_the_same_meta_gradient(net, limit,
     params = list(maml.parameters())
     kept = maml.meta_loss(batch)
     kept_grads = grads_of(kept, params)
-    before = _C.sweep_recomputed_passes()
+    before = _C.sweep_recomputed_passes(), _C.sweep_recomputed_steps()
     cache_limit(limit)
     got = maml.meta_loss(batch)
-    recomputed = _C.sweep_recomputed_passes() - before
-    # 3 tasks x 3 steps: all recomputed, or some of each.
-    assert recomputed == 9 if limit == 0 else 0 < recomputed < 9, recomputed
+    passes = _C.sweep_recomputed_passes() - before[0]
+    steps = _C.sweep_recomputed_steps() - before[1]
+    # 3 tasks x 3 steps: all passes recomputed, or some of each. Iterates (tiny here) are kept
+    # under 80 kB; under 0 only theta_0 and theta_3 are, and per task the sweep runs 2 steps
+    # again for theta_2 and 1 for theta_1.
+    assert passes == 9 if limit == 0 else 0 < passes < 9, passes
+    assert steps == (9 if limit == 0 else 0), steps
     grads = grads_of(got, params)
     assert rel_err(got, kept) < 1e-13
     assert_close_grads(grads, kept_grads)

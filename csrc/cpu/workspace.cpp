@@ -7,6 +7,8 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <iterator>
+#include <list>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -29,9 +31,10 @@ class WorkspaceAllocator final : public c10::Allocator {
     void* ptr = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(n);
-      if (it != free_.end() && !it->second.empty()) {
-        ptr = it->second.back();
+      auto it = by_size_.find(n);
+      if (it != by_size_.end() && !it->second.empty()) {  // the most recently freed of that size
+        ptr = it->second.back()->ptr;
+        order_.erase(it->second.back());
         it->second.pop_back();
         cached_ -= static_cast<int64_t>(n);
       }
@@ -54,33 +57,36 @@ class WorkspaceAllocator final : public c10::Allocator {
   // Called by a freed tensor of a large block, whenever and wherever: back to the cache.
   static void give_back(void* ptr) { instance().put(ptr); }
 
+  // Caches the block, evicting the least recently freed ones beyond the limit: a cached block
+  // not reused soon only adds to the process's peak memory.
   void put(void* ptr) {
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(ptr);
-      if (it != live_.end()) {
+      const int64_t limit = limit_.load();
+      if (it == live_.end() || static_cast<int64_t>(it->second) > limit) {
+        if (it != live_.end()) live_.erase(it);
+        evicted.push_back(ptr);
+      } else {
         const size_t size = it->second;
         live_.erase(it);
-        if (cached_ + static_cast<int64_t>(size) <= limit_.load()) {
-          free_[size].push_back(ptr);
-          cached_ += static_cast<int64_t>(size);
-          return;
-        }
+        while (cached_ + static_cast<int64_t>(size) > limit) evicted.push_back(evict_oldest());
+        order_.push_back({ptr, size});
+        by_size_[size].push_back(std::prev(order_.end()));
+        cached_ += static_cast<int64_t>(size);
       }
     }
-    c10::free_cpu(ptr);
+    for (void* p : evicted) c10::free_cpu(p);
   }
 
   void release() {
-    std::unordered_map<size_t, std::vector<void*>> blocks;
+    std::vector<void*> blocks;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      blocks.swap(free_);
-      cached_ = 0;
+      while (!order_.empty()) blocks.push_back(evict_oldest());
     }
-    for (auto& [size, ptrs] : blocks) {
-      for (void* p : ptrs) c10::free_cpu(p);
-    }
+    for (void* p : blocks) c10::free_cpu(p);
   }
 
   int64_t cached() {
@@ -94,11 +100,28 @@ class WorkspaceAllocator final : public c10::Allocator {
   }
 
   c10::Allocator* previous_ = nullptr;  // the allocator the first scope found in place
-  std::atomic<int64_t> limit_{int64_t{1} << 30};
+  std::atomic<int64_t> limit_{int64_t{64} << 20};
 
  private:
+  struct Cached {
+    void* ptr;
+    size_t size;
+  };
+  using Position = std::list<Cached>::iterator;
+
+  // Takes the least recently freed block out of the cache (mutex held) and returns it.
+  void* evict_oldest() {
+    const Cached oldest = order_.front();
+    auto& same = by_size_[oldest.size];
+    same.erase(same.begin());  // blocks of one size are cached in time order: this one is first
+    order_.pop_front();
+    cached_ -= static_cast<int64_t>(oldest.size);
+    return oldest.ptr;
+  }
+
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;  // cached blocks by size
+  std::list<Cached> order_;  // cached blocks, least recently freed first
+  std::unordered_map<size_t, std::vector<Position>> by_size_;
   std::unordered_map<void*, size_t> live_;  // sizes of the large blocks tensors hold
   int64_t cached_ = 0;
 };

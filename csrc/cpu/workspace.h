@@ -24,8 +24,9 @@ class WorkspaceScope {
   WorkspaceScope& operator=(const WorkspaceScope&) = delete;
 };
 
-// Bytes of free blocks the cache holds, and the most it keeps (freed blocks beyond go back to
-// malloc); release_workspaces() frees every cached block.
+// Bytes of free blocks the cache holds, and the most it keeps (default 64 MiB: about one conv4
+// task's activations; beyond it the least recently freed blocks go back to malloc, since a
+// cached block that is not reused only raises the peak); release_workspaces() frees them all.
 int64_t workspace_cached_bytes();
 int64_t workspace_cache_limit();
 void set_workspace_cache_limit(int64_t bytes);

@@ -113,17 +113,20 @@ at::Tensor act_forward(const NetLayer& L, const at::Tensor& x) {
   }
 }
 
-// act'(x) * v.
+// act'(x) * v, from the output y = act(x) the forward kept (the sign of y is the sign of x for
+// ReLU and LeakyReLU with slope >= 0, NaN included; tanh' and sigmoid' are functions of y), so
+// the activation's input need not be kept; only LeakyReLU with a negative slope reads x.
 at::Tensor act_times_d1(const NetLayer& L, const at::Tensor& x, const LayerSaved& s, const at::Tensor& v) {
+  const at::Tensor& y = s.aux;
   switch (L.activation()) {
     case Activation::kRelu:
-      return at::threshold_backward(v, x, 0);
+      return at::threshold_backward(v, y, 0);
     case Activation::kLeakyRelu:
-      return at::leaky_relu_backward(v, x, L.arg, false);
+      return at::leaky_relu_backward(v, L.arg >= 0 ? y : x, L.arg, false);
     case Activation::kTanh:
-      return v * (1 - s.aux * s.aux);
+      return v * (1 - y * y);
     default:
-      return v * s.aux * (1 - s.aux);
+      return v * y * (1 - y);
   }
 }
 
@@ -168,7 +171,7 @@ at::Tensor layer_forward(const NetLayer& L, const at::Tensor& x, const at::Tenso
     }
     case LayerKind::kActivation: {
       at::Tensor y = act_forward(L, x);
-      if (!activation_is_piecewise_linear(L.activation())) saved.aux = y;
+      saved.aux = y;  // the same tensor as the output value: no copy
       return y;
     }
     case LayerKind::kMaxPool2d: {

@@ -42,6 +42,7 @@ struct NetPass {
   // fused[l]: layers l..l+2 (batch norm, ReLU, max pooling) ran as one block; the block keeps
   // the pooled output only, the statistics in saved[l] and the argmax in saved[l + 2].
   std::vector<bool> fused;
+  std::vector<int64_t> bn_count;  // batch norm layers: values per channel they normalised over
 
   bool empty() const { return vals.empty(); }
 
@@ -82,31 +83,20 @@ class NetTask {
   }
 
   // With `fuse`, batch norm -> ReLU -> 2x2 max pooling runs as one block where the CPU kernel
-  // takes the input (cpu/bn_relu_pool.h); such a pass has no hvp().
-  NetPass forward(const Params& theta, const at::Tensor& x, int64_t step, bool fuse) const {
+  // takes the input (cpu/bn_relu_pool.h); such a pass has no hvp(). With `checkpoint` (a pass
+  // only differentiated once), values beyond activation_cache_limit() bytes are freed as soon as
+  // their forward readers are done, except at cut points (values no later layer reaches across);
+  // backward() recomputes them from the cut point below, one segment at a time.
+  NetPass forward(const Params& theta, const at::Tensor& x, int64_t step, bool fuse, bool checkpoint = false) const {
     const size_t n = net_.layers.size();
     NetPass pass;
     pass.step = step;
     pass.saved.resize(n);
     pass.fused.assign(n, false);
+    pass.bn_count.assign(n, 0);
     pass.vals.resize(n + 1);
     pass.vals[0] = x;
-    for (size_t l = 0; l < n; ++l) {
-      const NetLayer& L = net_.layers[l];
-      auto [w, b] = layer_params(theta, L, step);
-      const at::Tensor& in = pass.vals[L.input];
-      if (fuse && block_start_[l] && cpu_fused_kernels() && bn_relu_pool_applies(in) && in.size(1) == L.ints[kBnChannelsInt]) {
-        BnReluPoolSaved s;
-        pass.vals[l + 3] = bn_relu_pool_forward(in, w, b, L.arg, s);
-        pass.saved[l] = {s.mean, s.inv_std};
-        pass.saved[l + 2].aux = s.argmax;
-        pass.fused[l] = true;
-        l += 2;
-        continue;
-      }
-      const at::Tensor in2 = L.input2 >= 0 ? pass.vals[L.input2] : at::Tensor();
-      pass.vals[l + 1] = layer_forward(L, in, in2, w, b, pass.saved[l]);
-    }
+    run_layers(pass, theta, 0, n, fuse, false, checkpoint);
     return pass;
   }
 
@@ -146,6 +136,7 @@ class NetTask {
     for (int64_t l = static_cast<int64_t>(net_.layers.size()) - 1; l >= 0; --l) {
       const at::Tensor gy = gv[l + 1];
       if (!gy.defined()) continue;  // no parameter it depends on is needed
+      restore_inputs(pass, theta, l, l >= 2 && pass.fused[l - 2]);
       if (l >= 2 && pass.fused[l - 2]) {  // the end of a fused block: back to its batch norm's input
         const int64_t bn = l - 2;         // ReLU and pooling have no parameters
         const NetLayer& L = net_.layers[bn];
@@ -164,7 +155,7 @@ class NetTask {
       const NetLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, pass.step);
       const bool need_x = needed[L.input] || (L.input2 >= 0 && needed[L.input2]);
-      LayerGrads g = layer_backward(L, pass.vals[L.input], w, b, pass.saved[l], gy, need_x);
+      LayerGrads g = layer_backward(L, pass.vals[L.input], w, b, saved_of(pass, l), gy, need_x);
       if (L.w_param >= 0 && (all_params || L.adapted)) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
       if (L.b_param >= 0 && (all_params || L.adapted)) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
       if (needed[L.input]) add_to(gv[L.input], g.x);
@@ -187,8 +178,8 @@ class NetTask {
       auto [uw, ub] = direction(u, L, pass.step);
       const bool two = L.input2 >= 0;
       r_val[l + 1] = layer_r_forward(L, pass.vals[L.input], two ? pass.vals[L.input2] : at::Tensor(), w,
-                                   pass.saved[l], r_val[L.input], two ? r_val[L.input2] : at::Tensor(), uw, ub,
-                                   r_saved[l]);
+                                   saved_of(pass, l), r_val[L.input], two ? r_val[L.input2] : at::Tensor(), uw,
+                                   ub, r_saved[l]);
     }
     // The loss Hessian applied to the output tangent.
     std::vector<at::Tensor> rg(n + 1);  // tangents of dL/d(value)
@@ -211,8 +202,8 @@ class NetTask {
       auto [w, b] = layer_params(theta, L, pass.step);
       auto [uw, ub] = direction(u, L, pass.step);
       const bool need_x = needed[L.input] || (L.input2 >= 0 && needed[L.input2]);
-      LayerGrads r = layer_r_backward(L, pass.vals[L.input], w, pass.saved[l], gy, rg[l + 1], r_val[L.input], uw,
-                                    r_saved[l], need_x);
+      LayerGrads r = layer_r_backward(L, pass.vals[L.input], w, saved_of(pass, l), gy, rg[l + 1],
+                                      r_val[L.input], uw, r_saved[l], need_x);
       if (L.w_param >= 0 && r.w.defined()) hu[L.w_param] = place(theta[L.w_param], L, pass.step, r.w);
       if (L.b_param >= 0 && r.b.defined()) hu[L.b_param] = place(theta[L.b_param], L, pass.step, r.b);
       if (needed[L.input]) add_to(rg[L.input], r.x);
@@ -225,6 +216,78 @@ class NetTask {
   }
 
  private:
+  // Runs layers [from, to) of the pass's forward. replay: recompute them as the pass first ran
+  // them (its fused blocks), for backward(); checkpoint: see forward().
+  void run_layers(NetPass& pass, const Params& theta, size_t from, size_t to, bool fuse, bool replay,
+                  bool checkpoint) const {
+    const int64_t limit = activation_cache_limit().load();
+    int64_t held = 0;
+    for (size_t l = from; l < to; ++l) {
+      const NetLayer& L = net_.layers[l];
+      auto [w, b] = layer_params(theta, L, pass.step);
+      const at::Tensor& in = pass.vals[L.input];
+      const bool fused = replay ? pass.fused[l]
+                                : fuse && block_start_[l] && cpu_fused_kernels() && bn_relu_pool_applies(in) &&
+                                      in.size(1) == L.ints[kBnChannelsInt];
+      if (fused) {
+        BnReluPoolSaved s;
+        pass.vals[l + 3] = bn_relu_pool_forward(in, w, b, L.arg, s);
+        pass.saved[l] = {s.mean, s.inv_std};
+        pass.saved[l + 2].aux = s.argmax;
+        pass.bn_count[l] = in.numel() / in.size(1);
+        pass.fused[l] = true;
+        held += static_cast<int64_t>(pass.vals[l + 3].nbytes());
+        l += 2;
+      } else {
+        const at::Tensor in2 = L.input2 >= 0 ? pass.vals[L.input2] : at::Tensor();
+        if (L.kind == LayerKind::kBatchNorm) pass.bn_count[l] = in.numel() / in.size(1);
+        pass.vals[l + 1] = layer_forward(L, in, in2, w, b, pass.saved[l]);
+        // An activation's rules read its output: the value itself (saved_of), not a second
+        // reference that would keep it alive after a checkpointed forward frees it.
+        if (L.kind == LayerKind::kActivation) pass.saved[l].aux = at::Tensor();
+        held += static_cast<int64_t>(pass.vals[l + 1].nbytes());
+        // Inputs no later rule reads (e.g. a batch norm's output, read by a ReLU that keeps its
+        // own output): freed now, not at the end of the pass.
+        for (int64_t v : {L.input, L.input2}) {
+          if (v > 0 && net_.last_reader[v] == static_cast<int64_t>(l) && !net_.read_later[v]) {
+            held -= static_cast<int64_t>(pass.vals[v].nbytes());
+            pass.vals[v] = at::Tensor();
+          }
+        }
+      }
+      if (checkpoint && held > limit) {
+        for (size_t v = 1; v <= l; ++v) {  // done with in this forward; the output (l + 1) stays
+          if (pass.vals[v].defined() && !net_.cut[v] && net_.last_reader[v] <= static_cast<int64_t>(l)) {
+            held -= static_cast<int64_t>(pass.vals[v].nbytes());
+            pass.vals[v] = at::Tensor();
+          }
+        }
+      }
+    }
+  }
+
+  // What layer l's rules read from its forward; an activation's output is its value.
+  LayerSaved saved_of(const NetPass& pass, int64_t l) const {
+    LayerSaved s = pass.saved[l];
+    if (net_.layers[l].kind == LayerKind::kActivation) s.aux = pass.vals[l + 1];
+    return s;
+  }
+
+  // Before layer l's backward: when a value it reads was freed by a checkpointed forward, runs
+  // the layers from the nearest kept cut point below through l again.
+  void restore_inputs(NetPass& pass, const Params& theta, int64_t l, bool fused_end) const {
+    const NetLayer& L = net_.layers[fused_end ? l - 2 : l];
+    bool missing = (fused_end || L.kind == LayerKind::kActivation) && !pass.vals[l + 1].defined();
+    for (int64_t v : {L.input, L.input2}) {
+      if (v >= 0 && (fused_end || L.reads_input_later()) && !pass.vals[v].defined()) missing = true;
+    }
+    if (!missing) return;
+    int64_t c = std::min(L.input, L.input2 >= 0 ? L.input2 : L.input);
+    while (!(net_.cut[c] && pass.vals[c].defined())) --c;  // value 0 (the input) is always both
+    recomputed_layers().fetch_add(l + 1 - c);
+    run_layers(pass, theta, c, l + 1, false, true, false);
+  }
+
   // Value v (the output of layer v - 1) once the reverse pass has gone below its producer: every
   // reader of it is a later layer, done. Frees it and its gradient (less peak memory).
   static void release(NetPass& pass, int64_t v) {
@@ -406,8 +469,7 @@ void record_bn_stats(const Net& net, const NetPass& pass, at::Tensor out) {
   for (size_t l = 0; l < net.layers.size(); ++l) {
     const NetLayer& L = net.layers[l];
     if (L.kind != LayerKind::kBatchNorm) continue;
-    const at::Tensor& x = pass.vals[L.input];
-    const double n = static_cast<double>(x.numel() / x.size(1));
+    const double n = static_cast<double>(pass.bn_count[l]);
     // The forward kept 1 / sqrt(biased variance + eps).
     at::Tensor var = (pass.saved[l].inv_std.pow(-2) - L.arg).clamp_min_(0.0);
     if (n > 1) var.mul_(n / (n - 1));
@@ -416,51 +478,107 @@ void record_bn_stats(const Net& net, const NetPass& pass, at::Tensor out) {
   }
 }
 
-// One task's inner loop: theta[j] after j steps (theta[0] the meta-params), the support pass
-// of every step for a second-order sweep (`sweep`), and the support gradients when `keep_grads`.
-// Passes are kept while their bytes stay within activation_cache_limit(); a step whose pass is
-// not kept has an empty entry, and the sweep recomputes it (memory then grows with the inner
-// steps by the parameter iterates only). When bn_stats (steps + 1, 2, bn_channels) is defined,
-// row j gets the batch statistics of the support at step j.
-struct InnerLoop {
-  std::vector<Params> theta;
-  std::vector<NetPass> passes;
-  std::vector<Params> grads;
-};
+// One task's inner loop, and the iterates, support passes and gradients its reverse sweep reads.
+// Kept for the sweep, within activation_cache_limit() bytes: the parameter iterates theta_j
+// (up to half the limit; theta_0 and theta_J always), then the support passes (a second-order
+// sweep's; the rest of the limit). An iterate not kept is recomputed from the nearest kept one
+// by running the inner steps again, a pass not kept by one forward and backward: memory then
+// grows with the inner steps by the kept part only, at the price of that arithmetic.
+class InnerLoop {
+ public:
+  InnerLoop(const NetProblem& pb, const NetTask& task, const std::vector<Params>& lr, const at::Tensor& sx,
+            const at::Tensor& sy)
+      : pb_(pb), task_(task), lr_(lr), sx_(sx), sy_(sy) {}
 
-InnerLoop run_inner_loop(const NetProblem& pb, const NetTask& task, const Params& theta0,
-                         const std::vector<Params>& lr, const at::Tensor& sx, const at::Tensor& sy,
-                         bool sweep, bool keep_grads, const at::Tensor& bn_stats) {
-  InnerLoop out;
-  out.theta.push_back(theta0);
-  const int64_t limit = activation_cache_limit().load();
-  int64_t kept = 0, last = 0;  // bytes of the kept passes; of the last pass kept
-  for (int64_t j = 0; j < pb.steps; ++j) {
-    const Params& cur = out.theta.back();
-    // Kept passes are differentiated again by the sweep, through every layer (no fused blocks);
-    // others run the fused blocks. A pass as big as the last one must fit beside those kept.
-    const bool keep = sweep && (j == 0 || kept + last <= limit);
-    NetPass pass = task.forward(cur, sx, j, !keep);
-    if (bn_stats.defined()) record_bn_stats(pb.net, pass, bn_stats[j]);
-    task.loss(pass, sy, true);
-    Params g = task.backward(pass, cur, keep, keep);
-    Params next = cur;  // frozen params are shared, not copied
-    const Params& rate = lr[lr_row(pb, j)];
-    for (size_t p = 0; p < cur.size(); ++p) {
-      if (pb.adapted[p]) next[p] = cur[p] - rate[p] * g[p];
+  // Runs the steps from theta0. sweep: keep support passes for a second-order sweep;
+  // keep_grads: keep each step's support gradient (learned rates); iterates: keep iterates for
+  // later theta(j) calls (off: only theta_J is wanted, as by adapt). bn_stats (steps + 1, 2, C),
+  // when defined, gets the support's batch statistics of step j in row j.
+  void run(const Params& theta0, bool sweep, bool keep_grads, bool iterates, const at::Tensor& bn_stats) {
+    const int64_t J = pb_.steps, limit = activation_cache_limit().load();
+    int64_t iterate_bytes = 0;
+    for (size_t p = 0; p < theta0.size(); ++p) {
+      if (pb_.adapted[p]) iterate_bytes += static_cast<int64_t>(theta0[p].nbytes());  // frozen: shared
     }
-    out.theta.push_back(std::move(next));
-    if (keep) last = pass.bytes();
-    if (keep && kept + last <= limit) {
-      kept += last;
-      out.passes.push_back(std::move(pass));
-    } else if (sweep) {
-      out.passes.emplace_back();  // recomputed by the sweep
+    theta_.assign(J + 1, Params());
+    theta_[0] = theta0;
+    int64_t kept = 0, last = 0;  // bytes kept for the sweep (iterates and passes); of the last pass
+    int64_t kept_iterates = 0;
+    Params cur = theta0;
+    for (int64_t j = 0; j < J; ++j) {
+      // Kept passes are differentiated again by the sweep, through every layer (no fused
+      // blocks); others run the fused blocks. A pass as big as the last one must fit.
+      const bool keep = sweep && (j == 0 || kept + last <= limit);
+      NetPass pass;
+      Params g;
+      cur = step(cur, j, keep, pass, g, bn_stats.defined() ? bn_stats[j] : at::Tensor());
+      if (j + 1 == J || (iterates && kept_iterates + iterate_bytes <= limit / 2)) {
+        theta_[j + 1] = cur;
+        if (j + 1 < J) {
+          kept_iterates += iterate_bytes;
+          kept += iterate_bytes;
+        }
+      }
+      if (keep) last = pass.bytes();
+      if (keep && kept + last <= limit) {
+        kept += last;
+        passes_.push_back(std::move(pass));
+      } else if (sweep) {
+        passes_.emplace_back();  // recomputed by the sweep
+      }
+      if (keep_grads) grads_.push_back(std::move(g));
     }
-    if (keep_grads) out.grads.push_back(std::move(g));
   }
-  return out;
-}
+
+  // theta_j, recomputed from the nearest kept iterate below when it was not kept (the last one
+  // recomputed is remembered: the sweep asks for each j twice).
+  const Params& theta(int64_t j) {
+    if (!theta_[j].empty()) return theta_[j];
+    if (recomputed_step_ == j) return recomputed_;
+    int64_t i = j;
+    while (theta_[i].empty()) --i;
+    sweep_recomputed_steps().fetch_add(j - i);
+    Params cur = theta_[i];
+    for (; i < j; ++i) {
+      NetPass unused_pass;
+      Params unused_grad;
+      cur = step(cur, i, false, unused_pass, unused_grad, at::Tensor());
+    }
+    recomputed_ = std::move(cur);
+    recomputed_step_ = j;
+    return recomputed_;
+  }
+
+  // Step j's kept support pass, or an empty one (the caller recomputes it).
+  NetPass take_pass(int64_t j) { return std::move(passes_[j]); }
+  const Params& grad(int64_t j) const { return grads_[j]; }
+
+ private:
+  // One inner step at theta = cur: the next iterate; the support pass (kept, differentiable
+  // again, when keep) and gradient through the out-parameters.
+  Params step(const Params& cur, int64_t j, bool keep, NetPass& pass, Params& g, const at::Tensor& stats_row) const {
+    pass = task_.forward(cur, sx_, j, !keep, !keep);
+    if (stats_row.defined()) record_bn_stats(pb_.net, pass, stats_row);
+    task_.loss(pass, sy_, true);
+    g = task_.backward(pass, cur, keep, keep);
+    Params next = cur;  // frozen params are shared, not copied
+    const Params& rate = lr_[lr_row(pb_, j)];
+    for (size_t p = 0; p < cur.size(); ++p) {
+      if (pb_.adapted[p]) next[p] = cur[p] - rate[p] * g[p];
+    }
+    return next;
+  }
+
+  const NetProblem& pb_;
+  const NetTask& task_;
+  const std::vector<Params>& lr_;
+  const at::Tensor sx_, sy_;
+  std::vector<Params> theta_;  // an empty entry: not kept
+  std::vector<NetPass> passes_;
+  std::vector<Params> grads_;
+  Params recomputed_;
+  int64_t recomputed_step_ = -1;
+};
 
 // Image batches go through the network channels-last (N, H, W, C in memory) on the CPU: oneDNN
 // convolutions then run without reordering, and per-channel loops (ATen's and the fused kernels')
@@ -524,18 +642,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     const at::Tensor qx = network_layout(query_x[t]), qy = query_y[t];
     // The sweep reads each step's support pass (second order) and gradient (learned rates).
     const at::Tensor task_stats = pb.net.bn_channels > 0 ? bn_stats[t] : at::Tensor();
-    InnerLoop inner =
-        run_inner_loop(pb, task, theta0, lr, sx, sy, second_order, compute_lr_grads, task_stats);
+    InnerLoop inner(pb, task, lr, sx, sy);
+    inner.run(theta0, second_order, compute_lr_grads, true, task_stats);
     at::Tensor task_loss;
     Params v(params.size());  // d(task loss) / d theta_j, from j = J down to 0
     auto add_query_term = [&](int64_t j) {
       const double w = step_weights[j - 1];
       if (w == 0.0) return;
-      NetPass pass = task.forward(inner.theta[j], qx, j, true);
+      const Params& theta = inner.theta(j);
+      NetPass pass = task.forward(theta, qx, j, true, true);
       if (j == J && task_stats.defined()) record_bn_stats(pb.net, pass, task_stats[J]);
       const at::Tensor l = task.loss(pass, qy, compute_grads) * w;
       task_loss = task_loss.defined() ? task_loss + l : l;
-      if (compute_grads) add_scaled(v, task.backward(pass, inner.theta[j], true, false), w);
+      if (compute_grads) add_scaled(v, task.backward(pass, theta, true, false), w);
     };
     add_query_term(J);
     for (int64_t j = J - 1; j >= 0 && compute_grads; --j) {
@@ -545,7 +664,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
         Params& dl = lr_acc[lr_row(pb, j)];
         for (size_t p = 0; p < v.size(); ++p) {
           if (!pb.adapted[p] || !v[p].defined()) continue;
-          const at::Tensor d = v[p] * inner.grads[j][p];
+          const at::Tensor d = v[p] * inner.grad(j)[p];
           if (dl[p].defined()) {
             dl[p].sub_(d);
           } else {
@@ -559,15 +678,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
         for (size_t p = 0; p < v.size(); ++p) {
           if (pb.adapted[p] && v[p].defined()) u[p] = rate[p] * v[p];
         }
-        NetPass& pass = inner.passes[j];
+        const Params& theta = inner.theta(j);
+        NetPass pass = inner.take_pass(j);
         if (pass.empty()) {  // not kept by the inner loop: the same pass again
           sweep_recomputed_passes().fetch_add(1);
-          pass = task.forward(inner.theta[j], sx, j, false);
+          pass = task.forward(theta, sx, j, false);
           task.loss(pass, sy, true);
-          task.backward(pass, inner.theta[j], true, true);
+          task.backward(pass, theta, true, true);
         }
-        add_scaled(v, task.hvp(pass, inner.theta[j], u), -1.0);
-        pass = NetPass();  // the sweep is done with step j
+        add_scaled(v, task.hvp(pass, theta, u), -1.0);
 
       }
       if (j >= 1) add_query_term(j);
@@ -616,9 +735,9 @@ std::vector<at::Tensor> net_adapt_kernel(at::TensorList params, at::TensorList l
     adapted.push_back(at::empty(shape, p.options()));
   }
   for (int64_t t = 0; t < pb.tasks; ++t) {  // one task at a time, as in net_maml_loss
-    InnerLoop inner = run_inner_loop(pb, task, theta0, lr, network_layout(support_x[t]), support_y[t], false, false,
-                                     at::Tensor());
-    for (size_t p = 0; p < adapted.size(); ++p) adapted[p][t].copy_(inner.theta.back()[p]);
+    InnerLoop inner(pb, task, lr, network_layout(support_x[t]), support_y[t]);
+    inner.run(theta0, false, false, false, at::Tensor());
+    for (size_t p = 0; p < adapted.size(); ++p) adapted[p][t].copy_(inner.theta(pb.steps)[p]);
   }
   return adapted;
 }

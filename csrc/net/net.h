@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
 #include <iterator>
 #include <vector>
@@ -68,6 +69,12 @@ struct NetLayer {
   int64_t stats_offset = -1;           // batch norm: first channel of its batch statistics
 
   bool has_params() const { return w_param >= 0; }
+  // Whether its backward and R-rules read its input value(s): not an activation that reads its
+  // output instead (net/layers.cpp), nor the residual add (linear, shape-preserving).
+  bool reads_input_later() const {
+    if (kind == LayerKind::kAdd) return false;
+    return !(kind == LayerKind::kActivation && !(activation() == Activation::kLeakyRelu && arg < 0));
+  }
   bool two_inputs() const { return kind == LayerKind::kAdd || kind == LayerKind::kConcat; }
   Activation activation() const { return static_cast<Activation>(flag); }
 };
@@ -80,6 +87,14 @@ struct Net {
   // one (the gradient with respect to a value is needed only then).
   std::vector<int64_t> uses;
   std::vector<bool> after_param, after_adapted;
+  // Per value: the last layer that reads it, and whether any rule reads it after the forward
+  // (a reader's backward or R-rules, or its producer's when an activation); a value that none
+  // does is freed as soon as its last reader has run forward.
+  std::vector<int64_t> last_reader;
+  std::vector<bool> read_later;
+  // Per value: a cut point, where no later layer reads an earlier value (a checkpointed forward
+  // keeps these and recomputes the values between them).
+  std::vector<bool> cut;
 };
 
 inline const char* layer_kind_name(LayerKind kind) {
@@ -195,17 +210,35 @@ inline Net parse_net(const char* op, at::TensorList params, at::IntArrayRef spec
   net.uses.assign(num_layers + 1, 0);
   net.after_param.assign(num_layers + 1, false);
   net.after_adapted.assign(num_layers + 1, false);
+  net.last_reader.assign(num_layers + 1, -1);
+  net.read_later.assign(num_layers + 1, false);
   for (size_t l = 0; l < num_layers; ++l) {
     const NetLayer& L = net.layers[l];
     bool param = L.has_params(), adapted = L.adapted;
     for (int64_t v : {L.input, L.input2}) {
       if (v < 0) continue;
       ++net.uses[v];
+      net.last_reader[v] = static_cast<int64_t>(l);
+      if (L.reads_input_later()) net.read_later[v] = true;
+    }
+    // An activation's rules read its output (net/layers.cpp).
+    if (L.kind == LayerKind::kActivation) net.read_later[l + 1] = true;
+    for (int64_t v : {L.input, L.input2}) {
+      if (v < 0) continue;
       param = param || net.after_param[v];
       adapted = adapted || net.after_adapted[v];
     }
     net.after_param[l + 1] = param;
     net.after_adapted[l + 1] = adapted;
+  }
+  net.cut.assign(num_layers + 1, false);
+  int64_t lowest_read = static_cast<int64_t>(num_layers);  // lowest value read by layers >= l
+  for (int64_t l = static_cast<int64_t>(num_layers); l >= 0; --l) {
+    if (l < static_cast<int64_t>(num_layers)) {
+      const NetLayer& L = net.layers[l];
+      lowest_read = std::min({lowest_read, L.input, L.input2 >= 0 ? L.input2 : L.input});
+    }
+    net.cut[l] = lowest_read >= l;  // layers l, l + 1, ... read value l or later ones
   }
   // A value nobody reads would be a description error (the output is the last value).
   for (size_t v = 0; v < num_layers; ++v) {

@@ -12,6 +12,7 @@ from test_model_aware_conv import assert_close_grads, batch_for, bn, grads_of
 from torch import nn
 
 import pymeta
+from pymeta import _C
 
 TOL = 1e-10
 LOSS_FNS = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
@@ -457,3 +458,34 @@ def test_a_swapped_submodule_is_refused(net, swap):
         maml.meta_loss(b)
     with pytest.raises(ValueError, match=match):
         maml.adapt(b.support_x, b.support_y)
+
+
+# ------------------------------------------------------------------ checkpointed forwards
+@pytest.mark.parametrize("net", ["residual", "dense", "resnet12"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_checkpointed_forwards_give_the_same_meta_gradient(net, first_order):
+    """Under a tiny activation cache limit, passes differentiated once (the query's, and the
+    inner steps' of first-order MAML) keep only the values at cut points and recompute the
+    others in backward, segment by segment; the sweep also recomputes every pass and iterate.
+    Losses and meta-gradients are those of the default run, which match pymeta.MAML."""
+    model, example = (tiny_resnet12(), (1, 16, 16)) if net == "resnet12" else graph_net(net)
+    kwargs = dict(inner_steps=3, first_order=first_order, loss="cross_entropy", inner_lr=0.3)
+    maml = pymeta.ModelAwareMAML(model, **kwargs)
+    b = batch_for(example, "cross_entropy")
+    params = list(model.parameters())
+    want = maml.meta_loss(b)
+    want_grads = torch.autograd.grad(want, params)
+    default = _C.activation_cache_limit()
+    before = _C.recomputed_layers()
+    _C.set_activation_cache_limit(1000)
+    try:
+        got = maml.meta_loss(b)
+        grads = torch.autograd.grad(got, params)
+    finally:
+        _C.set_activation_cache_limit(default)
+    assert _C.recomputed_layers() > before
+    assert rel_err(got, want) < 1e-13
+    scale = max(float(w.abs().max()) for w in want_grads)
+    assert max(float((g - w).abs().max()) for g, w in zip(grads, want_grads)) / scale < 1e-12
+    agnostic = pymeta.MAML(model, **kwargs).meta_loss(b)
+    assert rel_err(got, agnostic) < TOL

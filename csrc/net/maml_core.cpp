@@ -15,6 +15,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -480,8 +481,8 @@ void record_bn_stats(const Net& net, const NetPass& pass, at::Tensor out) {
 
 // One task's inner loop, and the iterates, support passes and gradients its reverse sweep reads.
 // Kept for the sweep, within activation_cache_limit() bytes: the parameter iterates theta_j
-// (up to half the limit; theta_0 and theta_J always), then the support passes (a second-order
-// sweep's; the rest of the limit). An iterate not kept is recomputed from the nearest kept one
+// (up to half the limit or one support pass's bytes, evenly spread; theta_0 and theta_J always),
+// then the support passes (a second-order sweep's; the rest of the limit). An iterate not kept is recomputed from the nearest kept one
 // by running the inner steps again, a pass not kept by one forward and backward: memory then
 // grows with the inner steps by the kept part only, at the price of that arithmetic.
 class InnerLoop {
@@ -503,7 +504,7 @@ class InnerLoop {
     theta_.assign(J + 1, Params());
     theta_[0] = theta0;
     int64_t kept = 0, last = 0;  // bytes kept for the sweep (iterates and passes); of the last pass
-    int64_t kept_iterates = 0;
+    int64_t stride = 1;          // keep theta_j for j a multiple of it
     Params cur = theta0;
     for (int64_t j = 0; j < J; ++j) {
       // Kept passes are differentiated again by the sweep, through every layer (no fused
@@ -512,12 +513,17 @@ class InnerLoop {
       NetPass pass;
       Params g;
       cur = step(cur, j, keep, pass, g, bn_stats.defined() ? bn_stats[j] : at::Tensor());
-      if (j + 1 == J || (iterates && kept_iterates + iterate_bytes <= limit / 2)) {
+      if (j == 0 && iterates && J > 1) {
+        // Iterates may take half the limit, or as much as one support pass if more: recomputing
+        // one costs at least a pass. The ones kept are spread evenly, so that the sweep
+        // recomputes fewer than `stride` steps per iterate.
+        const int64_t budget = limit > 0 ? std::max(limit / 2, pass.bytes()) : 0;  // 0: keep none
+        const int64_t fit = iterate_bytes > 0 ? budget / iterate_bytes : J;
+        stride = fit >= J - 1 ? 1 : (J + fit) / (fit + 1);
+      }
+      if (j + 1 == J || (iterates && (j + 1) % stride == 0)) {
         theta_[j + 1] = cur;
-        if (j + 1 < J) {
-          kept_iterates += iterate_bytes;
-          kept += iterate_bytes;
-        }
+        if (j + 1 < J) kept += iterate_bytes;
       }
       if (keep) last = pass.bytes();
       if (keep && kept + last <= limit) {

@@ -169,7 +169,12 @@ def test_options_match_autograd_reference(adapt_layers, lr_mode, first_order):
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("net", NETS)
 def test_per_step_batch_norm_matches_autograd_reference(first_order, net):
-    model, example = conv_net(net, seed=3)
+    check_per_step_batch_norm(*conv_net(net, seed=3), first_order)
+
+
+def check_per_step_batch_norm(model, example, first_order):
+    """Per-step batch norm weights (distinct rows), learned per-step rates and a multi-step loss
+    against the autograd reference; every per-step row gets a gradient."""
     maml = pymeta.ModelAwareMAML(
         model, inner_steps=3, first_order=first_order, loss="cross_entropy",
         lr_mode="per_layer_step", learn_inner_lr=True, multi_step_loss=True, per_step_bn=True,

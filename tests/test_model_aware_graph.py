@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from parity import lr_lookup, randomize_lrs, reference_loss, reference_meta_loss, rel_err
-from test_model_aware_conv import assert_close_grads, batch_for, bn, grads_of
+from test_model_aware_conv import (
+    assert_close_grads,
+    batch_for,
+    bn,
+    check_per_step_batch_norm,
+    grads_of,
+)
 from torch import nn
 
 import pymeta
@@ -219,24 +225,7 @@ def test_adapt_layers_match_autograd_reference(net, adapt_layers, first_order):
 @pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("first_order", [False, True])
 def test_per_step_batch_norm_matches_autograd_reference(net, first_order):
-    model, example = graph_net(net, seed=3)
-    maml = pymeta.ModelAwareMAML(
-        model, inner_steps=3, first_order=first_order, loss="cross_entropy",
-        lr_mode="per_layer_step", learn_inner_lr=True, multi_step_loss=True, per_step_bn=True,
-    )  # fmt: skip
-    randomize_lrs(maml, seed=1, low=0.05, width=0.3)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # distinct rows, so a wrong row would show
-        for p in maml.bn_steps:
-            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    batch = batch_for(example, "cross_entropy")
-    params = list(maml.parameters())
-    got = maml.meta_loss(batch)
-    want = reference_loss(maml, batch, lr_lookup(maml), F.cross_entropy)
-    assert rel_err(got, want) < TOL
-    grads = grads_of(got, params)
-    assert_close_grads(grads, grads_of(want, params))
-    assert all(float(gr.abs().max()) > 0 for gr in grads[-len(maml.bn_steps) :])
+    check_per_step_batch_norm(*graph_net(net, seed=3), first_order)
 
 
 @pytest.mark.parametrize("net", NETS)

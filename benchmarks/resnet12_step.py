@@ -8,7 +8,7 @@ Usage::
     .venv/bin/python benchmarks/resnet12_step.py [--threads 1] [--tasks 2]
         [--widths 32 80 160 320] [--image-size 32] [--shots 1 5] [--inner-steps 1 5]
         [--implementations per_task_loop pymeta pymeta_aware] [--mem-limit-gib 16] [--timeout-s 600]
-        [--activation-cache-mib 64]
+        [--activation-cache-mib 64] [--core-workspace-mib 64]
     .venv/bin/python benchmarks/resnet12_step.py --full-size
 
 Workloads: 5-way, ``--shots`` examples and 15 queries per class, ``--tasks`` tasks, 3-channel
@@ -75,6 +75,8 @@ def child(cell: dict) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if cell.get("activation_cache_mib") is not None:
         pymeta._C.set_activation_cache_limit(int(cell["activation_cache_mib"] * 2**20))
+    if cell.get("core_workspace_mib") is not None:
+        pymeta.memory.set_core_workspace_limit(int(cell["core_workspace_mib"] * 2**20))
     torch.manual_seed(0)
     model = pymeta.models.resnet12(N_WAY, widths=tuple(cell["widths"]), image_size=cell["size"])
     cls = IMPLEMENTATIONS[cell["implementation"]]
@@ -170,6 +172,10 @@ def main(argv=None) -> None:
         "--activation-cache-mib", type=float, default=None,
         help="the model-aware core's activation cache limit (default: the core's, 64 MiB)",
     )  # fmt: skip
+    parser.add_argument(
+        "--core-workspace-mib", type=float, default=None,
+        help="the model-aware core's workspace cache limit (default: the core's, 64 MiB)",
+    )  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per child")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -193,6 +199,7 @@ def main(argv=None) -> None:
                     widths=list(args.widths), size=args.image_size,
                     mem_limit_gib=args.mem_limit_gib,
                     activation_cache_mib=args.activation_cache_mib,
+                    core_workspace_mib=args.core_workspace_mib,
                 )  # fmt: skip
                 print(f"measuring {name}, {shots}-shot, {steps} inner steps ...", file=sys.stderr)
                 rows.append((cell, run_child(cell, args.threads, args.timeout_s)))

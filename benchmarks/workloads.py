@@ -17,10 +17,25 @@ import pymeta
 
 WORKLOADS = ("sinusoid", "sinusoid-5", "wide-mlp")
 ORDERS = ("second", "first")
+
+
+class LayeredAwareMAML(pymeta.ModelAwareMAML):
+    """ModelAwareMAML with the core's MLP fast path switched off for its calls: MLPs run
+    through the per-layer rules, which shows what the fast path saves."""
+
+    def meta_loss(self, batch):
+        pymeta._C.set_mlp_fast_path(False)
+        try:
+            return super().meta_loss(batch)
+        finally:
+            pymeta._C.set_mlp_fast_path(True)
+
+
 # All take pymeta.MAML's arguments: (model, inner_lr, inner_steps, first_order, loss).
 IMPLEMENTATIONS = {
     "pymeta": pymeta.MAML,
     "pymeta_aware": pymeta.ModelAwareMAML,
+    "pymeta_aware_layered": LayeredAwareMAML,
     "per_task_loop": PerTaskLoopMAML,
     "torch_func": TorchFuncMAML,
     "learn2learn": Learn2LearnMAML,

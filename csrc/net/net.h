@@ -220,14 +220,11 @@ inline Net parse_net(const char* op, at::TensorList params, at::IntArrayRef spec
       ++net.uses[v];
       net.last_reader[v] = static_cast<int64_t>(l);
       if (L.reads_input_later()) net.read_later[v] = true;
-    }
-    // An activation's rules read its output (net/layers.cpp).
-    if (L.kind == LayerKind::kActivation) net.read_later[l + 1] = true;
-    for (int64_t v : {L.input, L.input2}) {
-      if (v < 0) continue;
       param = param || net.after_param[v];
       adapted = adapted || net.after_adapted[v];
     }
+    // An activation's rules read its output (net/layers.cpp).
+    if (L.kind == LayerKind::kActivation) net.read_later[l + 1] = true;
     net.after_param[l + 1] = param;
     net.after_adapted[l + 1] = adapted;
   }

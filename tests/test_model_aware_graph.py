@@ -478,3 +478,12 @@ def test_checkpointed_forwards_give_the_same_meta_gradient(net, first_order):
     assert max(float((g - w).abs().max()) for g, w in zip(grads, want_grads)) / scale < 1e-12
     agnostic = pymeta.MAML(model, **kwargs).meta_loss(b)
     assert rel_err(got, agnostic) < TOL
+
+
+def test_bad_adapt_layers_name_the_argument():
+    model, _ = graph_net("residual")
+    with pytest.raises(ValueError, match=r"adapt_layers: 'nope' is not a layer with parameters"):
+        pymeta.ModelAwareMAML(model, adapt_layers=["nope"])
+    functional, _ = graph_net("functional")  # not an nn.Sequential: no model[i] indices
+    with pytest.raises(TypeError, match=r"adapt_layers: expected int indices \(nn.Sequential"):
+        pymeta.ModelAwareMAML(functional, adapt_layers=[0])

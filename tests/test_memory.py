@@ -2,6 +2,7 @@
 again; measured in fresh processes, since the setting is process-wide) and the model-aware
 core's own workspace cache (the same without the process setting)."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -107,6 +108,57 @@ def test_the_core_reuses_its_workspaces_without_the_process_setting(threads):
     assert result_on == result_off
     assert cached_on > 0 and cached_off == 0
     assert faults_on < faults_off / 4, (faults_on, faults_off)
+
+
+# A conv4 ModelAwareMAML with 75 queries per task and 3 inner steps, in a fresh process under a
+# fixed mmap threshold (large blocks go back to the kernel when freed, so the resident peak is
+# the live peak): the resident-set peak of 3 meta-steps after a warm-up one, in KiB.
+PEAK_SCRIPT = """
+import ctypes, sys, torch, pymeta
+torch.set_num_threads(1)
+if sys.argv[1] == "off":
+    pymeta.memory.set_core_workspace_limit(0)
+torch.manual_seed(0)
+model = pymeta.models.conv4(5, hidden=32)
+maml = pymeta.ModelAwareMAML(model, inner_lr=0.4, loss="cross_entropy", inner_steps=3)
+g = torch.Generator().manual_seed(0)
+batch = pymeta.TaskBatch(torch.rand(4, 5, 1, 28, 28, generator=g), torch.arange(5).repeat(4, 1),
+                         torch.rand(4, 75, 1, 28, 28, generator=g),
+                         torch.arange(5).repeat_interleave(15).repeat(4, 1))
+def step():
+    model.zero_grad()
+    maml.meta_loss(batch).backward()
+def kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+step()
+pymeta.memory.release_core_workspaces()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+start = kib("VmRSS")
+for _ in range(3):
+    step()
+print(kib("VmHWM") - start)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's clear_refs")
+def test_the_workspace_cache_does_not_raise_the_peak():
+    """Cached blocks fill only memory the live blocks once reached: a miss hands cached blocks
+    back first. Measured: 34.4 MiB with the cache against 34.2 without; the cache that kept
+    blocks regardless (before) peaked at 43.4 MiB here."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+    def peak_kib(cache):
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, cache],
+            capture_output=True, text=True, check=True, env=env,
+        )  # fmt: skip
+        return int(out.stdout.split()[-1])
+
+    on, off = peak_kib("on"), peak_kib("off")
+    assert on <= off * 1.05 + 1024, (on, off)
 
 
 def test_workspace_limit_and_release():

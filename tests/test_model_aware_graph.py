@@ -452,11 +452,14 @@ def test_a_swapped_submodule_is_refused(net, swap):
 # ------------------------------------------------------------------ checkpointed forwards
 @pytest.mark.parametrize("net", ["residual", "dense", "resnet12"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_checkpointed_forwards_give_the_same_meta_gradient(net, first_order):
-    """Under a tiny activation cache limit, passes differentiated once (the query's, and the
+@pytest.mark.parametrize("limit", [1000, 40_000])
+def test_checkpointed_forwards_give_the_same_meta_gradient(net, first_order, limit):
+    """Under a small activation cache limit, passes differentiated once (the query's, and the
     inner steps' of first-order MAML) keep only the values at cut points and recompute the
-    others in backward, segment by segment; the sweep also recomputes every pass and iterate.
-    Losses and meta-gradients are those of the default run, which match pymeta.MAML."""
+    others in backward, segment by segment; a replay keeps a quarter of the limit and restarts
+    later replays from what it kept (inside residual blocks too). The sweep also recomputes
+    passes and iterates. Losses and meta-gradients are those of the default run, which match
+    pymeta.MAML."""
     model, example = (tiny_resnet12(), (1, 16, 16)) if net == "resnet12" else graph_net(net)
     kwargs = dict(inner_steps=3, first_order=first_order, loss="cross_entropy", inner_lr=0.3)
     maml = pymeta.ModelAwareMAML(model, **kwargs)
@@ -466,7 +469,7 @@ def test_checkpointed_forwards_give_the_same_meta_gradient(net, first_order):
     want_grads = torch.autograd.grad(want, params)
     default = _C.activation_cache_limit()
     before = _C.recomputed_layers()
-    _C.set_activation_cache_limit(1000)
+    _C.set_activation_cache_limit(limit)
     try:
         got = maml.meta_loss(b)
         grads = torch.autograd.grad(got, params)

@@ -6,6 +6,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <iterator>
 #include <list>
@@ -18,9 +19,11 @@ namespace pymeta {
 namespace {
 
 // Blocks come from c10's alloc_cpu, so that c10's free_cpu frees any of them: oneDNN takes memory
-// through raw_allocate / raw_deallocate (raw_deleter() below), possibly across the scope's edges,
-// and those raw blocks are never cached. Tensors free through their DataPtr's deleter,
-// give_back, which caches the block under its size.
+// through raw_allocate / raw_deallocate (raw_deleter() below), possibly across the scope's edges.
+// Tensors free through their DataPtr's deleter, raw blocks through raw_deleter(); both are
+// give_back, which caches a block it handed out under its size (oneDNN's scratch memory is half
+// the blocks of a ResNet-12 meta-step). A raw block freed after the scope has ended goes to
+// c10's free_cpu instead.
 class WorkspaceAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
@@ -29,6 +32,7 @@ class WorkspaceAllocator final : public c10::Allocator {
       return {ptr, ptr, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
     }
     void* ptr = nullptr;
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = by_size_.find(n);
@@ -37,20 +41,33 @@ class WorkspaceAllocator final : public c10::Allocator {
         order_.erase(it->second.back());
         it->second.pop_back();
         cached_ -= static_cast<int64_t>(n);
+      } else {
+        // A miss hands back cached blocks (least recently freed first) until cached plus live
+        // bytes fit under the most the live blocks have ever reached: the cache then fills
+        // only memory the process already held at its peak, and never raises that peak.
+        while (!order_.empty() && live_bytes_ + cached_ + static_cast<int64_t>(n) > peak_live_) {
+          evicted.push_back(evict_oldest());
+        }
       }
+      live_bytes_ += static_cast<int64_t>(n);
+      peak_live_ = std::max(peak_live_, live_bytes_);
     }
+    for (void* p : evicted) c10::free_cpu(p);
     if (ptr == nullptr) ptr = c10::alloc_cpu(n);
     {
-      // An entry may outlive its block (a raw allocation frees with free_cpu, not give_back);
-      // only give_back reads entries, and only for blocks allocated here as large, which
-      // overwrite any stale entry at their address.
+      // An entry may outlive its block (a raw block freed after the scope, by free_cpu); the
+      // next block malloc hands out at that address overwrites it.
       std::lock_guard<std::mutex> lock(mutex_);
-      live_[ptr] = n;
+      auto [it, fresh] = live_.try_emplace(ptr, n);
+      if (!fresh) {
+        live_bytes_ -= static_cast<int64_t>(it->second);
+        it->second = n;
+      }
     }
     return {ptr, ptr, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return &c10::free_cpu; }
+  c10::DeleterFnPtr raw_deleter() const override { return &give_back; }
 
   void copy_data(void* dest, const void* src, size_t count) const override { std::memcpy(dest, src, count); }
 
@@ -64,6 +81,7 @@ class WorkspaceAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(ptr);
+      if (it != live_.end()) live_bytes_ -= static_cast<int64_t>(it->second);
       const int64_t limit = limit_.load();
       if (it == live_.end() || static_cast<int64_t>(it->second) > limit) {
         if (it != live_.end()) live_.erase(it);
@@ -85,6 +103,7 @@ class WorkspaceAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       while (!order_.empty()) blocks.push_back(evict_oldest());
+      peak_live_ = live_bytes_;  // the next workload sets its own peak
     }
     for (void* p : blocks) c10::free_cpu(p);
   }
@@ -124,6 +143,8 @@ class WorkspaceAllocator final : public c10::Allocator {
   std::unordered_map<size_t, std::vector<Position>> by_size_;
   std::unordered_map<void*, size_t> live_;  // sizes of the large blocks tensors hold
   int64_t cached_ = 0;
+  int64_t live_bytes_ = 0;  // of the blocks in live_
+  int64_t peak_live_ = 0;   // the most live_bytes_ has been
 };
 
 std::mutex scope_mutex;

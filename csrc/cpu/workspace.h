@@ -25,8 +25,11 @@ class WorkspaceScope {
 };
 
 // Bytes of free blocks the cache holds, and the most it keeps (default 64 MiB: about one conv4
-// task's activations; beyond it the least recently freed blocks go back to malloc, since a
-// cached block that is not reused only raises the peak); release_workspaces() frees them all.
+// task's activations; beyond it the least recently freed blocks go back to malloc).
+// Besides, a miss hands cached blocks back to malloc until cached and live blocks together fit
+// under the most the live ones have reached since the last release: the cache reuses memory
+// the process held at its peak anyway, and never raises that peak. release_workspaces() frees
+// them all and restarts that count.
 int64_t workspace_cached_bytes();
 int64_t workspace_cache_limit();
 void set_workspace_cache_limit(int64_t bytes);

@@ -44,6 +44,7 @@ struct NetPass {
   // the pooled output only, the statistics in saved[l] and the argmax in saved[l + 2].
   std::vector<bool> fused;
   std::vector<int64_t> bn_count;  // batch norm layers: values per channel they normalised over
+  std::vector<bool> anchor;        // values a checkpointed replay keeps as restart points
 
   bool empty() const { return vals.empty(); }
 
@@ -95,6 +96,7 @@ class NetTask {
     pass.saved.resize(n);
     pass.fused.assign(n, false);
     pass.bn_count.assign(n, 0);
+    pass.anchor.assign(n + 1, false);
     pass.vals.resize(n + 1);
     pass.vals[0] = x;
     run_layers(pass, theta, 0, n, fuse, false, checkpoint);
@@ -221,7 +223,9 @@ class NetTask {
   // them (its fused blocks), for backward(); checkpoint: see forward().
   void run_layers(NetPass& pass, const Params& theta, size_t from, size_t to, bool fuse, bool replay,
                   bool checkpoint) const {
-    const int64_t limit = activation_cache_limit().load();
+    // A replay for backward() holds a quarter of the limit: the values of one long segment
+    // (a residual block, whose shortcut reaches across it) then need not be alive at once.
+    const int64_t limit = activation_cache_limit().load() / (replay ? 4 : 1);
     int64_t held = 0;
     for (size_t l = from; l < to; ++l) {
       const NetLayer& L = net_.layers[l];
@@ -256,13 +260,17 @@ class NetTask {
           }
         }
       }
-      if (checkpoint && held > limit) {
-        for (size_t v = 1; v <= l; ++v) {  // done with in this forward; the output (l + 1) stays
-          if (pass.vals[v].defined() && !net_.cut[v] && net_.last_reader[v] <= static_cast<int64_t>(l)) {
+      if (checkpoint && held > limit && !(replay && l + 1 == to)) {
+        // Done with in this forward; the output (l + 1) stays, and in a replay becomes a restart
+        // point for the next one (the last layer's inputs stay: backward() reads them next).
+        for (size_t v = replay ? from + 1 : 1; v <= l; ++v) {
+          if (pass.vals[v].defined() && !net_.cut[v] && !pass.anchor[v] &&
+              net_.last_reader[v] <= static_cast<int64_t>(l)) {
             held -= static_cast<int64_t>(pass.vals[v].nbytes());
             pass.vals[v] = at::Tensor();
           }
         }
+        if (replay) pass.anchor[l + 1] = true;
       }
     }
   }
@@ -283,10 +291,23 @@ class NetTask {
       if (v >= 0 && (fused_end || L.reads_input_later()) && !pass.vals[v].defined()) missing = true;
     }
     if (!missing) return;
+    // The nearest value below from which layers c..l can run again: defined, with every earlier
+    // value they read defined too (value 0, the input, always is).
     int64_t c = std::min(L.input, L.input2 >= 0 ? L.input2 : L.input);
-    while (!(net_.cut[c] && pass.vals[c].defined())) --c;  // value 0 (the input) is always both
+    while (!restartable(pass, c, l)) --c;
     recomputed_layers().fetch_add(l + 1 - c);
-    run_layers(pass, theta, c, l + 1, false, true, false);
+    run_layers(pass, theta, c, l + 1, false, true, true);
+  }
+
+  bool restartable(const NetPass& pass, int64_t c, int64_t l) const {
+    if (!pass.vals[c].defined()) return false;
+    for (int64_t k = c; k <= l; ++k) {
+      const NetLayer& K = net_.layers[k];
+      for (int64_t v : {K.input, K.input2}) {
+        if (v >= 0 && v < c && !pass.vals[v].defined()) return false;
+      }
+    }
+    return true;
   }
 
   // Value v (the output of layer v - 1) once the reverse pass has gone below its producer: every
@@ -294,6 +315,7 @@ class NetTask {
   static void release(NetPass& pass, int64_t v) {
     pass.vals[v] = at::Tensor();
     pass.grad_vals[v] = at::Tensor();
+    pass.anchor[v] = false;
   }
 
   // acc += t, undefined meaning zero. Out of place: a gradient may be shared (an add passes

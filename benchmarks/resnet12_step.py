@@ -181,6 +181,11 @@ def main(argv=None) -> None:
         help="meta-steps measured per cell: the time is the last one's (a training run's steady "
         "state), the peak memory the most over all of them (default 2; 1: a cold first step)",
     )  # fmt: skip
+    parser.add_argument(
+        "--timing-malloc", choices=["default", "fixed"], default="default",
+        help="malloc of the timing process: glibc's default (default) or the memory process's "
+        "fixed mmap threshold (how this table was timed before 2026-12-02)",
+    )  # fmt: skip
     parser.add_argument("--full-size", action="store_true", help="the standard ResNet-12 point")
     parser.add_argument("--mem-limit-gib", type=float, default=16.0, help="per child (RLIMIT_AS)")
     parser.add_argument(
@@ -218,17 +223,19 @@ def main(argv=None) -> None:
                     core_workspace_mib=args.core_workspace_mib,
                 )  # fmt: skip
                 print(f"measuring {name}, {shots}-shot, {steps} inner steps ...", file=sys.stderr)
-                timed = run_child(cell, args.threads, args.timeout_s, fixed_mmap_threshold=False)
+                fixed = args.timing_malloc == "fixed"
+                timed = run_child(cell, args.threads, args.timeout_s, fixed_mmap_threshold=fixed)
                 peak = run_child(cell, args.threads, args.timeout_s, fixed_mmap_threshold=True)
                 result = {"seconds": timed.get("seconds"), "rss": peak.get("rss")}
                 if "error" in timed or "error" in peak:
                     result["error"] = timed.get("error") or peak.get("error")
                 rows.append((cell, result))
     widths = "-".join(map(str, args.widths))
+    timing_malloc = "fixed mmap threshold" if args.timing_malloc == "fixed" else "default malloc"
     print(
         f"ResNet-12 (widths {widths}, 3x{args.image_size}x{args.image_size}), {N_WAY}-way, "
         f"{QUERIES_PER_CLASS} queries per class, {args.tasks} task(s), second order, float32; "
-        f"time: glibc's default malloc, memory: fixed mmap threshold; "
+        f"time: {timing_malloc}, memory: fixed mmap threshold; "
         f"torch {torch.__version__}, {args.threads} thread(s)\n"
     )
     print(markdown_table(rows))

@@ -26,11 +26,11 @@
 #include "net/layers.h"
 #include "net/mlp_net.h"
 #include "net/net.h"
+#include "net/problem.h"
+#include "net/sweep.h"
 
 namespace pymeta {
 namespace {
-
-using Params = std::vector<at::Tensor>;  // one tensor per param; undefined = zero
 
 // One forward pass and what the backward and R-passes after it need. Values are indexed as in
 // Net: vals[0] is the input, vals[l + 1] layer l's output, vals.back() the network's output.
@@ -344,136 +344,6 @@ class NetTask {
   std::vector<bool> block_start_;  // layer l starts a batch norm -> ReLU -> 2x2 max pooling block
 };
 
-// Everything the per-task pipeline reads, checked once.
-struct NetProblem {
-  Net net;
-  LossKind loss;
-  LrMode lr_mode;
-  int64_t steps, tasks;
-  std::vector<bool> adapted;  // per param
-};
-
-// Calls fn(layer, param index, k) for every adapted param in order; k counts them (the index
-// of its rate in lr_mode 2).
-template <typename F>
-void for_each_adapted_param(const NetProblem& pb, const F& fn) {
-  int64_t k = 0;
-  for (const NetLayer& L : pb.net.layers) {
-    if (!L.adapted) continue;
-    for (int64_t p : {L.w_param, L.b_param}) {
-      if (p >= 0) fn(L, p, k++);
-    }
-  }
-}
-
-void check_data(const char* op, const char* name, const at::Tensor& x, const at::Tensor& ref) {
-  TORCH_CHECK(x.dim() >= 3 && x.size(1) > 0, op, ": ", name, " must have shape [T, K>0, ...], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ", ref.scalar_type(),
-              " like the params, got ", x.scalar_type());
-}
-
-void check_labels(const char* op, const char* name, const at::Tensor& y, const at::Tensor& x, LossKind loss) {
-  TORCH_CHECK(y.dim() >= 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name,
-              " must start with the inputs' [T, K] = [", x.size(0), ", ", x.size(1), "], got ", y.sizes());
-  if (loss == LossKind::kMse) {
-    TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
-                " for MSE, got ", y.scalar_type());
-  } else {
-    TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kLong, op, ": ", name,
-                " must be [T, K] int64 class indices for cross-entropy, got ", y.scalar_type(), " ", y.sizes());
-    // -100 is cross-entropy's ignore index in PyTorch; here, as in the Python API, it is refused.
-    if (y.numel() > 0) {
-      const int64_t lo = y.min().item<int64_t>();
-      TORCH_CHECK_VALUE(lo >= 0, op, ": ", name, ": expected class indices >= 0, received ", lo);
-    }
-  }
-}
-
-NetProblem make_problem(const char* op, at::TensorList params, at::TensorList lrs, const at::Tensor& sx,
-                        const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy, at::IntArrayRef layers,
-                        at::ArrayRef<double> layer_args, int64_t steps, int64_t lr_mode, int64_t loss) {
-  OneDevice(op).list("params", params).list("lrs", lrs).arg("support_x", sx).arg("support_y", sy)
-      .arg("query_x", qx != nullptr ? *qx : at::Tensor()).arg("query_y", qy != nullptr ? *qy : at::Tensor());
-  TORCH_CHECK(steps >= 1, op, ": expected at least one inner step, got ", steps);
-  TORCH_CHECK(!params.empty(), op, ": expected params");
-  NetProblem pb{parse_net(op, params, layers, layer_args, steps)};
-  TORCH_CHECK(loss >= 0 && loss < kNumLossKinds, op, ": loss must be 0 (MSE) or 1 (cross-entropy), got ", loss);
-  TORCH_CHECK(lr_mode >= 0 && lr_mode < kNumLrModes, op, ": lr_mode must be 0, 1 or 2, got ", lr_mode);
-  pb.loss = static_cast<LossKind>(loss);
-  pb.lr_mode = static_cast<LrMode>(lr_mode);
-  pb.steps = steps;
-  const at::Tensor& ref = params[0];
-  TORCH_CHECK(at::isFloatingType(ref.scalar_type()), op, ": params must be floating point, got ",
-              ref.scalar_type());
-  check_data(op, "support_x", sx, ref);
-  check_labels(op, "support_y", sy, sx, pb.loss);
-  pb.tasks = sx.size(0);
-  if (qx != nullptr) {
-    check_data(op, "query_x", *qx, ref);
-    TORCH_CHECK(qx->size(0) == pb.tasks && qx->sizes().slice(2) == sx.sizes().slice(2), op,
-                ": query_x must have shape [", pb.tasks, ", Q, ", sx.sizes().slice(2), "] like support_x, got ",
-                qx->sizes());
-    check_labels(op, "query_y", *qy, *qx, pb.loss);
-  }
-  pb.adapted.assign(params.size(), false);
-  std::vector<int64_t> adapted_params;
-  for_each_adapted_param(pb, [&](const NetLayer&, int64_t p, int64_t) {
-    pb.adapted[p] = true;
-    adapted_params.push_back(p);
-  });
-  if (pb.lr_mode == LrMode::kScalar) {
-    TORCH_CHECK(lrs.size() == 1 && lrs[0].dim() == 0, op, ": lr_mode 0 takes one 0-dim lr");
-  } else if (pb.lr_mode == LrMode::kPerLayerStep) {
-    TORCH_CHECK(lrs.size() == 1 && lrs[0].dim() == 2 && lrs[0].size(0) == steps &&
-                    lrs[0].size(1) == pb.net.num_adapted,
-                op, ": lr_mode 1 takes one lr of shape [", steps, ", ", pb.net.num_adapted, "]");
-  } else {
-    TORCH_CHECK(lrs.size() == adapted_params.size(), op, ": lr_mode 2 expects ", adapted_params.size(),
-                " lrs (one per adapted param), got ", lrs.size());
-    for (size_t k = 0; k < lrs.size(); ++k) {
-      TORCH_CHECK(lrs[k].sizes() == params[adapted_params[k]].sizes(), op, ": lrs[", k, "] must have shape ",
-                  params[adapted_params[k]].sizes(), ", got ", lrs[k].sizes());
-    }
-  }
-  for (const auto& lr : lrs) {
-    TORCH_CHECK(lr.scalar_type() == ref.scalar_type(), op, ": lrs: expected dtype ", ref.scalar_type(),
-                " like the params, received ", lr.scalar_type());
-  }
-  return pb;
-}
-
-int64_t lr_rows(const NetProblem& pb) { return pb.lr_mode == LrMode::kPerLayerStep ? pb.steps : 1; }
-int64_t lr_row(const NetProblem& pb, int64_t j) { return pb.lr_mode == LrMode::kPerLayerStep ? j : 0; }
-
-// The rate of every adapted param, per lr row (0-dim or the param's shape); undefined elsewhere.
-std::vector<Params> expand_lrs(const NetProblem& pb, at::TensorList params, at::TensorList lrs) {
-  std::vector<Params> rows(lr_rows(pb), Params(params.size()));
-  for_each_adapted_param(pb, [&](const NetLayer& L, int64_t p, int64_t k) {
-    for (int64_t j = 0; j < lr_rows(pb); ++j) {
-      if (pb.lr_mode == LrMode::kScalar) rows[j][p] = lrs[0];
-      if (pb.lr_mode == LrMode::kPerLayerStep) rows[j][p] = lrs[0][j][L.adapted_index];
-      if (pb.lr_mode == LrMode::kPerParameter) rows[j][p] = lrs[k];
-    }
-  });
-  return rows;
-}
-
-// Reduces d loss / d(rate of each param element), per lr row, to the lrs' layout.
-std::vector<at::Tensor> reduce_lr_grads(const NetProblem& pb, at::TensorList lrs, const std::vector<Params>& d) {
-  std::vector<at::Tensor> out;
-  for (const auto& lr : lrs) out.push_back(at::zeros_like(lr));
-  for_each_adapted_param(pb, [&](const NetLayer& L, int64_t p, int64_t k) {
-    for (int64_t j = 0; j < lr_rows(pb); ++j) {
-      const at::Tensor& g = d[j][p];
-      if (!g.defined()) continue;
-      if (pb.lr_mode == LrMode::kScalar) out[0].add_(g.sum());
-      if (pb.lr_mode == LrMode::kPerLayerStep) out[0][j][L.adapted_index].add_(g.sum());
-      if (pb.lr_mode == LrMode::kPerParameter) out[k].add_(g);
-    }
-  });
-  return out;
-}
-
 // acc[i] += scale * t[i] for the defined entries.
 void add_scaled(Params& acc, const Params& t, double scale) {
   for (size_t i = 0; i < t.size(); ++i) {
@@ -644,8 +514,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
   const NetProblem pb = make_problem(op, params, lrs, support_x, support_y, &query_x, &query_y, layers, layer_args,
                                      J, lr_mode, loss);
   if (auto mlp = fast_path_mlp(pb, params, support_x)) {
-    return mlp_maml_loss_fast(std::move(*mlp), params, lrs, support_x, support_y, query_x, query_y, step_weights,
-                              pb.lr_mode, pb.loss, first_order, compute_grads, compute_lr_grads);
+    return mlp_maml_loss_fast(pb, std::move(*mlp), params, lrs, support_x, support_y, query_x, query_y, step_weights,
+                              first_order, compute_grads, compute_lr_grads);
   }
   std::optional<WorkspaceScope> workspace;  // CPU: activations freed by one task serve the next
   if (support_x.is_cpu()) workspace.emplace();
@@ -674,9 +544,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     inner.run(theta0, second_order, compute_lr_grads, true, task_stats);
     at::Tensor task_loss;
     Params v(params.size());  // d(task loss) / d theta_j, from j = J down to 0
-    auto add_query_term = [&](int64_t j) {
-      const double w = step_weights[j - 1];
-      if (w == 0.0) return;
+    auto query_term = [&](int64_t j, double w) {
       const Params& theta = inner.theta(j);
       NetPass pass = task.forward(theta, qx, j, true, true);
       if (j == J && task_stats.defined()) record_bn_stats(pb.net, pass, task_stats[J]);
@@ -684,8 +552,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
       task_loss = task_loss.defined() ? task_loss + l : l;
       if (compute_grads) add_scaled(v, task.backward(pass, theta, true, false), w);
     };
-    add_query_term(J);
-    for (int64_t j = J - 1; j >= 0 && compute_grads; --j) {
+    auto step_back = [&](int64_t j) {
       const Params& rate = lr[lr_row(pb, j)];
       if (compute_lr_grads) {
         // d theta_{j+1} / d rate = -g_j, elementwise.
@@ -700,28 +567,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
           }
         }
       }
-      if (second_order) {
-        // v_j = v_{j+1} - H_j (rate_j * v_{j+1}), the direction living on adapted params only.
-        Params u(v.size());
-        for (size_t p = 0; p < v.size(); ++p) {
-          if (pb.adapted[p] && v[p].defined()) u[p] = rate[p] * v[p];
-        }
-        const Params& theta = inner.theta(j);
-        NetPass pass = inner.take_pass(j);
-        if (pass.empty()) {  // not kept by the inner loop: the same pass again
-          sweep_recomputed_passes().fetch_add(1);
-          pass = task.forward(theta, sx, j, false);
-          task.loss(pass, sy, true);
-          task.backward(pass, theta, true, true);
-        }
-        add_scaled(v, task.hvp(pass, theta, u), -1.0);
-
+      if (!second_order) return;
+      // v_j = v_{j+1} - H_j (rate_j * v_{j+1}), the direction living on adapted params only.
+      Params u(v.size());
+      for (size_t p = 0; p < v.size(); ++p) {
+        if (pb.adapted[p] && v[p].defined()) u[p] = rate[p] * v[p];
       }
-      if (j >= 1) add_query_term(j);
-    }
-    if (!compute_grads) {
-      for (int64_t j = J - 1; j >= 1; --j) add_query_term(j);
-    }
+      const Params& theta = inner.theta(j);
+      NetPass pass = inner.take_pass(j);
+      if (pass.empty()) {  // not kept by the inner loop: the same pass again
+        sweep_recomputed_passes().fetch_add(1);
+        pass = task.forward(theta, sx, j, false);
+        task.loss(pass, sy, true);
+        task.backward(pass, theta, true, true);
+      }
+      add_scaled(v, task.hvp(pass, theta, u), -1.0);
+    };
+    task_sweep(step_weights, compute_grads, query_term, step_back);
     losses[t] = task_loss.defined() ? task_loss : at::zeros({}, params[0].options());
     if (compute_grads) add_scaled(grad_acc, v, 1.0);
   }
@@ -749,7 +611,7 @@ std::vector<at::Tensor> net_adapt_kernel(at::TensorList params, at::TensorList l
   const NetProblem pb = make_problem(op, params, lrs, support_x, support_y, nullptr, nullptr, layers, layer_args,
                                      steps, lr_mode, loss);
   if (auto mlp = fast_path_mlp(pb, params, support_x)) {
-    return mlp_adapt_fast(std::move(*mlp), params, lrs, support_x, support_y, steps, pb.lr_mode, pb.loss);
+    return mlp_adapt_fast(pb, std::move(*mlp), params, lrs, support_x, support_y);
   }
   std::optional<WorkspaceScope> workspace;  // CPU: activations freed by one task serve the next
   if (support_x.is_cpu()) workspace.emplace();

@@ -18,6 +18,8 @@
 #include "core_settings.h"
 #include "cpu/mlp_elementwise.h"
 #include "net/mlp_net.h"
+#include "net/problem.h"
+#include "net/sweep.h"
 #include "cpu/small_gemm.h"
 
 namespace pymeta {
@@ -216,14 +218,16 @@ class MlpTask {
   std::vector<bool> r_zero_;  // R{h_l} is identically zero (below the first adapted layer)
 };
 
-// Everything the per-task pipeline reads, made contiguous once.
+// Everything the per-task pipeline reads, made contiguous once; `checked` is the driver's view of
+// the call (its learning-rate layout is the one both paths use).
 struct Problem {
+  const NetProblem& checked;
   MlpNet net;
   LossKind loss;
-  LrMode lr_mode;
   int64_t steps, tasks, k_support, k_query;
   at::Tensor support_x, support_y, query_x, query_y;
   std::vector<at::Tensor> params;
+  std::vector<int64_t> offsets;  // of each param in the flat parameter vector
 };
 
 // The kernels read raw memory, so the shapes the driver's ATen path would check as it goes are
@@ -248,10 +252,10 @@ at::Tensor mlp_targets(const char* op, const char* name, const at::Tensor& y, co
   return y.contiguous();
 }
 
-Problem make_problem(const char* op, MlpNet net, at::TensorList params, const at::Tensor& sx,
-                     const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy, int64_t steps,
-                     LrMode lr_mode, LossKind loss) {
-  Problem pb{std::move(net), loss, lr_mode, steps, sx.size(0), sx.size(1), 0};
+Problem make_problem(const char* op, const NetProblem& checked, MlpNet net, at::TensorList params,
+                     const at::Tensor& sx, const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy) {
+  const LossKind loss = checked.loss;
+  Problem pb{checked, std::move(net), loss, checked.steps, sx.size(0), sx.size(1), 0};
   pb.support_x = mlp_inputs(op, "support_x", sx, pb.net);
   pb.support_y = mlp_targets(op, "support_y", sy, pb.net, loss);
   if (qx != nullptr) {
@@ -259,7 +263,12 @@ Problem make_problem(const char* op, MlpNet net, at::TensorList params, const at
     pb.query_x = mlp_inputs(op, "query_x", *qx, pb.net);
     pb.query_y = mlp_targets(op, "query_y", *qy, pb.net, loss);
   }
-  for (const auto& p : params) pb.params.push_back(p.contiguous());
+  int64_t offset = 0;
+  for (const auto& p : params) {
+    pb.params.push_back(p.contiguous());
+    pb.offsets.push_back(offset);
+    offset += p.numel();
+  }
   return pb;
 }
 
@@ -275,37 +284,22 @@ std::vector<T> flatten_params(const Problem& pb) {
   return flat;
 }
 
-// Rows of per-step quantities (learning rates, their gradients): one per inner step when the
-// rates differ between steps (per_layer_step), otherwise a single row shared by all steps.
-int64_t lr_rows(const Problem& pb) { return pb.lr_mode == LrMode::kPerLayerStep ? pb.steps : 1; }
-int64_t lr_row(const Problem& pb, int64_t j) { return pb.lr_mode == LrMode::kPerLayerStep ? j : 0; }
+int64_t lr_rows(const Problem& pb) { return pymeta::lr_rows(pb.checked); }
+int64_t lr_row(const Problem& pb, int64_t j) { return pymeta::lr_row(pb.checked, j); }
 
-// The per-element learning rate of every param element: (lr_rows, P); zero for layers that do
-// not adapt.
+// The driver's per-param rates (expand_lrs) laid out flat: (lr_rows, P), one rate per param
+// element, zero for params that do not adapt.
 template <typename T>
-std::vector<T> expand_lrs(const Problem& pb, at::TensorList lrs) {
+std::vector<T> flat_lrs(const Problem& pb, at::TensorList lrs) {
   const int64_t P = pb.net.num_params;
   std::vector<T> flat(static_cast<size_t>(lr_rows(pb) * P), T(0));
-  size_t k = 0;
-  for (const MlpLayer& L : pb.net.layers) {
-    if (!L.adapted) continue;
-    const int64_t begin = L.w_off, count = L.in * L.out + (L.bias ? L.out : 0);
-    for (int64_t j = 0; j < lr_rows(pb); ++j) {
-      T* dst = flat.data() + j * P + begin;
-      if (pb.lr_mode == LrMode::kScalar) {
-        std::fill(dst, dst + count, lrs[0].item<T>());
-      } else if (pb.lr_mode == LrMode::kPerLayerStep) {
-        std::fill(dst, dst + count, lrs[0].contiguous().const_data_ptr<T>()[j * pb.net.num_adapted + L.adapted_index]);
-      } else {
-        const at::Tensor w = lrs[k].contiguous();
-        std::memcpy(dst, w.const_data_ptr<T>(), sizeof(T) * w.numel());
-        if (L.bias) {
-          const at::Tensor b = lrs[k + 1].contiguous();
-          std::memcpy(dst + L.in * L.out, b.const_data_ptr<T>(), sizeof(T) * b.numel());
-        }
-      }
+  const std::vector<Params> rows = expand_lrs(pb.checked, pb.params, lrs);
+  for (int64_t j = 0; j < lr_rows(pb); ++j) {
+    for (size_t p = 0; p < pb.params.size(); ++p) {
+      if (!rows[j][p].defined()) continue;
+      const at::Tensor rate = rows[j][p].expand(pb.params[p].sizes()).contiguous();
+      std::memcpy(flat.data() + j * P + pb.offsets[p], rate.const_data_ptr<T>(), sizeof(T) * rate.numel());
     }
-    k += L.bias ? 2 : 1;
   }
   return flat;
 }
@@ -407,45 +401,33 @@ std::vector<at::Tensor> unflatten(const Problem& pb, const std::vector<T>& flat,
   return out;
 }
 
-// Reduces d loss / d (per-element lr), (lr_rows, P), to the lrs' layout.
+// d loss / d (per-element rate), (lr_rows, P), times scale, reduced to the lrs' layout by the
+// driver's reduce_lr_grads.
 template <typename T>
-std::vector<at::Tensor> reduce_lr_grads(const Problem& pb, at::TensorList lrs, const std::vector<T>& dflat, T scale) {
+std::vector<at::Tensor> flat_lr_grads(const Problem& pb, at::TensorList lrs, const std::vector<T>& dflat, T scale) {
   const int64_t P = pb.net.num_params;
-  std::vector<at::Tensor> out;
-  for (const auto& lr : lrs) out.push_back(at::zeros(lr.sizes(), lr.options()));
-  size_t k = 0;
-  for (const MlpLayer& L : pb.net.layers) {
-    if (!L.adapted) continue;
-    const int64_t nw = L.in * L.out, count = nw + (L.bias ? L.out : 0);
-    for (int64_t j = 0; j < lr_rows(pb); ++j) {
-      const T* src = dflat.data() + j * P + L.w_off;
-      if (pb.lr_mode == LrMode::kPerParameter) {
-        T* w = out[k].mutable_data_ptr<T>();
-        for (int64_t i = 0; i < nw; ++i) w[i] += src[i] * scale;
-        if (L.bias) {
-          T* b = out[k + 1].mutable_data_ptr<T>();
-          for (int64_t i = 0; i < L.out; ++i) b[i] += src[nw + i] * scale;
-        }
-      } else {
-        T sum = T(0);
-        for (int64_t i = 0; i < count; ++i) sum += src[i];
-        T* dst = out[0].mutable_data_ptr<T>();
-        dst[pb.lr_mode == LrMode::kScalar ? 0 : j * pb.net.num_adapted + L.adapted_index] += sum * scale;
-      }
+  std::vector<Params> d(lr_rows(pb), Params(pb.params.size()));
+  for (int64_t j = 0; j < lr_rows(pb); ++j) {
+    for (size_t p = 0; p < pb.params.size(); ++p) {
+      if (!pb.checked.adapted[p]) continue;
+      at::Tensor g = at::empty(pb.params[p].sizes(), pb.params[p].options());
+      T* dst = g.mutable_data_ptr<T>();
+      const T* src = dflat.data() + j * P + pb.offsets[p];
+      for (int64_t i = 0; i < g.numel(); ++i) dst[i] = src[i] * scale;
+      d[j][p] = g;
     }
-    k += L.bias ? 2 : 1;
   }
-  return out;
+  return reduce_lr_grads(pb.checked, lrs, d);
 }
 
 }  // namespace
 
-MamlLossResult mlp_maml_loss_fast(MlpNet net, at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,
-                                  const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
-                                  at::ArrayRef<double> step_weights, LrMode lr_mode, LossKind loss, bool first_order,
+MamlLossResult mlp_maml_loss_fast(const NetProblem& checked, MlpNet net, at::TensorList params, at::TensorList lrs,
+                                  const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x,
+                                  const at::Tensor& query_y, at::ArrayRef<double> step_weights, bool first_order,
                                   bool compute_grads, bool compute_lr_grads) {
-  const Problem pb = make_problem("pymeta::net_maml_loss", std::move(net), params, support_x, support_y, &query_x,
-                                  &query_y, static_cast<int64_t>(step_weights.size()), lr_mode, loss);
+  const Problem pb = make_problem("pymeta::net_maml_loss", checked, std::move(net), params, support_x, support_y,
+                                  &query_x, &query_y);
   compute_lr_grads = compute_lr_grads && compute_grads;
   at::Tensor task_losses = at::empty({pb.tasks}, params[0].options());
   at::Tensor mean_loss;
@@ -454,7 +436,7 @@ MamlLossResult mlp_maml_loss_fast(MlpNet net, at::TensorList params, at::TensorL
     using T = scalar_t;
     const int64_t P = pb.net.num_params, J = pb.steps;
     const std::vector<T> theta0 = flatten_params<T>(pb);
-    const std::vector<T> lr_flat = expand_lrs<T>(pb, lrs);
+    const std::vector<T> lr_flat = flat_lrs<T>(pb, lrs);
     const int threads = at::get_num_threads();
     std::vector<std::vector<T>> grad_acc(threads), lr_acc(threads);
     T* losses = task_losses.mutable_data_ptr<T>();
@@ -477,55 +459,43 @@ MamlLossResult mlp_maml_loss_fast(MlpNet net, at::TensorList params, at::TensorL
         const Targets<T> qy = targets_of<T>(pb.query_y, t, pb.k_query, out, pb.loss);
         inner_loop<T>(pb, plan, work, theta0.data(), lr_flat.data(), sx, sy, iterates.data(), grads.data());
         T task_loss = T(0);
-        if (!compute_grads) {
-          for (int64_t j = 1; j <= J; ++j) {
-            const T w = static_cast<T>(step_weights[j - 1]);
-            if (w == T(0)) continue;
-            work.forward(qs, theta_at(j), qx, pb.k_query);
-            task_loss += w * work.loss(qs, qy, pb.k_query, false);
-          }
-          losses[t] = task_loss;
-          continue;
-        }
-        // Reverse sweep: v is d(task loss)/d theta_j, from j = J down to 0.
-        std::fill(v.begin(), v.end(), T(0));
-        auto add_query_term = [&](int64_t j) {
-          const T w = static_cast<T>(step_weights[j - 1]);
-          if (w == T(0)) return;
+        std::fill(v.begin(), v.end(), T(0));  // d(task loss)/d theta_j, from j = J down to 0
+        auto query_term = [&](int64_t j, double weight) {
+          const T w = static_cast<T>(weight);
           work.forward(qs, theta_at(j), qx, pb.k_query);
-          task_loss += w * work.loss(qs, qy, pb.k_query, true);
+          task_loss += w * work.loss(qs, qy, pb.k_query, compute_grads);
+          if (!compute_grads) return;
           work.backward(qs, theta_at(j), pb.k_query, 0, gq.data());
           axpy(P, w, gq.data(), v.data());
         };
-        add_query_term(J);
-        for (int64_t j = J - 1; j >= 0; --j) {
-          if (!first_order || compute_lr_grads) {
-            const T* theta = theta_at(j);
-            const int64_t slot = plan.support_slot(j);
-            const T* g = grads.data() + plan.grad_row(j) * P;
-            if (!plan.cache) {  // recompute step j's activations and support gradient
-              work.forward(slot, theta, sx, pb.k_support);
-              work.loss(slot, sy, pb.k_support, true);
-              work.backward(slot, theta, pb.k_support, first_order ? pb.net.lowest_adapted : 0, grads.data());
-            }
-            const T* lr = lr_flat.data() + lr_row(pb, j) * P;
-            if (compute_lr_grads) {
-              T* dl = lacc.data() + lr_row(pb, j) * P;
-              for (const MlpLayer& L : pb.net.layers) {
-                if (L.adapted) sub_product(L.in * L.out + (L.bias ? L.out : 0), v.data() + L.w_off, g + L.w_off, dl + L.w_off);
-              }
-            }
-            if (!first_order) {
-              // v_j = v_{j+1} - H_j (lr_j * v_{j+1}); lr is zero outside adapted layers.
-              multiply(P, lr, v.data(), u.data());
-              work.hvp(slot, theta, u.data(), pb.k_support, hu.data());
-              axpy(P, T(-1), hu.data(), v.data());
+        auto step_back = [&](int64_t j) {
+          if (first_order && !compute_lr_grads) return;
+          const T* theta = theta_at(j);
+          const int64_t slot = plan.support_slot(j);
+          const T* g = grads.data() + plan.grad_row(j) * P;
+          if (!plan.cache) {  // recompute step j's activations and support gradient
+            work.forward(slot, theta, sx, pb.k_support);
+            work.loss(slot, sy, pb.k_support, true);
+            work.backward(slot, theta, pb.k_support, first_order ? pb.net.lowest_adapted : 0, grads.data());
+          }
+          const T* lr = lr_flat.data() + lr_row(pb, j) * P;
+          if (compute_lr_grads) {
+            T* dl = lacc.data() + lr_row(pb, j) * P;
+            for (const MlpLayer& L : pb.net.layers) {
+              if (L.adapted) sub_product(L.in * L.out + (L.bias ? L.out : 0), v.data() + L.w_off, g + L.w_off, dl + L.w_off);
             }
           }
-          if (j >= 1) add_query_term(j);
-        }
-        axpy(P, T(1), v.data(), gacc.data());
+          if (!first_order) {
+            // v_j = v_{j+1} - H_j (lr_j * v_{j+1}); lr is zero outside adapted layers.
+            multiply(P, lr, v.data(), u.data());
+            work.hvp(slot, theta, u.data(), pb.k_support, hu.data());
+            axpy(P, T(-1), hu.data(), v.data());
+          }
+        };
+        task_sweep(step_weights, compute_grads, query_term, step_back);
         losses[t] = task_loss;
+        if (!compute_grads) continue;
+        axpy(P, T(1), v.data(), gacc.data());
       }
     });
     const T inv_tasks = T(1) / static_cast<T>(pb.tasks);
@@ -540,7 +510,7 @@ MamlLossResult mlp_maml_loss_fast(MlpNet net, at::TensorList params, at::TensorL
       std::vector<T> total(lr_rows(pb) * P, T(0));
       for (const auto& acc : lr_acc)
         for (size_t p = 0; p < acc.size(); ++p) total[p] += acc[p];
-      grad_lrs = reduce_lr_grads<T>(pb, lrs, total, inv_tasks);
+      grad_lrs = flat_lr_grads<T>(pb, lrs, total, inv_tasks);
     }
   });
   // An MLP has no batch norm: no statistics.
@@ -548,11 +518,10 @@ MamlLossResult mlp_maml_loss_fast(MlpNet net, at::TensorList params, at::TensorL
   return {mean_loss, grad_params, grad_lrs, task_losses, bn_stats};
 }
 
-std::vector<at::Tensor> mlp_adapt_fast(MlpNet net, at::TensorList params, at::TensorList lrs,
-                                       const at::Tensor& support_x, const at::Tensor& support_y, int64_t steps,
-                                       LrMode lr_mode, LossKind loss) {
-  const Problem pb = make_problem("pymeta::net_adapt", std::move(net), params, support_x, support_y, nullptr,
-                                  nullptr, steps, lr_mode, loss);
+std::vector<at::Tensor> mlp_adapt_fast(const NetProblem& checked, MlpNet net, at::TensorList params,
+                                       at::TensorList lrs, const at::Tensor& support_x, const at::Tensor& support_y) {
+  const Problem pb = make_problem("pymeta::net_adapt", checked, std::move(net), params, support_x, support_y,
+                                  nullptr, nullptr);
   std::vector<at::Tensor> adapted;
   for (const auto& p : pb.params) {
     std::vector<int64_t> shape{pb.tasks};
@@ -563,7 +532,7 @@ std::vector<at::Tensor> mlp_adapt_fast(MlpNet net, at::TensorList params, at::Te
     using T = scalar_t;
     const int64_t P = pb.net.num_params;
     const std::vector<T> theta0 = flatten_params<T>(pb);
-    const std::vector<T> lr_flat = expand_lrs<T>(pb, lrs);
+    const std::vector<T> lr_flat = flat_lrs<T>(pb, lrs);
     const int64_t in = pb.net.in_features(), out = pb.net.out_features();
     SweepPlan plan;  // no sweep: one slot, gradients down to the lowest adapted layer only
     plan.lowest = pb.net.lowest_adapted;

@@ -25,7 +25,6 @@ struct MlpLayer {
   bool adapted = false;
   int64_t w_param = -1, b_param = -1;  // index into the params list
   int64_t w_off = 0, b_off = 0;        // offset into the flat parameter vector
-  int64_t adapted_index = -1;          // ordinal among adapted layers
 };
 
 struct MlpNet {
@@ -33,7 +32,6 @@ struct MlpNet {
   bool flatten_input = false;  // the network starts with a Flatten: inputs are (T, K, ...)
   int64_t num_params = 0;      // P: total elements of all params
   int64_t max_width = 0;
-  int64_t num_adapted = 0;
   int64_t lowest_adapted = 0;  // first adapted layer: gradients below it are never needed
 
   int64_t in_features() const { return layers.front().in; }
@@ -78,7 +76,6 @@ inline std::optional<MlpNet> mlp_net_of(const Net& net, at::TensorList params) {
       if (!mlp.layers.empty() && layer.in != mlp.layers.back().out) return std::nullopt;
       layer.bias = L.b_param >= 0;
       layer.adapted = L.adapted;
-      layer.adapted_index = L.adapted_index;
       layer.w_param = L.w_param;
       layer.b_param = L.b_param;
       layer.w_off = offset;
@@ -92,7 +89,6 @@ inline std::optional<MlpNet> mlp_net_of(const Net& net, at::TensorList params) {
     }
   }
   mlp.num_params = offset;
-  mlp.num_adapted = net.num_adapted;
   for (size_t l = 0; l < mlp.layers.size(); ++l) {
     if (mlp.layers[l].adapted) {
       mlp.lowest_adapted = static_cast<int64_t>(l);
@@ -106,13 +102,14 @@ inline std::optional<MlpNet> mlp_net_of(const Net& net, at::TensorList params) {
 using MamlLossResult =
     std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
 
-// net_maml_loss and net_adapt on the fast path, for calls the driver has checked (CPU).
-MamlLossResult mlp_maml_loss_fast(MlpNet net, at::TensorList params, at::TensorList lrs, const at::Tensor& support_x,
-                                  const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
-                                  at::ArrayRef<double> step_weights, LrMode lr_mode, LossKind loss, bool first_order,
+// net_maml_loss and net_adapt on the fast path, for calls the driver has checked (CPU); pb is
+// that check's result (steps, loss, learning-rate layout).
+struct NetProblem;
+MamlLossResult mlp_maml_loss_fast(const NetProblem& pb, MlpNet net, at::TensorList params, at::TensorList lrs,
+                                  const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x,
+                                  const at::Tensor& query_y, at::ArrayRef<double> step_weights, bool first_order,
                                   bool compute_grads, bool compute_lr_grads);
-std::vector<at::Tensor> mlp_adapt_fast(MlpNet net, at::TensorList params, at::TensorList lrs,
-                                       const at::Tensor& support_x, const at::Tensor& support_y, int64_t steps,
-                                       LrMode lr_mode, LossKind loss);
+std::vector<at::Tensor> mlp_adapt_fast(const NetProblem& pb, MlpNet net, at::TensorList params, at::TensorList lrs,
+                                       const at::Tensor& support_x, const at::Tensor& support_y);
 
 }  // namespace pymeta

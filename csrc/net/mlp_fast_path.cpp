@@ -11,6 +11,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -296,9 +297,15 @@ std::vector<T> flat_lrs(const Problem& pb, at::TensorList lrs) {
   const std::vector<Params> rows = expand_lrs(pb.checked, pb.params, lrs);
   for (int64_t j = 0; j < lr_rows(pb); ++j) {
     for (size_t p = 0; p < pb.params.size(); ++p) {
-      if (!rows[j][p].defined()) continue;
-      const at::Tensor rate = rows[j][p].expand(pb.params[p].sizes()).contiguous();
-      std::memcpy(flat.data() + j * P + pb.offsets[p], rate.const_data_ptr<T>(), sizeof(T) * rate.numel());
+      const at::Tensor& rate = rows[j][p];
+      if (!rate.defined()) continue;
+      T* dst = flat.data() + j * P + pb.offsets[p];
+      if (rate.dim() == 0) {  // one rate for the whole param
+        std::fill(dst, dst + pb.params[p].numel(), rate.item<T>());
+      } else {  // one per element, shaped like the param
+        const at::Tensor c = rate.contiguous();
+        std::memcpy(dst, c.const_data_ptr<T>(), sizeof(T) * c.numel());
+      }
     }
   }
   return flat;

@@ -30,8 +30,8 @@ the measured batch.
 - **Memory** comes from a child under memory_scaling.py's fixed mmap threshold (repeatable RSS
   peaks): the resident-set peak over those steps beyond the RSS at their start
   (``harness.peak_rss_bytes``). That threshold makes every large allocation page-fault on each
-  use; it doubles the loop's time here (measured: 7.0 s against 3.9 s for the 1-shot, 5-step
-  cell), which is why it is not used for timing.
+  use; it nearly doubles the loop's time here (``--timing-malloc fixed``: 7.14 s against 3.95 s
+  for the 1-shot, 5-step cell), which is why it is not used for timing.
 
 One measured step per cell, not a median: with steps of seconds, noise is small next to the
 ratios shown, but it is about +-10% between runs on this shared machine.

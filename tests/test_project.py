@@ -57,3 +57,22 @@ def test_cuda_build_is_configured_for_fixed_architectures_and_checked_by_a_scrip
     text = script.read_text()
     assert "PYMETA_CUDA=ON" in text and "set -euo pipefail" in text
     subprocess.run(["bash", "-n", str(script)], check=True)  # parses
+
+
+def test_gpu_check_script_runs_its_checks_on_the_cpu():
+    """benchmarks/gpu_check.py is the one command for a lent GPU machine; its parity and timing
+    steps run here on the CPU (tiny workloads), so the script is known to work before a GPU run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    args = ["--skip-build", "--skip-tests", "--device", "cpu", "--quick", "--steps", "1"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+        cwd=script.parent,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "gpu_check: OK" in out.stdout
+    for workload in ("sinusoid", "conv4", "resnet12"):
+        assert f"| {workload} | pymeta_aware |" in out.stdout

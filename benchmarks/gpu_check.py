@@ -1,0 +1,256 @@
+"""The GPU check: one command for a lent GPU machine (under 8 minutes in all).
+
+Usage::
+
+    python3 benchmarks/gpu_check.py            # build with CUDA, then everything below
+    python3 benchmarks/gpu_check.py --skip-build --device cpu --quick   # the smoke test here
+
+Steps, each reported as it ends; the exit status is 1 when any step failed:
+
+1. **Build** (unless ``--skip-build``): ``tools/check_cuda_build.sh`` makes ``.venv-cuda`` with a
+   CUDA build of torch, builds pymeta with ``PYMETA_CUDA=ON`` and loads it; the script then runs
+   again under that venv's Python with ``--skip-build``.
+2. **CUDA tests** (unless ``--skip-tests``): ``pytest -q -k cuda tests/``, the tests that compare
+   each CUDA kernel with its ATen twin (they skip where CUDA is absent).
+3. **Parity** in float64: the meta-loss and meta-gradient of ``pymeta.MAML`` and
+   ``pymeta.ModelAwareMAML`` on the device against the per-task autograd loop on the CPU, for a
+   sinusoid MLP and a small conv4. A variant that refuses the device says so in its row.
+4. **Speed and memory**: one table of the second-order meta-step (float32) on the device:
+   median seconds of ``--steps`` steps after 2 warm-up steps, and the peak of
+   ``torch.cuda.max_memory_allocated`` over them, with ratios against the ``torch.func`` vmap
+   MAML and the per-task autograd loop in the same run. Workloads: sinusoid (1-40-40-1, 25 tasks,
+   10 support and 10 query points, 1 inner step), omniglot-shaped conv4 (5-way 1-shot, 15
+   queries, 28x28, 32 tasks, 1 inner step) and ResNet-12 (``resnet12_step.py``'s default size:
+   widths 32-80-160-320, 32x32, 5-way 1-shot, 15 queries, 2 tasks, 5 inner steps).
+   ``--quick`` shrinks every workload for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+try:  # a fresh machine may have no torch yet: then only the build step runs, in its own venv
+    import torch
+    from baselines import PerTaskLoopMAML, TorchFuncMAML
+    from torch import nn
+
+    import pymeta
+
+    IMPLEMENTATIONS = {
+        "per_task_loop": PerTaskLoopMAML, "torch_func": TorchFuncMAML,
+        "pymeta": pymeta.MAML, "pymeta_aware": pymeta.ModelAwareMAML,
+    }  # fmt: skip
+except ImportError:
+    torch = None
+REFERENCES = ("torch_func", "per_task_loop")
+
+
+def sinusoid_mlp() -> "nn.Module":
+    return nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
+
+
+def workloads(quick: bool) -> dict[str, dict]:
+    """name -> model factory, batch factory (dtype, device), loss, inner steps."""
+    q = quick
+
+    def regression(tasks, k):
+        def batch(dtype, device, seed=0):
+            g = torch.Generator().manual_seed(seed)
+            x = lambda: torch.rand(tasks, k, 1, generator=g, dtype=dtype) * 10 - 5  # noqa: E731
+            sx, qx = x(), x()
+            return pymeta.TaskBatch(sx, torch.sin(sx), qx, torch.sin(qx)).to(device)
+
+        return batch
+
+    def images(tasks, shots, queries, size, channels):
+        def batch(dtype, device, seed=0):
+            g = torch.Generator().manual_seed(seed)
+            x = lambda k: torch.rand(tasks, 5 * k, channels, size, size, generator=g, dtype=dtype)  # noqa: E731
+            y = lambda k: torch.arange(5).repeat_interleave(k).expand(tasks, -1).contiguous()  # noqa: E731
+            return pymeta.TaskBatch(x(shots), y(shots), x(queries), y(queries)).to(device)
+
+        return batch
+
+    widths = (8, 8, 8, 8) if q else (32, 80, 160, 320)
+    return {
+        "sinusoid": dict(
+            model=sinusoid_mlp, batch=regression(4 if q else 25, 10), loss="mse", steps=1
+        ),
+        "conv4": dict(
+            model=lambda: pymeta.models.conv4(5, hidden=8 if q else 64),
+            batch=images(2 if q else 32, 1, 2 if q else 15, 28, 1), loss="cross_entropy", steps=1,
+        ),
+        "resnet12": dict(
+            model=lambda: pymeta.models.resnet12(5, widths=widths, image_size=16 if q else 32),
+            batch=images(2, 1, 2 if q else 15, 16 if q else 32, 3), loss="cross_entropy",
+            steps=2 if q else 5,
+        ),
+    }  # fmt: skip
+
+
+def synchronize(device: "torch.device") -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def meta_step(maml, model, batch) -> None:
+    model.zero_grad(set_to_none=True)
+    maml.meta_loss(batch).backward()
+
+
+def measure(name: str, spec: dict, device: "torch.device", steps: int) -> dict:
+    """Median seconds and peak device bytes of a second-order float32 meta-step."""
+    torch.manual_seed(0)
+    model = spec["model"]().to(device)
+    try:
+        maml = IMPLEMENTATIONS[name](
+            model, inner_lr=0.01, inner_steps=spec["steps"], loss=spec["loss"]
+        )
+        batch = spec["batch"](torch.float32, device)
+        for _ in range(2):
+            meta_step(maml, model, batch)
+    except (ValueError, TypeError, RuntimeError) as error:  # e.g. a variant refusing the device
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        meta_step(maml, model, batch)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"seconds": statistics.median(seconds), "peak": peak}
+
+
+def speed_table(device: "torch.device", steps: int, quick: bool) -> tuple[str, bool]:
+    lines = [
+        "| workload | implementation | median s | peak MiB (device) | x vs torch_func "
+        "| x vs loop |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    ok = True
+    for workload, spec in workloads(quick).items():
+        results = {name: measure(name, spec, device, steps) for name in IMPLEMENTATIONS}
+        for name, r in results.items():
+            if "error" in r:
+                lines.append(f"| {workload} | {name} | {r['error']} | | | |")
+                ok = ok and name != "pymeta"  # pymeta.MAML must run on every device
+                continue
+            peak = f"{r['peak'] / 2**20:.1f}" if r["peak"] is not None else "n/a"
+            ratios = []
+            for ref in REFERENCES:
+                base = results[ref].get("seconds")
+                ratios.append(f"{base / r['seconds']:.2f}x" if base else "")
+            lines.append(
+                f"| {workload} | {name} | {r['seconds']:.4f} | {peak} | {ratios[0]} | {ratios[1]} |"
+            )
+    return "\n".join(lines), ok
+
+
+def rel_err(got: list, want: list) -> float:
+    """Largest difference over all tensors, relative to the largest reference entry (a conv bias
+    before batch norm has a zero gradient: per-tensor ratios would be noise over noise)."""
+    scale = max(float(w.detach().abs().max()) for w in want)
+    return max(float((g.detach() - w.detach()).abs().max()) for g, w in zip(got, want)) / max(
+        scale, 1e-300
+    )
+
+
+def parity_table(device: "torch.device", quick: bool) -> tuple[str, bool]:
+    """float64 meta-loss and meta-gradient on the device against the CPU per-task loop."""
+    lines = [
+        "| workload | implementation | loss rel. error | grad rel. error |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    ok = True
+    specs = workloads(quick=True)  # parity needs no size
+    for workload in ("sinusoid", "conv4"):
+        spec = specs[workload]
+        torch.manual_seed(0)
+        reference_model = spec["model"]().double()
+        ref_maml = PerTaskLoopMAML(reference_model, inner_lr=0.1, inner_steps=2, loss=spec["loss"])
+        ref_loss = ref_maml.meta_loss(spec["batch"](torch.float64, torch.device("cpu")))
+        ref_grads = torch.autograd.grad(ref_loss, list(reference_model.parameters()))
+        for name in ("pymeta", "pymeta_aware"):
+            model = spec["model"]().double()
+            model.load_state_dict(reference_model.state_dict())
+            model.to(device)
+            try:
+                maml = IMPLEMENTATIONS[name](model, inner_lr=0.1, inner_steps=2, loss=spec["loss"])
+                loss = maml.meta_loss(spec["batch"](torch.float64, device))
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+            except (ValueError, TypeError, RuntimeError) as error:
+                message = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+                lines.append(f"| {workload} | {name} | {message} | |")
+                ok = ok and name != "pymeta"
+                continue
+            loss_err = rel_err([loss.cpu()], [ref_loss])
+            grad_err = rel_err([g.cpu() for g in grads], list(ref_grads))
+            ok = ok and loss_err < 1e-10 and grad_err < 1e-10
+            lines.append(f"| {workload} | {name} | {loss_err:.1e} | {grad_err:.1e} |")
+    return "\n".join(lines), ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test)")
+    parser.add_argument("--steps", type=int, default=5, help="measured meta-steps per cell")
+    parser.add_argument("--quick", action="store_true", help="tiny workloads (a smoke test)")
+    parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args(argv)
+
+    if not args.skip_build:
+        print("## build\n", flush=True)
+        subprocess.run(["bash", str(ROOT / "tools" / "check_cuda_build.sh")], check=True)
+        python = ROOT / ".venv-cuda" / "bin" / "python"
+        again = [
+            str(python),
+            __file__,
+            "--skip-build",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+        return subprocess.run(again, cwd=Path(__file__).parent).returncode
+
+    if torch is None:
+        print("gpu_check: torch or pymeta is not importable here; run without --skip-build")
+        return 1
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device (torch {torch.__version__}, CUDA {torch.version.cuda})")
+        return 1
+    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"gpu_check: torch {torch.__version__}, device {device} ({name})\n", flush=True)
+    ok = True
+    if not args.skip_tests:
+        print("## CUDA tests\n", flush=True)
+        tests = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-k", "cuda", str(ROOT / "tests")]
+        )
+        ok = tests.returncode in (0, 5)  # 5: none selected
+    print("## float64 parity against the CPU per-task loop\n", flush=True)
+    table, parity_ok = parity_table(device, args.quick)
+    print(table + "\n", flush=True)
+    print("## second-order meta-step, float32\n", flush=True)
+    table, speed_ok = speed_table(device, args.steps, args.quick)
+    print(table, flush=True)
+    ok = ok and parity_ok and speed_ok
+    print(f"\ngpu_check: {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,7 +37,7 @@ pybind11::dict names_dict(const pymeta::EncodingName (&names)[N]) {
 // (csrc/net/codes.h, csrc/net/net.h): pymeta/model_aware/encoding.py reads this.
 pybind11::dict encoding() {
   namespace py = pybind11;
-  py::dict fields, batchnorm_ints, net, d;
+  py::dict fields, batchnorm_ints, conv_ints, pool_ints, net, d;
   fields["kind"] = pymeta::kLayerKindField;
   fields["flag"] = pymeta::kLayerFlagField;
   fields["adapted"] = pymeta::kLayerAdaptedField;
@@ -46,11 +46,18 @@ pybind11::dict encoding() {
   fields["ints"] = pymeta::kLayerIntsField;
   batchnorm_ints["per_step"] = pymeta::kBnPerStepInt;
   batchnorm_ints["channels"] = pymeta::kBnChannelsInt;
+  conv_ints["stride"] = pymeta::kConvStrideInt;  // (h, w) pairs from here on
+  conv_ints["padding"] = pymeta::kConvPaddingInt;
+  pool_ints["kernel"] = pymeta::kPoolKernelInt;
+  pool_ints["stride"] = pymeta::kPoolStrideInt;
+  pool_ints["padding"] = pymeta::kPoolPaddingInt;
   net["kinds"] = names_dict(pymeta::kLayerKindNames);
   net["fields"] = fields;
   net["num_ints"] = pymeta::kLayerNumInts;
   net["ints_per_layer"] = pymeta::kLayerInts;
   net["batchnorm_ints"] = batchnorm_ints;
+  net["conv_ints"] = conv_ints;
+  net["pool_ints"] = pool_ints;
   d["net"] = net;
   d["activations"] = names_dict(pymeta::kActivationNames);
   d["losses"] = names_dict(pymeta::kLossNames);
@@ -79,9 +86,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("with_openmp", &with_openmp, "Whether the CPU kernels were compiled with OpenMP.");
   m.attr("cxx_standard") = __cplusplus;
   m.def("encoding", &encoding,
-        "The model-aware ops' codes and layer layouts: {'seq': {'kinds', 'fields', 'num_ints', "
-        "'ints_per_layer', 'batchnorm_ints'}, 'mlp': {'fields', 'ints_per_layer'}, 'activations', "
-        "'losses', 'lr_modes'} (name -> code or index).");
+        "The model-aware ops' codes and layer layouts: {'net': {'kinds', 'fields', 'num_ints', "
+        "'ints_per_layer', 'batchnorm_ints', 'conv_ints', 'pool_ints'}, 'activations', 'losses', "
+        "'lr_modes'} (name -> code or index).");
   m.def("activation_cache_limit", [] { return pymeta::activation_cache_limit().load(); },
         "Most bytes of inner-loop activations one thread keeps for the model-aware reverse sweep.");
   m.def("set_activation_cache_limit",

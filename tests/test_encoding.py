@@ -148,3 +148,26 @@ def test_layer_helpers_place_fields_where_the_export_says():
     assert row[fields["ints"] :][: encoding.NUM_INTS] == list(range(10, 16))
     with pytest.raises(ValueError, match="ints: expected 6 layer ints, received 2"):
         encoding.layer_row(0, 0, False, (1, 2), (0,))
+
+
+@pytest.mark.parametrize(
+    "table, pairs",
+    [
+        ("batchnorm_ints", ()),
+        ("conv_ints", ("stride", "padding")),
+        ("pool_ints", ("kernel", "stride", "padding")),
+    ],
+)
+def test_layer_int_positions_fit_and_do_not_overlap(table, pairs):
+    """Each named layer int (an (h, w) pair takes two) lies inside the layer ints, apart from the
+    others; layer_ints places values there, as the op reads them."""
+    positions = _C.encoding()["net"][table]
+    taken = []
+    for name, start in positions.items():
+        taken += [start, start + 1] if name in pairs else [start]
+    assert len(taken) == len(set(taken)) and all(0 <= i < encoding.NUM_INTS for i in taken)
+    values = {name: (7 + i, 20 + i) if name in pairs else 7 + i for i, name in enumerate(positions)}
+    ints = encoding.layer_ints(positions, **values)
+    for name, value in values.items():
+        got = ints[positions[name] : positions[name] + (2 if name in pairs else 1)]
+        assert got == (value if name in pairs else (value,))

@@ -14,7 +14,16 @@ from parity import rel_err
 from torch.func import jvp, vjp
 
 import pymeta
-from pymeta.model_aware.encoding import ACTIVATIONS, BATCHNORM_INTS, KINDS, NUM_INTS, layer_row
+from pymeta.model_aware.encoding import (
+    ACTIVATIONS,
+    BATCHNORM_INTS,
+    CONV_INTS,
+    KINDS,
+    NUM_INTS,
+    POOL_INTS,
+    layer_ints,
+    layer_row,
+)  # fmt: skip
 
 # torch.func's forward AD loads torch's own jit-scripted decompositions on first use.
 pytestmark = pytest.mark.filterwarnings(
@@ -46,13 +55,15 @@ class Case:
 
 
 def bn_ints(channels):
-    ints = [0] * NUM_INTS
-    ints[BATCHNORM_INTS["per_step"]], ints[BATCHNORM_INTS["channels"]] = 0, channels
-    return ints
+    return layer_ints(BATCHNORM_INTS, per_step=0, channels=channels)
+
+
+def conv_ints(stride, padding):
+    return layer_ints(CONV_INTS, stride=stride, padding=padding)
 
 
 def pool_ints(kernel, stride, padding):
-    return (*kernel, *stride, *padding)
+    return layer_ints(POOL_INTS, kernel=kernel, stride=stride, padding=padding)
 
 
 def conv_fn(stride, padding):
@@ -81,15 +92,19 @@ CASES = {
         "linear", 1, (), lambda x, x2, w, b: F.linear(x, w, b), (5, 4), w=(3, 4), b=(3,)
     ),
     "linear-no-bias": Case("linear", 0, (), lambda x, x2, w, b: F.linear(x, w), (5, 4), w=(3, 4)),
-    "conv": Case("conv2d", 1, (1, 1, 1, 1), conv_fn(1, 1), IMG, w=(3, 2, 3, 3), b=(3,)),
-    "conv-no-bias": Case("conv2d", 0, (1, 1, 0, 0), conv_fn(1, 0), IMG, w=(3, 2, 3, 3)),
+    "conv": Case(
+        "conv2d", 1, conv_ints((1, 1), (1, 1)), conv_fn(1, 1), IMG, w=(3, 2, 3, 3), b=(3,)
+    ),
+    "conv-no-bias": Case(
+        "conv2d", 0, conv_ints((1, 1), (0, 0)), conv_fn(1, 0), IMG, w=(3, 2, 3, 3)
+    ),
     # Stride 2 both ways with padding only along H, and a 3x2 kernel with stride and padding
     # differing between H and W.
     "conv-stride2-pad-h": Case(
-        "conv2d", 1, (2, 2, 1, 0), conv_fn(2, (1, 0)), IMG, w=(3, 2, 3, 3), b=(3,)
+        "conv2d", 1, conv_ints((2, 2), (1, 0)), conv_fn(2, (1, 0)), IMG, w=(3, 2, 3, 3), b=(3,)
     ),
     "conv-asymmetric": Case(
-        "conv2d", 1, (2, 1, 0, 1), conv_fn((2, 1), (0, 1)), IMG, w=(4, 2, 3, 2), b=(4,)
+        "conv2d", 1, conv_ints((2, 1), (0, 1)), conv_fn((2, 1), (0, 1)), IMG, w=(4, 2, 3, 2), b=(4,)
     ),
     "bn1d": Case("batchnorm", 1, bn_ints(3), bn_fn(1e-5), (6, 3), w=(3,), b=(3,), arg=1e-5),
     "bn1d-no-affine": Case("batchnorm", 0, bn_ints(3), bn_fn(1e-3), (6, 3), arg=1e-3),

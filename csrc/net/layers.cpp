@@ -43,7 +43,8 @@ void accumulate(at::Tensor& acc, const at::Tensor& t) {
 struct ConvGeometry {
   std::vector<int64_t> stride, padding, dilation{1, 1}, output_padding{0, 0};
   explicit ConvGeometry(const NetLayer& L)
-      : stride{L.ints[0], L.ints[1]}, padding{L.ints[2], L.ints[3]} {}
+      : stride{L.ints[kConvStrideInt], L.ints[kConvStrideInt + 1]},
+        padding{L.ints[kConvPaddingInt], L.ints[kConvPaddingInt + 1]} {}
 };
 
 at::Tensor conv(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
@@ -146,7 +147,9 @@ at::Tensor act_d2(const NetLayer& L, const LayerSaved& s) {
 struct PoolGeometry {
   std::vector<int64_t> kernel, stride, padding, dilation{1, 1};
   explicit PoolGeometry(const NetLayer& L)
-      : kernel{L.ints[0], L.ints[1]}, stride{L.ints[2], L.ints[3]}, padding{L.ints[4], L.ints[5]} {}
+      : kernel{L.ints[kPoolKernelInt], L.ints[kPoolKernelInt + 1]},
+        stride{L.ints[kPoolStrideInt], L.ints[kPoolStrideInt + 1]},
+        padding{L.ints[kPoolPaddingInt], L.ints[kPoolPaddingInt + 1]} {}
 };
 
 }  // namespace
@@ -159,7 +162,7 @@ at::Tensor layer_forward(const NetLayer& L, const at::Tensor& x, const at::Tenso
     case LayerKind::kConv2d:
       return conv(ConvGeometry(L), x, w, b);
     case LayerKind::kBatchNorm: {
-      TORCH_CHECK(x.dim() >= 2 && x.size(1) == L.ints[1], "pymeta: BatchNorm over ", L.ints[1],
+      TORCH_CHECK(x.dim() >= 2 && x.size(1) == L.ints[kBnChannelsInt], "pymeta: BatchNorm over ", L.ints[kBnChannelsInt],
                   " channels received an input of shape ", x.sizes());
       if (cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel: sums in double
         return bn_forward_fused(x, w, b, L.arg, saved.aux, saved.inv_std);

@@ -54,7 +54,10 @@ constexpr int64_t kLayerKindField = 0, kLayerFlagField = 1, kLayerAdaptedField =
                   kLayerInput2Field = 4, kLayerIntsField = 5;
 constexpr int64_t kLayerNumInts = 6;
 constexpr int64_t kLayerInts = kLayerIntsField + kLayerNumInts;
+// Positions within the six layer ints (an (h, w) pair takes two, from its position).
 constexpr int64_t kBnPerStepInt = 0, kBnChannelsInt = 1;
+constexpr int64_t kConvStrideInt = 0, kConvPaddingInt = 2;
+constexpr int64_t kPoolKernelInt = 0, kPoolStrideInt = 2, kPoolPaddingInt = 4;
 
 struct NetLayer {
   LayerKind kind = LayerKind::kFlatten;
@@ -143,7 +146,7 @@ inline NetLayer read_net_layer(const char* op, size_t l, const int64_t* r, doubl
     } else if (L.kind == LayerKind::kConv2d) {
       TORCH_CHECK(w.dim() == 4, op, ": layer ", l, " (Conv2d) weight must be 4-D, got ", w.sizes());
       for (int i = 0; i < 2; ++i) {
-        TORCH_CHECK(L.ints[i] >= 1 && L.ints[2 + i] >= 0, op, ": layer ", l,
+        TORCH_CHECK(L.ints[kConvStrideInt + i] >= 1 && L.ints[kConvPaddingInt + i] >= 0, op, ": layer ", l,
                     " (Conv2d) needs strides >= 1 and paddings >= 0");
       }
     } else {
@@ -177,10 +180,12 @@ inline NetLayer read_net_layer(const char* op, size_t l, const int64_t* r, doubl
     TORCH_CHECK(L.flag >= 1 && L.flag < kNumActivations, op, ": layer ", l, " has unknown activation code ", L.flag);
   }
   if (L.kind == LayerKind::kMaxPool2d || L.kind == LayerKind::kAvgPool2d) {
-    TORCH_CHECK(L.ints[0] >= 1 && L.ints[1] >= 1 && L.ints[2] >= 1 && L.ints[3] >= 1 && L.ints[4] >= 0 &&
-                    L.ints[5] >= 0 && 2 * L.ints[4] <= L.ints[0] && 2 * L.ints[5] <= L.ints[1],
-                op, ": layer ", l, " (", layer_kind_name(L.kind),
-                ") needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2");
+    for (int i = 0; i < 2; ++i) {
+      const int64_t kernel = L.ints[kPoolKernelInt + i], padding = L.ints[kPoolPaddingInt + i];
+      TORCH_CHECK(kernel >= 1 && L.ints[kPoolStrideInt + i] >= 1 && padding >= 0 && 2 * padding <= kernel, op,
+                  ": layer ", l, " (", layer_kind_name(L.kind),
+                  ") needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2");
+    }
   }
   return L;
 }

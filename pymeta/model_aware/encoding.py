@@ -18,7 +18,7 @@ if _exported is not None:
 else:  # pragma: no cover
     ENCODING = {
         "net": {"kinds": {}, "fields": {}, "num_ints": 0, "ints_per_layer": 0,
-                "batchnorm_ints": {}},
+                "batchnorm_ints": {}, "conv_ints": {}, "pool_ints": {}},
         "activations": {}, "losses": {}, "lr_modes": {},
     }  # fmt: skip
 
@@ -28,10 +28,24 @@ KINDS: dict[str, int] = ENCODING["net"]["kinds"]
 FIELDS: dict[str, int] = ENCODING["net"]["fields"]
 NUM_INTS: int = ENCODING["net"]["num_ints"]
 INTS_PER_LAYER: int = ENCODING["net"]["ints_per_layer"]
-BATCHNORM_INTS: dict[str, int] = ENCODING["net"]["batchnorm_ints"]  # within the layer ints
+# Positions within the layer ints; an (h, w) pair takes two from its position.
+BATCHNORM_INTS: dict[str, int] = ENCODING["net"]["batchnorm_ints"]
+CONV_INTS: dict[str, int] = ENCODING["net"]["conv_ints"]
+POOL_INTS: dict[str, int] = ENCODING["net"]["pool_ints"]
 ACTIVATIONS: dict[str, int] = ENCODING["activations"]
 LOSSES: dict[str, int] = ENCODING["losses"]
 LR_MODES: dict[str, int] = ENCODING["lr_modes"]
+
+
+def layer_ints(positions: dict[str, int], **values) -> tuple[int, ...]:
+    """NUM_INTS layer ints, zero but for each named value at its place in ``positions``
+    (BATCHNORM_INTS, CONV_INTS or POOL_INTS): an int, or an (h, w) pair filling two ints."""
+    ints = [0] * NUM_INTS
+    for name, value in values.items():
+        items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        start = positions[name]
+        ints[start : start + len(items)] = [int(v) for v in items]
+    return tuple(ints)
 
 
 def layer_row(kind: int, flag: int, adapted: bool, ints, inputs) -> list[int]:

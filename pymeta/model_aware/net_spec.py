@@ -17,7 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from pymeta.model_aware.encoding import ACTIVATIONS, BATCHNORM_INTS, KINDS, NUM_INTS, layer_row
+from pymeta.model_aware.encoding import (
+    ACTIVATIONS,
+    BATCHNORM_INTS,
+    CONV_INTS,
+    KINDS,
+    NUM_INTS,
+    POOL_INTS,
+    layer_ints,
+    layer_row,
+)  # fmt: skip
 from pymeta.model_aware.module_checks import CORE_LAYER_TYPES, check_no_hooks, check_sharing
 
 SUPPORTED = (
@@ -105,7 +114,7 @@ def _read_layer(name: str, child: nn.Module, where: str) -> NetLayerSpec | None:
                 f"padding={child.padding!r}, padding_mode={child.padding_mode!r}"
             )
         spec.kind, spec.flag = KINDS["conv2d"], int(child.bias is not None)
-        spec.ints = (*_pair(child.stride), *_pair(child.padding), 0, 0)
+        spec.ints = layer_ints(CONV_INTS, stride=_pair(child.stride), padding=_pair(child.padding))
         spec.weight_name, spec.bias_name = params["weight_name"], params["bias_name"]
     elif type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
         if child.track_running_stats:
@@ -116,9 +125,7 @@ def _read_layer(name: str, child: nn.Module, where: str) -> NetLayerSpec | None:
                 "per-step ones)"
             )
         spec.kind, spec.flag, spec.arg = KINDS["batchnorm"], int(child.affine), float(child.eps)
-        ints = [0] * NUM_INTS
-        ints[BATCHNORM_INTS["channels"]] = child.num_features
-        spec.ints = tuple(ints)
+        spec.ints = layer_ints(BATCHNORM_INTS, channels=child.num_features)
         if child.affine:
             spec.weight_name, spec.bias_name = params["weight_name"], params["bias_name"]
     elif type(child) in ACTIVATION_CODES:
@@ -140,7 +147,12 @@ def _read_layer(name: str, child: nn.Module, where: str) -> NetLayerSpec | None:
             if child.divisor_override is not None:
                 raise ValueError(f"{where}: divisor_override is not supported by ModelAwareMAML")
             spec.kind, spec.flag = KINDS["avgpool"], int(child.count_include_pad)
-        spec.ints = (*_pair(child.kernel_size), *_pair(stride), *_pair(child.padding))
+        spec.ints = layer_ints(
+            POOL_INTS,
+            kernel=_pair(child.kernel_size),
+            stride=_pair(stride),
+            padding=_pair(child.padding),
+        )
     elif type(child) is nn.AdaptiveAvgPool2d:
         if _pair(child.output_size) != (1, 1):
             raise ValueError(

@@ -7,9 +7,11 @@ Usage::
 
 Steps, each reported as it ends; the exit status is 1 when any step failed:
 
-1. **Build** (unless ``--skip-build``): ``tools/check_cuda_build.sh`` makes ``.venv-cuda`` with a
-   CUDA build of torch, builds pymeta with ``PYMETA_CUDA=ON`` and loads it; the script then runs
-   again under that venv's Python with ``--skip-build``.
+1. **Build** (unless ``--skip-build``) with ``PYMETA_CUDA=ON``. Where the running Python's torch
+   is a CUDA build (a GPU machine's image, where nothing can be downloaded), pymeta is built
+   against it into ``build/gpu-site``; otherwise ``tools/check_cuda_build.sh`` makes
+   ``.venv-cuda`` with a CUDA torch from the package index. The script then runs again, with
+   ``--skip-build``, on that build.
 2. **CUDA tests** (unless ``--skip-tests``): ``pytest -q -k cuda tests/``, the tests that compare
    each CUDA kernel with its ATen twin (they skip where CUDA is absent).
 3. **Parity** in float64: the meta-loss and meta-gradient of ``pymeta.MAML`` and
@@ -203,6 +205,27 @@ def parity_table(device: "torch.device", quick: bool) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
+def build() -> tuple[str, dict]:
+    """Builds pymeta with PYMETA_CUDA=ON; returns the Python and environment to run it with.
+
+    Where this Python's torch is a CUDA build (a GPU machine's image: nothing can be downloaded
+    there), pymeta is built against it into build/gpu-site, put first on PYTHONPATH. Otherwise
+    tools/check_cuda_build.sh makes .venv-cuda with a CUDA torch from the package index."""
+    if torch is not None and torch.version.cuda:
+        site = ROOT / "build" / "gpu-site"
+        env = {**os.environ, "PYMETA_CUDA": "ON", "MAX_JOBS": os.environ.get("MAX_JOBS", "16")}
+        cmd = [
+            sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+            "--no-index", "--upgrade", "--target", str(site),
+            "-C", "build-dir=build/gpu-check", ".",
+        ]  # fmt: skip
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+        path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+        return sys.executable, {**os.environ, "PYTHONPATH": path}
+    subprocess.run(["bash", str(ROOT / "tools" / "check_cuda_build.sh")], check=True)
+    return str(ROOT / ".venv-cuda" / "bin" / "python"), dict(os.environ)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test)")
@@ -214,15 +237,10 @@ def main(argv=None) -> int:
 
     if not args.skip_build:
         print("## build\n", flush=True)
-        subprocess.run(["bash", str(ROOT / "tools" / "check_cuda_build.sh")], check=True)
-        python = ROOT / ".venv-cuda" / "bin" / "python"
-        again = [
-            str(python),
-            __file__,
-            "--skip-build",
-            *(argv if argv is not None else sys.argv[1:]),
-        ]
-        return subprocess.run(again, cwd=Path(__file__).parent).returncode
+        python, env = build()
+        rest = argv if argv is not None else sys.argv[1:]
+        again = [python, __file__, "--skip-build", *rest]
+        return subprocess.run(again, cwd=Path(__file__).parent, env=env).returncode
 
     if torch is None:
         print("gpu_check: torch or pymeta is not importable here; run without --skip-build")
@@ -233,13 +251,18 @@ def main(argv=None) -> int:
         return 1
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"gpu_check: torch {torch.__version__}, device {device} ({name})\n", flush=True)
+    print(
+        f"gpu_check: torch {torch.__version__}, device {device} ({name}), pymeta from "
+        f"{Path(pymeta.__file__).parent}, CUDA kernels {pymeta._C.with_cuda()}\n",
+        flush=True,
+    )
     ok = True
     if not args.skip_tests:
         print("## CUDA tests\n", flush=True)
-        tests = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-k", "cuda", str(ROOT / "tests")]
-        )
+        # From outside the repository, so that `import pymeta` finds the built package, not
+        # the source tree without its compiled core.
+        pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda"]
+        tests = subprocess.run([*pytest, str(ROOT / "tests")], cwd="/tmp")
         ok = tests.returncode in (0, 5)  # 5: none selected
     print("## float64 parity against the CPU per-task loop\n", flush=True)
     table, parity_ok = parity_table(device, args.quick)

@@ -170,7 +170,7 @@ def rel_err(got: list, want: list) -> float:
     )
 
 
-def parity_table(device: "torch.device", quick: bool) -> tuple[str, bool]:
+def parity_table(device: "torch.device") -> tuple[str, bool]:
     """float64 meta-loss and meta-gradient on the device against the CPU per-task loop."""
     lines = [
         "| workload | implementation | loss rel. error | grad rel. error |",
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         tests = subprocess.run([*pytest, str(ROOT / "tests")], cwd="/tmp")
         ok = tests.returncode in (0, 5)  # 5: none selected
     print("## float64 parity against the CPU per-task loop\n", flush=True)
-    table, parity_ok = parity_table(device, args.quick)
+    table, parity_ok = parity_table(device)
     print(table + "\n", flush=True)
     print("## second-order meta-step, float32\n", flush=True)
     table, speed_ok = speed_table(device, args.steps, args.quick)

@@ -44,7 +44,8 @@ class WorkspaceAllocator final : public c10::Allocator {
       } else {
         // A miss hands back cached blocks (least recently freed first) until cached plus live
         // bytes fit under the most the live blocks have ever reached: the cache then fills
-        // only memory the process already held at its peak, and never raises that peak.
+        // only memory the process already held at its peak, and never raises the peak of
+        // its own blocks.
         while (!order_.empty() && live_bytes_ + cached_ + static_cast<int64_t>(n) > peak_live_) {
           evicted.push_back(evict_oldest());
         }

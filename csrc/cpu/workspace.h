@@ -28,8 +28,9 @@ class WorkspaceScope {
 // task's activations; beyond it the least recently freed blocks go back to malloc).
 // Besides, a miss hands cached blocks back to malloc until cached and live blocks together fit
 // under the most the live ones have reached since the last release: the cache reuses memory
-// the process held at its peak anyway, and never raises that peak. release_workspaces() frees
-// them all and restarts that count.
+// the process held at its peak anyway, and never raises the peak of its own blocks (the
+// process's resident peak moves a little: other allocations peak at other times).
+// release_workspaces() frees them all and restarts that count.
 int64_t workspace_cached_bytes();
 int64_t workspace_cache_limit();
 void set_workspace_cache_limit(int64_t bytes);

@@ -2,7 +2,7 @@
 // batch norm, pooling, linear layers, activations, residual adds and concatenations (net/net.h).
 // Each task runs its whole meta-step here (inner loop, query losses, and the exact meta-gradient
 // by a reverse sweep with Hessian-vector products) without an autograd graph. Every call is
-// checked here once; an MLP then takes the fast path of flat-buffer CPU kernels
+// checked once (net/problem.h); an MLP then takes the fast path of flat-buffer CPU kernels
 // (net/mlp_net.h), any other network the layer rules of net/layers.cpp, which are ATen ops and
 // bring the library's tuned convolution kernels: this file only orchestrates them.
 #include <ATen/core/Tensor.h>

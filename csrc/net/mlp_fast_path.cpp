@@ -221,11 +221,10 @@ class MlpTask {
 
 // Everything the per-task pipeline reads, made contiguous once; `checked` is the driver's view of
 // the call (its learning-rate layout is the one both paths use).
-struct Problem {
-  const NetProblem& checked;
+struct FlatProblem {
+  const NetProblem& checked;  // steps, loss and learning-rate layout
   MlpNet net;
-  LossKind loss;
-  int64_t steps, tasks, k_support, k_query;
+  int64_t tasks, k_support, k_query;
   at::Tensor support_x, support_y, query_x, query_y;
   std::vector<at::Tensor> params;
   std::vector<int64_t> offsets;  // of each param in the flat parameter vector
@@ -253,10 +252,10 @@ at::Tensor mlp_targets(const char* op, const char* name, const at::Tensor& y, co
   return y.contiguous();
 }
 
-Problem make_problem(const char* op, const NetProblem& checked, MlpNet net, at::TensorList params,
+FlatProblem flat_problem(const char* op, const NetProblem& checked, MlpNet net, at::TensorList params,
                      const at::Tensor& sx, const at::Tensor& sy, const at::Tensor* qx, const at::Tensor* qy) {
   const LossKind loss = checked.loss;
-  Problem pb{checked, std::move(net), loss, checked.steps, sx.size(0), sx.size(1), 0};
+  FlatProblem pb{checked, std::move(net), sx.size(0), sx.size(1), 0};
   pb.support_x = mlp_inputs(op, "support_x", sx, pb.net);
   pb.support_y = mlp_targets(op, "support_y", sy, pb.net, loss);
   if (qx != nullptr) {
@@ -275,7 +274,7 @@ Problem make_problem(const char* op, const NetProblem& checked, MlpNet net, at::
 
 // Copies the params into one flat vector (the layout of MlpNet).
 template <typename T>
-std::vector<T> flatten_params(const Problem& pb) {
+std::vector<T> flatten_params(const FlatProblem& pb) {
   std::vector<T> flat(pb.net.num_params);
   int64_t off = 0;
   for (const auto& p : pb.params) {
@@ -285,17 +284,14 @@ std::vector<T> flatten_params(const Problem& pb) {
   return flat;
 }
 
-int64_t lr_rows(const Problem& pb) { return pymeta::lr_rows(pb.checked); }
-int64_t lr_row(const Problem& pb, int64_t j) { return pymeta::lr_row(pb.checked, j); }
-
 // The driver's per-param rates (expand_lrs) laid out flat: (lr_rows, P), one rate per param
 // element, zero for params that do not adapt.
 template <typename T>
-std::vector<T> flat_lrs(const Problem& pb, at::TensorList lrs) {
+std::vector<T> flat_lrs(const FlatProblem& pb, at::TensorList lrs) {
   const int64_t P = pb.net.num_params;
-  std::vector<T> flat(static_cast<size_t>(lr_rows(pb) * P), T(0));
+  std::vector<T> flat(static_cast<size_t>(lr_rows(pb.checked) * P), T(0));
   const std::vector<Params> rows = expand_lrs(pb.checked, pb.params, lrs);
-  for (int64_t j = 0; j < lr_rows(pb); ++j) {
+  for (int64_t j = 0; j < lr_rows(pb.checked); ++j) {
     for (size_t p = 0; p < pb.params.size(); ++p) {
       const at::Tensor& rate = rows[j][p];
       if (!rate.defined()) continue;
@@ -325,13 +321,13 @@ struct SweepPlan {
 };
 
 template <typename T>
-SweepPlan plan_sweep(const Problem& pb, bool second_order_grads, bool lr_grads) {
+SweepPlan plan_sweep(const FlatProblem& pb, bool second_order_grads, bool lr_grads) {
   SweepPlan plan;
   const int64_t per_step = MlpTask<T>::slot_bytes(pb.net, pb.k_support) +
                            (lr_grads ? pb.net.num_params * int64_t(sizeof(T)) : 0);
-  plan.cache = pb.steps * per_step <= activation_cache_limit().load();
+  plan.cache = pb.checked.steps * per_step <= activation_cache_limit().load();
   plan.keep_grads = plan.cache && lr_grads;
-  plan.slots = plan.cache ? pb.steps + 1 : 2;
+  plan.slots = plan.cache ? pb.checked.steps + 1 : 2;
   // The HVP needs every layer's backward quantities; kept from the inner loop, they must be
   // complete there. Otherwise the inner loop stops at the lowest adapted layer (cheap ANIL).
   plan.lowest = plan.cache && second_order_grads ? 0 : pb.net.lowest_adapted;
@@ -341,10 +337,10 @@ SweepPlan plan_sweep(const Problem& pb, bool second_order_grads, bool lr_grads) 
 // Runs one task's inner loop; iterates[j - 1] (P each) holds theta after step j, and
 // grads[plan.grad_row(j)] the support gradient at step j.
 template <typename T>
-void inner_loop(const Problem& pb, const SweepPlan& plan, MlpTask<T>& work, const T* theta0,
+void inner_loop(const FlatProblem& pb, const SweepPlan& plan, MlpTask<T>& work, const T* theta0,
                 const T* lr_flat, const T* sx, const Targets<T>& sy, T* iterates, T* grads) {
   const int64_t P = pb.net.num_params;
-  for (int64_t j = 0; j < pb.steps; ++j) {
+  for (int64_t j = 0; j < pb.checked.steps; ++j) {
     const T* cur = j == 0 ? theta0 : iterates + (j - 1) * P;
     T* next = iterates + j * P;
     T* g = grads + plan.grad_row(j) * P;
@@ -353,7 +349,7 @@ void inner_loop(const Problem& pb, const SweepPlan& plan, MlpTask<T>& work, cons
     work.loss(slot, sy, pb.k_support, true);
     work.backward(slot, cur, pb.k_support, plan.lowest, g);
     std::memcpy(next, cur, sizeof(T) * P);
-    const T* lr = lr_flat + lr_row(pb, j) * P;
+    const T* lr = lr_flat + lr_row(pb.checked, j) * P;
     for (const MlpLayer& L : pb.net.layers) {
       if (L.adapted) sub_product(L.in * L.out + (L.bias ? L.out : 0), lr + L.w_off, g + L.w_off, next + L.w_off);
     }
@@ -362,10 +358,10 @@ void inner_loop(const Problem& pb, const SweepPlan& plan, MlpTask<T>& work, cons
 
 // Multiply-adds of one task's meta-step, roughly: forward and backward passes over the support
 // and query rows, with the sweep's R-passes. Used only to decide whether threads are worth it.
-int64_t task_macs(const Problem& pb) {
+int64_t task_macs(const FlatProblem& pb) {
   int64_t weights = 0;
   for (const MlpLayer& L : pb.net.layers) weights += L.in * L.out;
-  return weights * (pb.steps * pb.k_support * 9 + pb.k_query * 3);
+  return weights * (pb.checked.steps * pb.k_support * 9 + pb.k_query * 3);
 }
 
 // Runs body(t0, t1) over the tasks: on threads when the meta-step is big enough, otherwise on
@@ -373,7 +369,7 @@ int64_t task_macs(const Problem& pb) {
 // from a second thread and loses a lot when another process holds a core and the OpenMP
 // team waits for it.
 template <typename F>
-void for_each_task_chunk(const Problem& pb, const F& body) {
+void for_each_task_chunk(const FlatProblem& pb, const F& body) {
   constexpr int64_t kParallelMacs = int64_t{50} << 20;
   if (pb.tasks * task_macs(pb) < kParallelMacs) {
     body(int64_t{0}, pb.tasks);
@@ -395,7 +391,7 @@ Targets<T> targets_of(const at::Tensor& y, int64_t t, int64_t rows, int64_t widt
 
 // Splits a flat (P) vector into tensors shaped like the params.
 template <typename T>
-std::vector<at::Tensor> unflatten(const Problem& pb, const std::vector<T>& flat, T scale) {
+std::vector<at::Tensor> unflatten(const FlatProblem& pb, const std::vector<T>& flat, T scale) {
   std::vector<at::Tensor> out;
   int64_t off = 0;
   for (const auto& p : pb.params) {
@@ -411,10 +407,10 @@ std::vector<at::Tensor> unflatten(const Problem& pb, const std::vector<T>& flat,
 // d loss / d (per-element rate), (lr_rows, P), times scale, reduced to the lrs' layout by the
 // driver's reduce_lr_grads.
 template <typename T>
-std::vector<at::Tensor> flat_lr_grads(const Problem& pb, at::TensorList lrs, const std::vector<T>& dflat, T scale) {
+std::vector<at::Tensor> flat_lr_grads(const FlatProblem& pb, at::TensorList lrs, const std::vector<T>& dflat, T scale) {
   const int64_t P = pb.net.num_params;
-  std::vector<Params> d(lr_rows(pb), Params(pb.params.size()));
-  for (int64_t j = 0; j < lr_rows(pb); ++j) {
+  std::vector<Params> d(lr_rows(pb.checked), Params(pb.params.size()));
+  for (int64_t j = 0; j < lr_rows(pb.checked); ++j) {
     for (size_t p = 0; p < pb.params.size(); ++p) {
       if (!pb.checked.adapted[p]) continue;
       at::Tensor g = at::empty(pb.params[p].sizes(), pb.params[p].options());
@@ -433,7 +429,7 @@ MamlLossResult mlp_maml_loss_fast(const NetProblem& checked, MlpNet net, at::Ten
                                   const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x,
                                   const at::Tensor& query_y, at::ArrayRef<double> step_weights, bool first_order,
                                   bool compute_grads, bool compute_lr_grads) {
-  const Problem pb = make_problem("pymeta::net_maml_loss", checked, std::move(net), params, support_x, support_y,
+  const FlatProblem pb = flat_problem("pymeta::net_maml_loss", checked, std::move(net), params, support_x, support_y,
                                   &query_x, &query_y);
   compute_lr_grads = compute_lr_grads && compute_grads;
   at::Tensor task_losses = at::empty({pb.tasks}, params[0].options());
@@ -441,7 +437,7 @@ MamlLossResult mlp_maml_loss_fast(const NetProblem& checked, MlpNet net, at::Ten
   std::vector<at::Tensor> grad_params, grad_lrs;
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "mlp_maml_loss_cpu", [&] {
     using T = scalar_t;
-    const int64_t P = pb.net.num_params, J = pb.steps;
+    const int64_t P = pb.net.num_params, J = pb.checked.steps;
     const std::vector<T> theta0 = flatten_params<T>(pb);
     const std::vector<T> lr_flat = flat_lrs<T>(pb, lrs);
     const int threads = at::get_num_threads();
@@ -451,19 +447,19 @@ MamlLossResult mlp_maml_loss_fast(const NetProblem& checked, MlpNet net, at::Ten
     const SweepPlan plan = plan_sweep<T>(pb, compute_grads && !first_order, compute_lr_grads);
     for_each_task_chunk(pb, [&](int64_t t0, int64_t t1) {
       const int tid = at::get_thread_num();
-      MlpTask<T> work(pb.net, pb.k_support, pb.k_query, pb.loss, plan.slots);
+      MlpTask<T> work(pb.net, pb.k_support, pb.k_query, pb.checked.loss, plan.slots);
       std::vector<T> iterates(J * P), grads((plan.keep_grads ? J : 1) * P, T(0)), gq(P), v(P), u(P), hu(P);
       std::vector<T>& gacc = grad_acc[tid];
       std::vector<T>& lacc = lr_acc[tid];
       if (compute_grads) gacc.assign(P, T(0));
-      if (compute_lr_grads) lacc.assign(lr_rows(pb) * P, T(0));
+      if (compute_lr_grads) lacc.assign(lr_rows(pb.checked) * P, T(0));
       const int64_t qs = plan.query_slot();
       auto theta_at = [&](int64_t j) { return j == 0 ? theta0.data() : iterates.data() + (j - 1) * P; };
       for (int64_t t = t0; t < t1; ++t) {
         const T* sx = pb.support_x.const_data_ptr<T>() + t * pb.k_support * in;
         const T* qx = pb.query_x.const_data_ptr<T>() + t * pb.k_query * in;
-        const Targets<T> sy = targets_of<T>(pb.support_y, t, pb.k_support, out, pb.loss);
-        const Targets<T> qy = targets_of<T>(pb.query_y, t, pb.k_query, out, pb.loss);
+        const Targets<T> sy = targets_of<T>(pb.support_y, t, pb.k_support, out, pb.checked.loss);
+        const Targets<T> qy = targets_of<T>(pb.query_y, t, pb.k_query, out, pb.checked.loss);
         inner_loop<T>(pb, plan, work, theta0.data(), lr_flat.data(), sx, sy, iterates.data(), grads.data());
         T task_loss = T(0);
         std::fill(v.begin(), v.end(), T(0));  // d(task loss)/d theta_j, from j = J down to 0
@@ -485,9 +481,9 @@ MamlLossResult mlp_maml_loss_fast(const NetProblem& checked, MlpNet net, at::Ten
             work.loss(slot, sy, pb.k_support, true);
             work.backward(slot, theta, pb.k_support, first_order ? pb.net.lowest_adapted : 0, grads.data());
           }
-          const T* lr = lr_flat.data() + lr_row(pb, j) * P;
+          const T* lr = lr_flat.data() + lr_row(pb.checked, j) * P;
           if (compute_lr_grads) {
-            T* dl = lacc.data() + lr_row(pb, j) * P;
+            T* dl = lacc.data() + lr_row(pb.checked, j) * P;
             for (const MlpLayer& L : pb.net.layers) {
               if (L.adapted) sub_product(L.in * L.out + (L.bias ? L.out : 0), v.data() + L.w_off, g + L.w_off, dl + L.w_off);
             }
@@ -514,20 +510,20 @@ MamlLossResult mlp_maml_loss_fast(const NetProblem& checked, MlpNet net, at::Ten
       grad_params = unflatten<T>(pb, total, inv_tasks);
     }
     if (compute_lr_grads) {
-      std::vector<T> total(lr_rows(pb) * P, T(0));
+      std::vector<T> total(lr_rows(pb.checked) * P, T(0));
       for (const auto& acc : lr_acc)
         for (size_t p = 0; p < acc.size(); ++p) total[p] += acc[p];
       grad_lrs = flat_lr_grads<T>(pb, lrs, total, inv_tasks);
     }
   });
   // An MLP has no batch norm: no statistics.
-  at::Tensor bn_stats = at::empty({pb.tasks, pb.steps + 1, 2, 0}, params[0].options());
+  at::Tensor bn_stats = at::empty({pb.tasks, pb.checked.steps + 1, 2, 0}, params[0].options());
   return {mean_loss, grad_params, grad_lrs, task_losses, bn_stats};
 }
 
 std::vector<at::Tensor> mlp_adapt_fast(const NetProblem& checked, MlpNet net, at::TensorList params,
                                        at::TensorList lrs, const at::Tensor& support_x, const at::Tensor& support_y) {
-  const Problem pb = make_problem("pymeta::net_adapt", checked, std::move(net), params, support_x, support_y,
+  const FlatProblem pb = flat_problem("pymeta::net_adapt", checked, std::move(net), params, support_x, support_y,
                                   nullptr, nullptr);
   std::vector<at::Tensor> adapted;
   for (const auto& p : pb.params) {
@@ -544,13 +540,13 @@ std::vector<at::Tensor> mlp_adapt_fast(const NetProblem& checked, MlpNet net, at
     SweepPlan plan;  // no sweep: one slot, gradients down to the lowest adapted layer only
     plan.lowest = pb.net.lowest_adapted;
     for_each_task_chunk(pb, [&](int64_t t0, int64_t t1) {
-      MlpTask<T> work(pb.net, pb.k_support, pb.k_support, pb.loss, plan.slots);
-      std::vector<T> iterates(pb.steps * P), g(P, T(0));
+      MlpTask<T> work(pb.net, pb.k_support, pb.k_support, pb.checked.loss, plan.slots);
+      std::vector<T> iterates(pb.checked.steps * P), g(P, T(0));
       for (int64_t t = t0; t < t1; ++t) {
         const T* sx = pb.support_x.const_data_ptr<T>() + t * pb.k_support * in;
-        const Targets<T> sy = targets_of<T>(pb.support_y, t, pb.k_support, out, pb.loss);
+        const Targets<T> sy = targets_of<T>(pb.support_y, t, pb.k_support, out, pb.checked.loss);
         inner_loop<T>(pb, plan, work, theta0.data(), lr_flat.data(), sx, sy, iterates.data(), g.data());
-        const T* final_theta = iterates.data() + (pb.steps - 1) * P;
+        const T* final_theta = iterates.data() + (pb.checked.steps - 1) * P;
         int64_t off = 0;
         for (auto& a : adapted) {
           const int64_t n = a.numel() / pb.tasks;

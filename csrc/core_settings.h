@@ -50,4 +50,11 @@ inline std::atomic<bool>& mlp_fast_path() {
   return on;
 }
 
+// Tasks per chunk of the model-aware core's task-batched layout (net/layers.h): 0 (the default)
+// chooses by device (net/maml_core.cpp, tasks_per_chunk); n >= 1 runs n tasks at a time.
+inline std::atomic<int64_t>& task_batch() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 }  // namespace pymeta

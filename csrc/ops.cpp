@@ -48,11 +48,12 @@ TORCH_LIBRARY(pymeta, m) {
   // net_maml_loss's layers (its inputs read value 0), layer_arg its arg. Returns
   // [y, dL/dx, dL/dx2, dL/dw, dL/db] for gy = dL/dy, then the tangents along
   // (r_x, r_x2, r_weight, r_bias) and r_grad_y: [R{y}, R{dL/dx}, R{dL/dx2}, R{dL/dw}, R{dL/db}].
-  // Absent inputs read as zero; absent outputs are zero tensors shaped like their input.
+  // Absent inputs read as zero; absent outputs are zero tensors shaped like their input. tasks > 1
+  // runs the rules task-batched (net/layers.h): values folded (N, tasks*C, ...), params (tasks, ...).
   m.def(
       "net_layer_rules(int[] layer, float layer_arg, Tensor x, Tensor? x2, Tensor? weight, "
       "Tensor? bias, Tensor grad_y, Tensor? r_x, Tensor? r_x2, Tensor? r_weight, Tensor? r_bias, "
-      "Tensor? r_grad_y) -> Tensor[]");
+      "Tensor? r_grad_y, int tasks=1) -> Tensor[]");
   // The inner loop alone (fast adaptation): per-task adapted params, each (T, *param.shape).
   m.def(
       "net_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "

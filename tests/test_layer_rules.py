@@ -349,3 +349,50 @@ def test_the_fast_paths_reach_the_fused_batch_norm_kernels(name, layout):
         with cpu_fast_paths(paths):
             runs.append(run_op(case, *inputs))
     assert any(not torch.equal(a, b) for a, b in zip(*runs) if a is not None)
+
+
+# ----------------------------------------------------------------------------- task-batched
+def fold(per_task):
+    """Per-task values (N, C, ...) of T tasks -> the task-batched layout (N, T*C, ...)."""
+    return torch.stack(per_task, 1).flatten(1, 2)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_task_batched_rules_equal_the_rules_per_task(name, fast_paths):
+    """The rules on three tasks at once (values folded along dim 1, params with a leading task
+    dim) give each task's own results, task by task."""
+    case, tasks = CASES[name], 3
+    per_task = [inputs_for(case, seed=10 + t) for t in range(tasks)]
+    want = [run_op(case, *inputs) for inputs in per_task]
+
+    def batched(part, i):  # values (x, x2) folded, params (w, b) stacked
+        if per_task[0][part][i] is None:
+            return None
+        return (fold if i < 2 else torch.stack)([pt[part][i] for pt in per_task])
+
+    primals = [batched(0, i) for i in range(4)]
+    tangents = [batched(1, i) for i in range(4)]
+    gy, rgy = fold([pt[2] for pt in per_task]), fold([pt[3] for pt in per_task])
+    x, x2, w, b = primals
+    got = torch.ops.pymeta.net_layer_rules(
+        case.row(), case.arg, x, x2, w, b, gy, *tangents, rgy, tasks=tasks
+    )  # fmt: skip
+    for k, out_name in enumerate(OUTPUTS):
+        if want[0][k] is None:
+            assert got[k] is None, out_name
+            continue
+        is_param = out_name in ("dw", "db", "R{dw}", "R{db}")
+        expected = (torch.stack if is_param else fold)([w_t[k] for w_t in want])
+        assert got[k].shape == expected.shape, (out_name, got[k].shape, expected.shape)
+        assert rel_err(got[k], expected) < 1e-13, out_name
+
+
+def test_task_batched_rules_check_the_task_dim():
+    case = CASES["conv"]
+    (x, _, w, b), tangents, gy, rgy = inputs_for(case)
+    with pytest.raises(
+        RuntimeError, match=r"with tasks = 2, weight and bias must have a leading dim"
+    ):
+        torch.ops.pymeta.net_layer_rules(
+            case.row(), case.arg, x, None, w, b, gy, *tangents, rgy, tasks=2
+        )

@@ -7,6 +7,8 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/avg_pool2d.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/avg_pool2d_backward.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/convolution.h>
@@ -47,19 +49,28 @@ struct ConvGeometry {
         padding{L.ints[kConvPaddingInt], L.ints[kConvPaddingInt + 1]} {}
 };
 
-at::Tensor conv(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return at::convolution(x, w, optional(b), g.stride,
-                         g.padding, g.dilation, false, g.output_padding, 1);
+// One grouped convolution for T tasks: w and b are folded ((T*O, C, kh, kw) and (T*O)).
+at::Tensor conv(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return at::convolution(x, w, optional(b), g.stride, g.padding, g.dilation, false, g.output_padding, tasks);
 }
 
 // (dL/dx, dL/dw, dL/db) of y = conv(x, w) + b for the outputs the mask asks for.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_vjp(const ConvGeometry& g, const at::Tensor& gy,
+// w is folded; so are the weight and bias gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_vjp(const ConvGeometry& g, int64_t tasks, const at::Tensor& gy,
                                                         const at::Tensor& x, const at::Tensor& w,
                                                         std::array<bool, 3> mask) {
   const std::vector<int64_t> bias_sizes{w.size(0)};
   return at::convolution_backward(gy, x, w, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-                                  g.stride, g.padding, g.dilation, false, g.output_padding, 1, mask);
+                                  g.stride, g.padding, g.dilation, false, g.output_padding, tasks, mask);
 }
+
+// ---- linear layers: values (N, T*F) seen as (T, N, F) (task_major) for batched matrix products
+// x w^T (+ b) per task, for x (T, N, F), w (T, O, F), b (T, O): (T, N, O).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return b.defined() ? at::baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)) : at::bmm(x, w.transpose(1, 2));
+}
+// gy^T x per task, (T, O, F): the weight gradient of linear().
+at::Tensor linear_w_grad(const at::Tensor& gy, const at::Tensor& x) { return at::bmm(gy.transpose(1, 2), x); }
 
 // t + b broadcast over the channels (dim 1) of an output of the given shape; t may be undefined.
 at::Tensor add_bias(const at::Tensor& t, const at::Tensor& b, const std::vector<int64_t>& shape) {
@@ -154,20 +165,38 @@ struct PoolGeometry {
 
 }  // namespace
 
-at::Tensor layer_forward(const NetLayer& L, const at::Tensor& x, const at::Tensor& x2, const at::Tensor& w,
-                       const at::Tensor& b, LayerSaved& saved) {
+at::Tensor task_major(const at::Tensor& v, int64_t tasks) { return v.unflatten(1, {tasks, -1}).transpose(0, 1); }
+at::Tensor task_folded(const at::Tensor& v) { return v.transpose(0, 1).flatten(1, 2); }
+at::Tensor fold_tasks(const at::Tensor& p) { return p.defined() ? p.flatten(0, 1) : p; }
+at::Tensor unfold_tasks(const at::Tensor& g, const at::Tensor& param) {
+  return g.defined() ? g.reshape(param.sizes()) : g;
+}
+
+namespace {
+
+// Batch norm's check: x holds T tasks' channels.
+void check_bn_input(const NetLayer& L, int64_t tasks, const at::Tensor& x) {
+  const int64_t channels = L.ints[kBnChannelsInt];
+  TORCH_CHECK(x.dim() >= 2 && x.size(1) == tasks * channels, "pymeta: BatchNorm over ", channels, " channels (",
+              tasks, " task(s)) received an input of shape ", x.sizes());
+}
+
+}  // namespace
+
+at::Tensor layer_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x, const at::Tensor& x2,
+                         const at::Tensor& w, const at::Tensor& b, LayerSaved& saved) {
   switch (L.kind) {
     case LayerKind::kLinear:
-      return b.defined() ? b.addmm(x, w.t()) : x.mm(w.t());
+      return task_folded(linear(task_major(x, tasks), w, b));
     case LayerKind::kConv2d:
-      return conv(ConvGeometry(L), x, w, b);
+      return conv(ConvGeometry(L), tasks, x, fold_tasks(w), fold_tasks(b));
     case LayerKind::kBatchNorm: {
-      TORCH_CHECK(x.dim() >= 2 && x.size(1) == L.ints[kBnChannelsInt], "pymeta: BatchNorm over ", L.ints[kBnChannelsInt],
-                  " channels received an input of shape ", x.sizes());
+      check_bn_input(L, tasks, x);
+      const at::Tensor fw = fold_tasks(w), fb = fold_tasks(b);
       if (cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel: sums in double
-        return bn_forward_fused(x, w, b, L.arg, saved.aux, saved.inv_std);
+        return bn_forward_fused(x, fw, fb, L.arg, saved.aux, saved.inv_std);
       }
-      auto [y, mean, inv_std] = at::native_batch_norm(x, optional(w), optional(b), {}, {}, true, 0.0, L.arg);
+      auto [y, mean, inv_std] = at::native_batch_norm(x, optional(fw), optional(fb), {}, {}, true, 0.0, L.arg);
       saved.aux = mean;
       saved.inv_std = inv_std;
       return y;
@@ -188,6 +217,7 @@ at::Tensor layer_forward(const NetLayer& L, const at::Tensor& x, const at::Tenso
       return at::avg_pool2d(x, g.kernel, g.stride, g.padding, false, L.flag != 0, std::nullopt);
     }
     case LayerKind::kFlatten:
+      // (N, T*C, H, W) -> (N, T*C*H*W) keeps each task's features together, in their order.
       return x.flatten(1);
     case LayerKind::kAdd:
       TORCH_CHECK(x.sizes() == x2.sizes(), "pymeta: a residual add received inputs of shapes ", x.sizes(),
@@ -198,7 +228,8 @@ at::Tensor layer_forward(const NetLayer& L, const at::Tensor& x, const at::Tenso
                       x.sizes().slice(2) == x2.sizes().slice(2),
                   "pymeta: a channel concatenation received inputs of shapes ", x.sizes(), " and ", x2.sizes(),
                   "; expected equal shapes but for dim 1");
-      return at::cat({x, x2}, 1);
+      if (tasks == 1) return at::cat({x, x2}, 1);
+      return at::cat({x.unflatten(1, {tasks, -1}), x2.unflatten(1, {tasks, -1})}, 2).flatten(1, 2);
     case LayerKind::kGlobalAvgPool:
       TORCH_CHECK(x.dim() == 4, "pymeta: global average pooling expects (N, C, H, W) inputs, received ", x.sizes());
       return x.mean({2, 3}, true);
@@ -206,26 +237,33 @@ at::Tensor layer_forward(const NetLayer& L, const at::Tensor& x, const at::Tenso
   TORCH_CHECK(false, "pymeta: unknown layer kind");
 }
 
-LayerGrads layer_backward(const NetLayer& L, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                        const LayerSaved& saved, const at::Tensor& gy, bool need_x) {
+LayerGrads layer_backward(const NetLayer& L, int64_t tasks, const at::Tensor& x, const at::Tensor& w,
+                          const at::Tensor& b, const LayerSaved& saved, const at::Tensor& gy, bool need_x) {
   LayerGrads g;
   switch (L.kind) {
-    case LayerKind::kLinear:
-      if (need_x) g.x = gy.mm(w);
-      g.w = gy.t().mm(x);
-      if (b.defined()) g.b = gy.sum(0);
+    case LayerKind::kLinear: {
+      const at::Tensor gyt = task_major(gy, tasks);
+      if (need_x) g.x = task_folded(at::bmm(gyt, w));
+      g.w = linear_w_grad(gyt, task_major(x, tasks));
+      if (b.defined()) g.b = gyt.sum(1);
       return g;
+    }
     case LayerKind::kConv2d:
-      std::tie(g.x, g.w, g.b) = conv_vjp(ConvGeometry(L), gy, x, w, {need_x, true, b.defined()});
+      std::tie(g.x, g.w, g.b) = conv_vjp(ConvGeometry(L), tasks, gy, x, fold_tasks(w), {need_x, true, b.defined()});
+      g.w = unfold_tasks(g.w, w);
+      g.b = unfold_tasks(g.b, b);
       return g;
     case LayerKind::kBatchNorm: {
       if (!need_x && !w.defined()) return g;
+      const at::Tensor fw = fold_tasks(w);
       if (cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel: sums in double
-        BnGrads f = bn_backward_fused(x, saved.aux, saved.inv_std, gy, w, need_x);
-        return {f.x, f.w, f.b};
+        BnGrads f = bn_backward_fused(x, saved.aux, saved.inv_std, gy, fw, need_x);
+        return {f.x, unfold_tasks(f.w, w), unfold_tasks(f.b, w)};
       }
-      std::tie(g.x, g.w, g.b) = at::native_batch_norm_backward(gy, x, optional(w), {}, {}, saved.aux, saved.inv_std, true,
-                                                                L.arg, {need_x, w.defined(), w.defined()});
+      std::tie(g.x, g.w, g.b) = at::native_batch_norm_backward(gy, x, optional(fw), {}, {}, saved.aux, saved.inv_std,
+                                                               true, L.arg, {need_x, w.defined(), w.defined()});
+      g.w = unfold_tasks(g.w, w);
+      g.b = unfold_tasks(g.b, w);
       return g;
     }
     case LayerKind::kActivation:
@@ -252,8 +290,10 @@ LayerGrads layer_backward(const NetLayer& L, const at::Tensor& x, const at::Tens
       return g;
     case LayerKind::kConcat:
       if (need_x) {
-        g.x = gy.narrow(1, 0, x.size(1));
-        g.x2 = gy.narrow(1, x.size(1), gy.size(1) - x.size(1));
+        const at::Tensor per_task = gy.unflatten(1, {tasks, -1});
+        const int64_t c = x.size(1) / tasks;
+        g.x = per_task.narrow(2, 0, c).flatten(1, 2);
+        g.x2 = per_task.narrow(2, c, per_task.size(2) - c).flatten(1, 2);
       }
       return g;
     case LayerKind::kGlobalAvgPool:
@@ -267,46 +307,50 @@ LayerGrads layer_backward(const NetLayer& L, const at::Tensor& x, const at::Tens
   TORCH_CHECK(false, "pymeta: unknown layer kind");
 }
 
-at::Tensor layer_r_forward(const NetLayer& L, const at::Tensor& x, const at::Tensor& x2, const at::Tensor& w,
-                         const LayerSaved& saved, const at::Tensor& rx, const at::Tensor& rx2, const at::Tensor& uw,
-                         const at::Tensor& ub, at::Tensor& r_saved) {
+at::Tensor layer_r_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x, const at::Tensor& x2,
+                           const at::Tensor& w, const LayerSaved& saved, const at::Tensor& rx, const at::Tensor& rx2,
+                           const at::Tensor& uw, const at::Tensor& ub, at::Tensor& r_saved) {
   at::Tensor ry;
   switch (L.kind) {
-    case LayerKind::kLinear:
-      if (rx.defined()) ry = rx.mm(w.t());
+    case LayerKind::kLinear: {
+      if (rx.defined()) ry = linear(task_major(rx, tasks), w, at::Tensor());
       if (uw.defined()) {
-        accumulate(ry, ub.defined() ? ub.addmm(x, uw.t()) : x.mm(uw.t()));
+        accumulate(ry, linear(task_major(x, tasks), uw, ub));
       } else if (ub.defined()) {  // a bias tangent alone
-        ry = add_bias(ry, ub, {x.size(0), w.size(0)});
+        const at::Tensor bias = ub.unsqueeze(1);
+        ry = ry.defined() ? ry + bias : bias.expand({tasks, x.size(0), ub.size(1)}).contiguous();
       }
-      return ry;
+      return ry.defined() ? task_folded(ry) : ry;
+    }
     case LayerKind::kConv2d: {
       const ConvGeometry g(L);
-      if (rx.defined()) ry = conv(g, rx, w, at::Tensor());
+      const at::Tensor fw = fold_tasks(w), fub = fold_tasks(ub);
+      if (rx.defined()) ry = conv(g, tasks, rx, fw, at::Tensor());
       if (uw.defined()) {
-        accumulate(ry, conv(g, x, uw, ub));
+        accumulate(ry, conv(g, tasks, x, fold_tasks(uw), fub));
       } else if (ub.defined()) {  // a bias tangent alone
-        std::vector<int64_t> shape{x.size(0), w.size(0)};
+        std::vector<int64_t> shape{x.size(0), fw.size(0)};
         for (int i = 0; i < 2; ++i) {
-          shape.push_back((x.size(2 + i) + 2 * g.padding[i] - w.size(2 + i)) / g.stride[i] + 1);
+          shape.push_back((x.size(2 + i) + 2 * g.padding[i] - fw.size(2 + i)) / g.stride[i] + 1);
         }
-        ry = add_bias(ry, ub, shape);
+        ry = add_bias(ry, fub, shape);
       }
       return ry;
     }
     case LayerKind::kBatchNorm: {
+      const at::Tensor fw = fold_tasks(w), fuw = fold_tasks(uw), fub = fold_tasks(ub);
       if (rx.defined() && cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel
-        return bn_r_forward_fused(x, saved.aux, saved.inv_std, rx, w, uw, ub, r_saved);
+        return bn_r_forward_fused(x, saved.aux, saved.inv_std, rx, fw, fuw, fub, r_saved);
       }
       const at::Tensor xhat = bn_xhat(x, saved);
       if (rx.defined()) r_saved = bn_project(rx, xhat, bn_inv_std(x, saved));
       if (!w.defined()) return r_saved;
-      if (r_saved.defined()) ry = r_saved * per_channel(w, x);
+      if (r_saved.defined()) ry = r_saved * per_channel(fw, x);
       if (uw.defined()) {
-        const at::Tensor scaled = xhat * per_channel(uw, x);
-        accumulate(ry, ub.defined() ? scaled + per_channel(ub, x) : scaled);
+        const at::Tensor scaled = xhat * per_channel(fuw, x);
+        accumulate(ry, ub.defined() ? scaled + per_channel(fub, x) : scaled);
       } else if (ub.defined()) {  // a bias tangent alone
-        ry = add_bias(ry, ub, x.sizes().vec());
+        ry = add_bias(ry, fub, x.sizes().vec());
       }
       return ry;
     }
@@ -324,44 +368,57 @@ at::Tensor layer_r_forward(const NetLayer& L, const at::Tensor& x, const at::Ten
       if (!rx.defined()) return ry;
       {
         LayerSaved unused;
-        return layer_forward(L, rx, at::Tensor(), at::Tensor(), at::Tensor(), unused);
+        return layer_forward(L, tasks, rx, at::Tensor(), at::Tensor(), at::Tensor(), unused);
       }
     case LayerKind::kAdd:
       ry = rx.defined() ? rx : ry;
       if (rx2.defined()) ry = ry.defined() ? ry + rx2 : rx2;
       return ry;
-    case LayerKind::kConcat:
+    case LayerKind::kConcat: {
       if (!rx.defined() && !rx2.defined()) return ry;
-      return at::cat({rx.defined() ? rx : at::zeros_like(x), rx2.defined() ? rx2 : at::zeros_like(x2)}, 1);
+      LayerSaved unused;
+      return layer_forward(L, tasks, rx.defined() ? rx : at::zeros_like(x), rx2.defined() ? rx2 : at::zeros_like(x2),
+                           at::Tensor(), at::Tensor(), unused);
+    }
   }
   TORCH_CHECK(false, "pymeta: unknown layer kind");
 }
 
-LayerGrads layer_r_backward(const NetLayer& L, const at::Tensor& x, const at::Tensor& w, const LayerSaved& saved,
-                          const at::Tensor& gy, const at::Tensor& rgy, const at::Tensor& rx, const at::Tensor& uw,
-                          const at::Tensor& r_saved, bool need_x) {
+LayerGrads layer_r_backward(const NetLayer& L, int64_t tasks, const at::Tensor& x, const at::Tensor& w,
+                            const LayerSaved& saved, const at::Tensor& gy, const at::Tensor& rgy,
+                            const at::Tensor& rx, const at::Tensor& uw, const at::Tensor& r_saved, bool need_x) {
   LayerGrads r;
   switch (L.kind) {
-    case LayerKind::kLinear:
+    case LayerKind::kLinear: {
+      const at::Tensor xt = task_major(x, tasks), gyt = task_major(gy, tasks);
       if (rgy.defined()) {
-        if (need_x) r.x = rgy.mm(w);
-        r.w = rgy.t().mm(x);
-        if (L.b_param >= 0) r.b = rgy.sum(0);
+        const at::Tensor rgyt = task_major(rgy, tasks);
+        if (need_x) r.x = at::bmm(rgyt, w);
+        r.w = linear_w_grad(rgyt, xt);
+        if (L.b_param >= 0) r.b = rgyt.sum(1);
       }
-      if (need_x && uw.defined()) accumulate(r.x, gy.mm(uw));
-      if (rx.defined()) accumulate(r.w, gy.t().mm(rx));
+      if (need_x && uw.defined()) accumulate(r.x, at::bmm(gyt, uw));
+      if (rx.defined()) accumulate(r.w, linear_w_grad(gyt, task_major(rx, tasks)));
+      if (r.x.defined()) r.x = task_folded(r.x);
       return r;
+    }
     case LayerKind::kConv2d: {
       const ConvGeometry g(L);
-      if (rgy.defined()) std::tie(r.x, r.w, r.b) = conv_vjp(g, rgy, x, w, {need_x, true, L.b_param >= 0});
-      if (need_x && uw.defined()) accumulate(r.x, std::get<0>(conv_vjp(g, gy, x, uw, {true, false, false})));
-      if (rx.defined()) accumulate(r.w, std::get<1>(conv_vjp(g, gy, rx, w, {false, true, false})));
+      const at::Tensor fw = fold_tasks(w);
+      if (rgy.defined()) std::tie(r.x, r.w, r.b) = conv_vjp(g, tasks, rgy, x, fw, {need_x, true, L.b_param >= 0});
+      if (need_x && uw.defined()) {
+        accumulate(r.x, std::get<0>(conv_vjp(g, tasks, gy, x, fold_tasks(uw), {true, false, false})));
+      }
+      if (rx.defined()) accumulate(r.w, std::get<1>(conv_vjp(g, tasks, gy, rx, fw, {false, true, false})));
+      r.w = unfold_tasks(r.w, w);
+      if (r.b.defined()) r.b = r.b.view({tasks, -1});
       return r;
     }
     case LayerKind::kBatchNorm: {
+      const at::Tensor fw = fold_tasks(w), fuw = fold_tasks(uw);
       if (rgy.defined() && rx.defined() && cpu_fused_kernels() && bn_tangent_applies(x)) {  // fused
-        BnGrads f = bn_r_backward_fused(x, saved.aux, saved.inv_std, gy, rgy, rx, r_saved, w, uw, need_x);
-        return {f.x, f.w, f.b};
+        BnGrads f = bn_r_backward_fused(x, saved.aux, saved.inv_std, gy, rgy, rx, r_saved, fw, fuw, need_x);
+        return {f.x, unfold_tasks(f.w, w), unfold_tasks(f.b, w)};
       }
       const at::Tensor xhat = bn_xhat(x, saved);
       const at::Tensor s = bn_inv_std(x, saved);
@@ -372,14 +429,16 @@ LayerGrads layer_r_backward(const NetLayer& L, const at::Tensor& x, const at::Te
           r.b = channel_sum(rgy);
         }
         if (rxhat.defined()) accumulate(r.w, channel_sum(gy * rxhat));
+        r.w = unfold_tasks(r.w, w);
+        r.b = unfold_tasks(r.b, w);
       }
       if (!need_x) return r;
       // With gx̂ = w gy: dL/dx = s (gx̂ - mean(gx̂) - x̂ mean(gx̂ x̂)); its tangent, using
       // R{s} = -s^2 mean(x̂ rx) and the tangent R{x̂} kept by r_forward.
-      const at::Tensor gxhat = w.defined() ? gy * per_channel(w, x) : gy;
+      const at::Tensor gxhat = w.defined() ? gy * per_channel(fw, x) : gy;
       at::Tensor rgxhat;
-      if (rgy.defined()) rgxhat = w.defined() ? rgy * per_channel(w, x) : rgy;
-      if (uw.defined()) accumulate(rgxhat, gy * per_channel(uw, x));
+      if (rgy.defined()) rgxhat = w.defined() ? rgy * per_channel(fw, x) : rgy;
+      if (uw.defined()) accumulate(rgxhat, gy * per_channel(fuw, x));
       if (rgxhat.defined()) r.x = bn_project(rgxhat, xhat, s);
       if (rxhat.defined()) {
         const at::Tensor gx = bn_project(gxhat, xhat, s);
@@ -406,7 +465,7 @@ LayerGrads layer_r_backward(const NetLayer& L, const at::Tensor& x, const at::Te
     case LayerKind::kGlobalAvgPool:
       // Linear in x with no parameters: the tangent goes back through the same backward.
       if (need_x && rgy.defined()) {
-        const LayerGrads g = layer_backward(L, x, w, at::Tensor(), saved, rgy, true);
+        const LayerGrads g = layer_backward(L, tasks, x, w, at::Tensor(), saved, rgy, true);
         r.x = g.x;
         r.x2 = g.x2;
       }

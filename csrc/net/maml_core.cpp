@@ -61,9 +61,12 @@ struct NetPass {
   }
 };
 
+// A chunk of T tasks that run together in the task-batched layout (net/layers.h): params with a
+// leading task dim, values with the tasks folded into dim 1. T = 1 is one task at a time.
 class NetTask {
  public:
-  NetTask(const Net& net, LossKind loss) : net_(net), loss_(loss), block_start_(net.layers.size(), false) {
+  NetTask(const Net& net, LossKind loss, int64_t tasks)
+      : net_(net), loss_(loss), tasks_(tasks), block_start_(net.layers.size(), false) {
     const auto& layers = net.layers;
     for (size_t l = 0; l + 2 < layers.size(); ++l) {
       const NetLayer &bn = layers[l], &act = layers[l + 1], &pool = layers[l + 2];
@@ -79,8 +82,8 @@ class NetTask {
   // The weight and bias layer L uses at inner step `step` (undefined when it has none).
   std::pair<at::Tensor, at::Tensor> layer_params(const Params& theta, const NetLayer& L, int64_t step) const {
     at::Tensor w, b;
-    if (L.w_param >= 0) w = L.per_step ? theta[L.w_param].select(0, step) : theta[L.w_param];
-    if (L.b_param >= 0) b = L.per_step ? theta[L.b_param].select(0, step) : theta[L.b_param];
+    if (L.w_param >= 0) w = L.per_step ? theta[L.w_param].select(1, step) : theta[L.w_param];
+    if (L.b_param >= 0) b = L.per_step ? theta[L.b_param].select(1, step) : theta[L.b_param];
     return {w, b};
   }
 
@@ -103,30 +106,33 @@ class NetTask {
     return pass;
   }
 
-  // Mean loss of the pass's output against the targets; with `grad`, also dL/d(output).
+  // Each task's mean loss (T) of the pass's output against the targets y (T, N, ...); with
+  // `grad`, also dL/d(output) of their sum (each task's own gradient).
   at::Tensor loss(NetPass& pass, const at::Tensor& y, bool grad) const {
     const at::Tensor& out = pass.vals.back();
+    const at::Tensor per_task = task_major(out, tasks_);  // (T, N, ...)
     pass.grad_vals.assign(pass.vals.size(), at::Tensor());
     if (loss_ == LossKind::kMse) {
-      const at::Tensor diff = out - y;
-      if (grad) pass.grad_vals.back() = diff * (2.0 / static_cast<double>(out.numel()));
-      return diff.square().mean();
+      const at::Tensor diff = per_task - y;
+      if (grad) pass.grad_vals.back() = task_folded(diff * (2.0 / static_cast<double>(diff[0].numel())));
+      return diff.square().flatten(1).mean(1);
     }
     // make_problem refused negative classes; the class count is known only here, from the output.
+    const int64_t classes = per_task.size(-1);
     if (y.numel() > 0) {
       const int64_t hi = y.max().item<int64_t>();
-      TORCH_CHECK_VALUE(hi < out.size(1), "pymeta: support_y and query_y: expected classes in [0, ", out.size(1),
-                        ") for the network's ", out.size(1), " outputs, received class ", hi);
+      TORCH_CHECK_VALUE(hi < classes, "pymeta: support_y and query_y: expected classes in [0, ", classes,
+                        ") for the network's ", classes, " outputs, received class ", hi);
     }
-    const at::Tensor logp = out.log_softmax(1);
-    const at::Tensor picked = logp.gather(1, y.unsqueeze(1));
+    const at::Tensor logp = per_task.log_softmax(-1);
+    const at::Tensor picked = logp.gather(-1, y.unsqueeze(-1));
     if (grad) {
       pass.probs = logp.exp();
       at::Tensor g = pass.probs.clone();
-      g.scatter_add_(1, y.unsqueeze(1), at::full_like(picked, -1));
-      pass.grad_vals.back() = g.div_(static_cast<double>(out.size(0)));
+      g.scatter_add_(-1, y.unsqueeze(-1), at::full_like(picked, -1));
+      pass.grad_vals.back() = task_folded(g.div_(static_cast<double>(per_task.size(1))));
     }
-    return -picked.mean();
+    return -picked.flatten(1).mean(1);
   }
 
   // Gradients of the params: of every one (all_params: the meta-gradient, and the passes a
@@ -147,9 +153,9 @@ class NetTask {
         auto [w, b] = layer_params(theta, L, pass.step);
         const BnReluPoolSaved s{pass.saved[bn].aux, pass.saved[bn].inv_std, pass.saved[l].aux};
         const bool need_x = needed[L.input];
-        BnReluPoolGrads g = bn_relu_pool_backward(gy, pass.vals[L.input], w, pass.vals[l + 1], s, need_x);
-        if (L.w_param >= 0) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
-        if (L.b_param >= 0) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
+        BnReluPoolGrads g = bn_relu_pool_backward(gy, pass.vals[L.input], fold_tasks(w), pass.vals[l + 1], s, need_x);
+        if (L.w_param >= 0) grads[L.w_param] = place(theta[L.w_param], L, pass.step, unfold_tasks(g.w, w));
+        if (L.b_param >= 0) grads[L.b_param] = place(theta[L.b_param], L, pass.step, unfold_tasks(g.b, w));
         if (need_x) add_to(gv[L.input], g.x);
         if (!keep) release(pass, l + 1);
         l = bn;
@@ -158,7 +164,7 @@ class NetTask {
       const NetLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, pass.step);
       const bool need_x = needed[L.input] || (L.input2 >= 0 && needed[L.input2]);
-      LayerGrads g = layer_backward(L, pass.vals[L.input], w, b, saved_of(pass, l), gy, need_x);
+      LayerGrads g = layer_backward(L, tasks_, pass.vals[L.input], w, b, saved_of(pass, l), gy, need_x);
       if (L.w_param >= 0 && (all_params || L.adapted)) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
       if (L.b_param >= 0 && (all_params || L.adapted)) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
       if (needed[L.input]) add_to(gv[L.input], g.x);
@@ -180,7 +186,7 @@ class NetTask {
       auto [w, b] = layer_params(theta, L, pass.step);
       auto [uw, ub] = direction(u, L, pass.step);
       const bool two = L.input2 >= 0;
-      r_val[l + 1] = layer_r_forward(L, pass.vals[L.input], two ? pass.vals[L.input2] : at::Tensor(), w,
+      r_val[l + 1] = layer_r_forward(L, tasks_, pass.vals[L.input], two ? pass.vals[L.input2] : at::Tensor(), w,
                                    saved_of(pass, l), r_val[L.input], two ? r_val[L.input2] : at::Tensor(), uw,
                                    ub, r_saved[l]);
     }
@@ -190,10 +196,11 @@ class NetTask {
     if (r_out.defined()) {
       const at::Tensor& out = pass.vals.back();
       if (loss_ == LossKind::kMse) {
-        rg[n] = r_out * (2.0 / static_cast<double>(out.numel()));
+        rg[n] = r_out * (2.0 / static_cast<double>(out.numel() / tasks_));
       } else {
-        const at::Tensor& p = pass.probs;
-        rg[n] = (p * (r_out - (p * r_out).sum(1, true))).div_(static_cast<double>(out.size(0)));
+        const at::Tensor& p = pass.probs;  // (T, N, classes)
+        const at::Tensor r = task_major(r_out, tasks_);
+        rg[n] = task_folded((p * (r - (p * r).sum(-1, true))).div_(static_cast<double>(out.size(0))));
       }
     }
     const std::vector<bool>& needed = net_.after_param;
@@ -205,7 +212,7 @@ class NetTask {
       auto [w, b] = layer_params(theta, L, pass.step);
       auto [uw, ub] = direction(u, L, pass.step);
       const bool need_x = needed[L.input] || (L.input2 >= 0 && needed[L.input2]);
-      LayerGrads r = layer_r_backward(L, pass.vals[L.input], w, saved_of(pass, l), gy, rg[l + 1],
+      LayerGrads r = layer_r_backward(L, tasks_, pass.vals[L.input], w, saved_of(pass, l), gy, rg[l + 1],
                                       r_val[L.input], uw, r_saved[l], need_x);
       if (L.w_param >= 0 && r.w.defined()) hu[L.w_param] = place(theta[L.w_param], L, pass.step, r.w);
       if (L.b_param >= 0 && r.b.defined()) hu[L.b_param] = place(theta[L.b_param], L, pass.step, r.b);
@@ -233,10 +240,10 @@ class NetTask {
       const at::Tensor& in = pass.vals[L.input];
       const bool fused = replay ? pass.fused[l]
                                 : fuse && block_start_[l] && cpu_fused_kernels() && bn_relu_pool_applies(in) &&
-                                      in.size(1) == L.ints[kBnChannelsInt];
+                                      in.size(1) == tasks_ * L.ints[kBnChannelsInt];
       if (fused) {
         BnReluPoolSaved s;
-        pass.vals[l + 3] = bn_relu_pool_forward(in, w, b, L.arg, s);
+        pass.vals[l + 3] = bn_relu_pool_forward(in, fold_tasks(w), fold_tasks(b), L.arg, s);
         pass.saved[l] = {s.mean, s.inv_std};
         pass.saved[l + 2].aux = s.argmax;
         pass.bn_count[l] = in.numel() / in.size(1);
@@ -246,7 +253,7 @@ class NetTask {
       } else {
         const at::Tensor in2 = L.input2 >= 0 ? pass.vals[L.input2] : at::Tensor();
         if (L.kind == LayerKind::kBatchNorm) pass.bn_count[l] = in.numel() / in.size(1);
-        pass.vals[l + 1] = layer_forward(L, in, in2, w, b, pass.saved[l]);
+        pass.vals[l + 1] = layer_forward(L, tasks_, in, in2, w, b, pass.saved[l]);
         // An activation's rules read its output: the value itself (saved_of), not a second
         // reference that would keep it alive after a checkpointed forward frees it.
         if (L.kind == LayerKind::kActivation) pass.saved[l].aux = at::Tensor();
@@ -325,11 +332,11 @@ class NetTask {
     acc = acc.defined() ? acc + t : t;
   }
 
-  // A per-step param's gradient is zero outside the step's row.
+  // A per-step param's gradient (T, steps + 1, C) is zero outside the step's row.
   static at::Tensor place(const at::Tensor& param, const NetLayer& L, int64_t step, const at::Tensor& g) {
     if (!L.per_step || !g.defined()) return g;
     at::Tensor full = at::zeros_like(param);
-    full.select(0, step).copy_(g);
+    full.select(1, step).copy_(g);
     return full;
   }
 
@@ -341,6 +348,7 @@ class NetTask {
 
   const Net& net_;
   LossKind loss_;
+  int64_t tasks_;
   std::vector<bool> block_start_;  // layer l starts a batch norm -> ReLU -> 2x2 max pooling block
 };
 
@@ -356,9 +364,10 @@ void add_scaled(Params& acc, const Params& t, double scale) {
   }
 }
 
-// Writes the batch statistics of every batch norm layer in `pass` into out (2, bn_channels): row
-// 0 the mean, row 1 the unbiased variance (what nn.BatchNorm's running_var averages).
+// Writes the batch statistics of every batch norm layer in `pass` into out (T, 2, bn_channels):
+// per task, row 0 the mean, row 1 the unbiased variance (what nn.BatchNorm's running_var averages).
 void record_bn_stats(const Net& net, const NetPass& pass, at::Tensor out) {
+  const int64_t tasks = out.size(0);
   for (size_t l = 0; l < net.layers.size(); ++l) {
     const NetLayer& L = net.layers[l];
     if (L.kind != LayerKind::kBatchNorm) continue;
@@ -366,8 +375,9 @@ void record_bn_stats(const Net& net, const NetPass& pass, at::Tensor out) {
     // The forward kept 1 / sqrt(biased variance + eps).
     at::Tensor var = (pass.saved[l].inv_std.pow(-2) - L.arg).clamp_min_(0.0);
     if (n > 1) var.mul_(n / (n - 1));
-    out[0].narrow(0, L.stats_offset, L.ints[kBnChannelsInt]).copy_(pass.saved[l].aux);
-    out[1].narrow(0, L.stats_offset, L.ints[kBnChannelsInt]).copy_(var);
+    const int64_t channels = L.ints[kBnChannelsInt];
+    out.select(1, 0).narrow(1, L.stats_offset, channels).copy_(pass.saved[l].aux.view({tasks, channels}));
+    out.select(1, 1).narrow(1, L.stats_offset, channels).copy_(var.view({tasks, channels}));
   }
 }
 
@@ -385,8 +395,8 @@ class InnerLoop {
 
   // Runs the steps from theta0. sweep: keep support passes for a second-order sweep;
   // keep_grads: keep each step's support gradient (learned rates); iterates: keep iterates for
-  // later theta(j) calls (off: only theta_J is wanted, as by adapt). bn_stats (steps + 1, 2, C),
-  // when defined, gets the support's batch statistics of step j in row j.
+  // later theta(j) calls (off: only theta_J is wanted, as by adapt). bn_stats (T, steps + 1, 2,
+  // C), when defined, gets the support's batch statistics of step j in row j.
   void run(const Params& theta0, bool sweep, bool keep_grads, bool iterates, const at::Tensor& bn_stats) {
     const int64_t J = pb_.steps, limit = activation_cache_limit().load();
     int64_t iterate_bytes = 0;
@@ -404,7 +414,7 @@ class InnerLoop {
       const bool keep = sweep && (j == 0 || kept + last <= limit);
       NetPass pass;
       Params g;
-      cur = step(cur, j, keep, pass, g, bn_stats.defined() ? bn_stats[j] : at::Tensor());
+      cur = step(cur, j, keep, pass, g, bn_stats.defined() ? bn_stats.select(1, j) : at::Tensor());
       if (j == 0 && iterates && J > 1) {
         // Iterates may take half the limit, or as much as one support pass if more: recomputing
         // one costs at least a pass. The ones kept are spread evenly, so that the sweep
@@ -498,10 +508,51 @@ std::optional<MlpNet> fast_path_mlp(const NetProblem& pb, at::TensorList params,
   return mlp_net_of(pb.net, params);
 }
 
-Params param_list(at::TensorList params) {
+// The params for a chunk of T tasks (net/layers.h): a leading task dim, in the network's layout;
+// a view for one task, T copies for more (each task's weights are adapted on their own, and a
+// grouped convolution reads them folded, so 4-D weights are laid out folded).
+Params batched_params(at::TensorList params, int64_t tasks) {
   Params out;
-  for (const auto& p : params) out.push_back(network_layout(p.detach()));
+  for (const auto& param : params) {
+    const at::Tensor p = network_layout(param.detach());
+    if (tasks == 1) {
+      out.push_back(p.unsqueeze(0));
+    } else if (p.dim() == 4) {
+      at::Tensor folded = at::empty({tasks * p.size(0), p.size(1), p.size(2), p.size(3)},
+                                    p.options().memory_format(p.suggest_memory_format()));
+      at::Tensor per_task = folded.unflatten(0, {tasks, p.size(0)});
+      per_task.copy_(p.unsqueeze(0).expand_as(per_task));
+      out.push_back(per_task);
+    } else {
+      std::vector<int64_t> shape{tasks};
+      shape.insert(shape.end(), p.sizes().begin(), p.sizes().end());
+      out.push_back(p.unsqueeze(0).expand(shape).contiguous());
+    }
+  }
   return out;
+}
+
+// Tasks t0 .. t0 + T - 1 of a (tasks, N, ...) input in the network's layout: (N, T*C, ...).
+at::Tensor chunk_input(const at::Tensor& x, int64_t t0, int64_t tasks) {
+  return network_layout(x.narrow(0, t0, tasks).transpose(0, 1).flatten(1, 2));
+}
+
+// How many tasks run together (net/layers.h): task_batch() when set, otherwise all of them on a
+// GPU, where one task's small kernels leave it idle, and one at a time on the CPU, where
+// batching measured slower (docs/model-aware.md, "Task-batched execution").
+int64_t tasks_per_chunk(const NetProblem& pb, const at::Tensor& x) {
+  const int64_t set = task_batch().load();
+  if (set > 0) return std::min(set, pb.tasks);
+  return x.is_cpu() ? 1 : pb.tasks;
+}
+
+// Sum over a chunk's tasks of per-task tensors (T, ...): acc[i] += sum_t t[i][t].
+void add_task_sum(Params& acc, const Params& t) {
+  for (size_t i = 0; i < t.size(); ++i) {
+    if (!t[i].defined()) continue;
+    const at::Tensor s = t[i].sum(0);
+    acc[i] = acc[i].defined() ? acc[i].add_(s) : s;
+  }
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> net_maml_loss_kernel(
@@ -521,33 +572,35 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
   if (support_x.is_cpu()) workspace.emplace();
   compute_lr_grads = compute_lr_grads && compute_grads;
   const bool second_order = compute_grads && !first_order;
-  const NetTask task(pb.net, pb.loss);
-  const Params theta0 = param_list(params);
   const std::vector<Params> lr = expand_lrs(pb, params, lrs);
-  at::Tensor task_losses = at::empty({pb.tasks}, params[0].options());
+  at::Tensor task_losses = at::zeros({pb.tasks}, params[0].options());
   Params grad_acc(params.size());
   std::vector<Params> lr_acc(lr_rows(pb), Params(params.size()));
-  std::vector<at::Tensor> losses(pb.tasks);
   // Row j: the support's batch statistics at inner step j; row J: the query's after the last
   // step (NaN while a zero step weight skips that query pass).
   at::Tensor bn_stats = at::full({pb.tasks, J + 1, 2, pb.net.bn_channels},
                                  std::numeric_limits<double>::quiet_NaN(), params[0].options());
-  // Tasks run one after another, each op on ATen's intra-op threads. Spreading tasks over
+  // Chunks run one after another, each op on ATen's intra-op threads. Spreading tasks over
   // threads instead would call oneDNN convolutions inside an OpenMP parallel region, where its
   // backward-weights kernels wait on a barrier for threads that never come (they hang).
-  for (int64_t t = 0; t < pb.tasks; ++t) {
-    const at::Tensor sx = network_layout(support_x[t]), sy = support_y[t];
-    const at::Tensor qx = network_layout(query_x[t]), qy = query_y[t];
+  const int64_t chunk = tasks_per_chunk(pb, support_x);
+  Params theta0;
+  for (int64_t t0 = 0; t0 < pb.tasks; t0 += chunk) {
+    const int64_t T = std::min(chunk, pb.tasks - t0);
+    if (theta0.empty() || theta0[0].size(0) != T) theta0 = batched_params(params, T);
+    const NetTask task(pb.net, pb.loss, T);
+    const at::Tensor sx = chunk_input(support_x, t0, T), sy = support_y.narrow(0, t0, T);
+    const at::Tensor qx = chunk_input(query_x, t0, T), qy = query_y.narrow(0, t0, T);
     // The sweep reads each step's support pass (second order) and gradient (learned rates).
-    const at::Tensor task_stats = pb.net.bn_channels > 0 ? bn_stats[t] : at::Tensor();
+    const at::Tensor task_stats = pb.net.bn_channels > 0 ? bn_stats.narrow(0, t0, T) : at::Tensor();
     InnerLoop inner(pb, task, lr, sx, sy);
     inner.run(theta0, second_order, compute_lr_grads, true, task_stats);
-    at::Tensor task_loss;
-    Params v(params.size());  // d(task loss) / d theta_j, from j = J down to 0
+    at::Tensor task_loss;     // (T)
+    Params v(params.size());  // d(task loss) / d theta_j per task, from j = J down to 0
     auto query_term = [&](int64_t j, double w) {
       const Params& theta = inner.theta(j);
       NetPass pass = task.forward(theta, qx, j, true, true);
-      if (j == J && task_stats.defined()) record_bn_stats(pb.net, pass, task_stats[J]);
+      if (j == J && task_stats.defined()) record_bn_stats(pb.net, pass, task_stats.select(1, J));
       const at::Tensor l = task.loss(pass, qy, compute_grads) * w;
       task_loss = task_loss.defined() ? task_loss + l : l;
       if (compute_grads) add_scaled(v, task.backward(pass, theta, true, false), w);
@@ -555,11 +608,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     auto step_back = [&](int64_t j) {
       const Params& rate = lr[lr_row(pb, j)];
       if (compute_lr_grads) {
-        // d theta_{j+1} / d rate = -g_j, elementwise.
+        // d theta_{j+1} / d rate = -g_j, elementwise; summed over the chunk's tasks.
         Params& dl = lr_acc[lr_row(pb, j)];
         for (size_t p = 0; p < v.size(); ++p) {
           if (!pb.adapted[p] || !v[p].defined()) continue;
-          const at::Tensor d = v[p] * inner.grad(j)[p];
+          const at::Tensor d = (v[p] * inner.grad(j)[p]).sum(0);
           if (dl[p].defined()) {
             dl[p].sub_(d);
           } else {
@@ -584,10 +637,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
       add_scaled(v, task.hvp(pass, theta, u), -1.0);
     };
     task_sweep(step_weights, compute_grads, query_term, step_back);
-    losses[t] = task_loss.defined() ? task_loss : at::zeros({}, params[0].options());
-    if (compute_grads) add_scaled(grad_acc, v, 1.0);
+    if (task_loss.defined()) task_losses.narrow(0, t0, T).copy_(task_loss);
+    if (compute_grads) add_task_sum(grad_acc, v);
   }
-  task_losses.copy_(at::stack(losses));
   const double inv_tasks = 1.0 / static_cast<double>(pb.tasks);
   at::Tensor mean_loss = task_losses.sum() * inv_tasks;
   std::vector<at::Tensor> grad_params, grad_lrs;
@@ -615,8 +667,6 @@ std::vector<at::Tensor> net_adapt_kernel(at::TensorList params, at::TensorList l
   }
   std::optional<WorkspaceScope> workspace;  // CPU: activations freed by one task serve the next
   if (support_x.is_cpu()) workspace.emplace();
-  const NetTask task(pb.net, pb.loss);
-  const Params theta0 = param_list(params);
   const std::vector<Params> lr = expand_lrs(pb, params, lrs);
   std::vector<at::Tensor> adapted;
   for (const auto& p : params) {
@@ -624,10 +674,15 @@ std::vector<at::Tensor> net_adapt_kernel(at::TensorList params, at::TensorList l
     shape.insert(shape.end(), p.sizes().begin(), p.sizes().end());
     adapted.push_back(at::empty(shape, p.options()));
   }
-  for (int64_t t = 0; t < pb.tasks; ++t) {  // one task at a time, as in net_maml_loss
-    InnerLoop inner(pb, task, lr, network_layout(support_x[t]), support_y[t]);
+  const int64_t chunk = tasks_per_chunk(pb, support_x);  // as in net_maml_loss
+  Params theta0;
+  for (int64_t t0 = 0; t0 < pb.tasks; t0 += chunk) {
+    const int64_t T = std::min(chunk, pb.tasks - t0);
+    if (theta0.empty() || theta0[0].size(0) != T) theta0 = batched_params(params, T);
+    const NetTask task(pb.net, pb.loss, T);
+    InnerLoop inner(pb, task, lr, chunk_input(support_x, t0, T), support_y.narrow(0, t0, T));
     inner.run(theta0, false, false, false, at::Tensor());
-    for (size_t p = 0; p < adapted.size(); ++p) adapted[p][t].copy_(inner.theta(pb.steps)[p]);
+    for (size_t p = 0; p < adapted.size(); ++p) adapted[p].narrow(0, t0, T).copy_(inner.theta(pb.steps)[p]);
   }
   return adapted;
 }

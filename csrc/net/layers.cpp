@@ -22,6 +22,9 @@
 #include <ATen/ops/native_batch_norm.h>
 #include <ATen/ops/native_batch_norm_backward.h>
 
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/strides.h>
+
 #include <vector>
 
 namespace pymeta {
@@ -62,6 +65,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_vjp(const ConvGeometry& g, i
   const std::vector<int64_t> bias_sizes{w.size(0)};
   return at::convolution_backward(gy, x, w, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
                                   g.stride, g.padding, g.dilation, false, g.output_padding, tasks, mask);
+}
+
+// A convolution's weights (T, O, C, kh, kw) folded to (T*O, C, kh, kw), with exactly the strides
+// of the contiguous or the channels-last layout, else copied to x's: an iterate's strides come
+// from the elementwise ops that made it, and with size-1 dims they can pass for either layout
+// while ATen's fallback convolution (float64) refuses the weight gradient they lead to.
+at::Tensor conv_weight(const at::Tensor& w, const at::Tensor& x) {
+  if (!w.defined()) return w;
+  at::Tensor f = w.flatten(0, 1);
+  const auto strides = f.strides();
+  if (strides != at::IntArrayRef(c10::contiguous_strides(f.sizes())) &&
+      strides != at::IntArrayRef(c10::get_channels_last_strides_2d(f.sizes()))) {
+    f = f.clone(x.suggest_memory_format());  // contiguous() would keep strides that pass for it
+  }
+  return f;
 }
 
 // ---- linear layers: values (N, T*F) seen as (T, N, F) (task_major) for batched matrix products
@@ -189,7 +207,7 @@ at::Tensor layer_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x, 
     case LayerKind::kLinear:
       return task_folded(linear(task_major(x, tasks), w, b));
     case LayerKind::kConv2d:
-      return conv(ConvGeometry(L), tasks, x, fold_tasks(w), fold_tasks(b));
+      return conv(ConvGeometry(L), tasks, x, conv_weight(w, x), fold_tasks(b));
     case LayerKind::kBatchNorm: {
       check_bn_input(L, tasks, x);
       const at::Tensor fw = fold_tasks(w), fb = fold_tasks(b);
@@ -249,7 +267,7 @@ LayerGrads layer_backward(const NetLayer& L, int64_t tasks, const at::Tensor& x,
       return g;
     }
     case LayerKind::kConv2d:
-      std::tie(g.x, g.w, g.b) = conv_vjp(ConvGeometry(L), tasks, gy, x, fold_tasks(w), {need_x, true, b.defined()});
+      std::tie(g.x, g.w, g.b) = conv_vjp(ConvGeometry(L), tasks, gy, x, conv_weight(w, x), {need_x, true, b.defined()});
       g.w = unfold_tasks(g.w, w);
       g.b = unfold_tasks(g.b, b);
       return g;
@@ -324,10 +342,10 @@ at::Tensor layer_r_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x
     }
     case LayerKind::kConv2d: {
       const ConvGeometry g(L);
-      const at::Tensor fw = fold_tasks(w), fub = fold_tasks(ub);
+      const at::Tensor fw = conv_weight(w, x), fub = fold_tasks(ub);
       if (rx.defined()) ry = conv(g, tasks, rx, fw, at::Tensor());
       if (uw.defined()) {
-        accumulate(ry, conv(g, tasks, x, fold_tasks(uw), fub));
+        accumulate(ry, conv(g, tasks, x, conv_weight(uw, x), fub));
       } else if (ub.defined()) {  // a bias tangent alone
         std::vector<int64_t> shape{x.size(0), fw.size(0)};
         for (int i = 0; i < 2; ++i) {
@@ -404,10 +422,10 @@ LayerGrads layer_r_backward(const NetLayer& L, int64_t tasks, const at::Tensor& 
     }
     case LayerKind::kConv2d: {
       const ConvGeometry g(L);
-      const at::Tensor fw = fold_tasks(w);
+      const at::Tensor fw = conv_weight(w, x);
       if (rgy.defined()) std::tie(r.x, r.w, r.b) = conv_vjp(g, tasks, rgy, x, fw, {need_x, true, L.b_param >= 0});
       if (need_x && uw.defined()) {
-        accumulate(r.x, std::get<0>(conv_vjp(g, tasks, gy, x, fold_tasks(uw), {true, false, false})));
+        accumulate(r.x, std::get<0>(conv_vjp(g, tasks, gy, x, conv_weight(uw, x), {true, false, false})));
       }
       if (rx.defined()) accumulate(r.w, std::get<1>(conv_vjp(g, tasks, gy, rx, fw, {false, true, false})));
       r.w = unfold_tasks(r.w, w);

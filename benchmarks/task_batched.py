@@ -1,7 +1,8 @@
 """The model-aware core one task at a time against task-batched (csrc/net/layers.h): time and
 peak memory of one second-order meta-step (zero_grad, meta_loss, backward) per chunk size, on the
 workloads where the choice matters. This is the measurement behind the core's default
-(``pymeta._C.task_batch() == 0``: one task at a time on the CPU, all tasks on a GPU).
+(``pymeta._C.task_batch() == 0``: all tasks at once, except convolutional networks on the CPU,
+one task at a time).
 
 Usage::
 
@@ -131,9 +132,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"task-batched core, {args.device}, {args.threads} thread(s), torch {torch.__version__}")
-    print(
-        f"{'workload':10} {'setting':14} {'tasks':>5} {'s/step':>9} {'iqr':>8} {'vs chunk 1':>10} {'MiB':>8}"
-    )
+    header = ("workload", "setting", "tasks", "s/step", "iqr", "vs chunk 1", "MiB")
+    print("{:10} {:14} {:>5} {:>9} {:>8} {:>10} {:>8}".format(*header))
     for name in args.workloads:
         for row in run_workload(name, args.chunks, args.device, args.repeats):
             mib = "-" if row["mib"] is None else f"{row['mib']:.0f}"

@@ -51,7 +51,7 @@ inline std::atomic<bool>& mlp_fast_path() {
 }
 
 // Tasks per chunk of the model-aware core's task-batched layout (net/layers.h): 0 (the default)
-// chooses by device (net/maml_core.cpp, tasks_per_chunk); n >= 1 runs n tasks at a time.
+// chooses by network and device (net/maml_core.cpp, tasks_per_chunk); n >= 1 runs n at a time.
 inline std::atomic<int64_t>& task_batch() {
   static std::atomic<int64_t> n{0};
   return n;

@@ -101,15 +101,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_mlp_fast_path", [](bool on) { pymeta::mlp_fast_path().store(on); },
         "Switches the MLP fast path; off, MLPs run through the layered rules.");
   m.def("task_batch", [] { return pymeta::task_batch().load(); },
-        "Tasks the model-aware core runs at once (task-batched layout); 0: chosen by device.");
+        "Tasks the model-aware core runs at once (task-batched layout); 0: chosen by network and device.");
   m.def("set_task_batch",
         [](int64_t n) {
           TORCH_CHECK(n >= 0, "set_task_batch: n must be >= 0 (0: chosen by device), got ", n);
           pymeta::task_batch().store(n);
         },
         pybind11::arg("n"),
-        "Sets it: n >= 1 runs n tasks at a time (1: one after another), 0 chooses by device "
-        "(all tasks on a GPU, one at a time on the CPU).");
+        "Sets it: n >= 1 runs n tasks at a time (1: one after another); 0 (the default) runs all "
+        "tasks at once, except convolutional networks on the CPU, one task at a time.");
   m.def("sweep_recomputed_passes", [] { return pymeta::sweep_recomputed_passes().load(); },
         "Support passes the layered core's reverse sweeps recomputed so far (diagnostics).");
   m.def("recomputed_layers", [] { return pymeta::recomputed_layers().load(); },

@@ -537,13 +537,19 @@ at::Tensor chunk_input(const at::Tensor& x, int64_t t0, int64_t tasks) {
   return network_layout(x.narrow(0, t0, tasks).transpose(0, 1).flatten(1, 2));
 }
 
-// How many tasks run together (net/layers.h): task_batch() when set, otherwise all of them on a
-// GPU, where one task's small kernels leave it idle, and one at a time on the CPU, where
-// batching measured slower (docs/model-aware.md, "Task-batched execution").
+// How many tasks run together (net/layers.h): task_batch() when set, otherwise all of them, but
+// for convolutional networks on the CPU one at a time. Measured there (benchmarks/
+// task_batched.py, docs/model-aware.md "Task-batched execution"): oneDNN's grouped convolutions
+// are slower than one convolution per task and the activations of every task are alive at once
+// (conv4, 32 tasks: 0.60x the time of one at a time, 20x the memory), while batching an MLP
+// replaces many small matrix products with a few larger ones (sinusoid, 25 tasks: 5.3x). On a
+// GPU one task's small kernels leave it idle.
 int64_t tasks_per_chunk(const NetProblem& pb, const at::Tensor& x) {
   const int64_t set = task_batch().load();
   if (set > 0) return std::min(set, pb.tasks);
-  return x.is_cpu() ? 1 : pb.tasks;
+  const bool convolutional = std::any_of(pb.net.layers.begin(), pb.net.layers.end(),
+                                         [](const NetLayer& L) { return L.kind == LayerKind::kConv2d; });
+  return x.is_cpu() && convolutional ? 1 : pb.tasks;
 }
 
 // Sum over a chunk's tasks of per-task tensors (T, ...): acc[i] += sum_t t[i][t].

@@ -468,11 +468,6 @@ class ModelAwareMAML(nn.Module):
     def _inputs(self, name: str, x: torch.Tensor) -> torch.Tensor:
         ref = self._params()[0]
         check_same_device(name, x, ref.device, "the model's parameters")
-        if ref.device.type != "cpu":
-            raise ValueError(
-                f"{name}: ModelAwareMAML runs on CPU tensors in this version, received "
-                f"{x.device}; use pymeta.MAML on other devices"
-            )
         if x.dtype != ref.dtype or x.dtype not in (torch.float32, torch.float64):
             raise TypeError(
                 f"{name}: expected dtype {ref.dtype} like the model's parameters (float32 or "

@@ -22,10 +22,11 @@ Steps, each reported as it ends; the exit status is 1 when any step failed:
    median seconds of ``--steps`` steps after 2 warm-up steps, and the peak of
    ``torch.cuda.max_memory_allocated`` over them, with ratios against the ``torch.func`` vmap
    MAML and the per-task autograd loop in the same run. ``pymeta_aware`` is the default
-   (task-batched on a GPU), ``pymeta_aware_one_task_at_a_time`` the same core one task at a time. Workloads: sinusoid (1-40-40-1, 25 tasks,
-   10 support and 10 query points, 1 inner step), omniglot-shaped conv4 (5-way 1-shot, 15
-   queries, 28x28, 32 tasks, 1 inner step) and ResNet-12 (``resnet12_step.py``'s default size:
-   widths 32-80-160-320, 32x32, 5-way 1-shot, 15 queries, 2 tasks, 5 inner steps).
+   (task-batched on a GPU), ``pymeta_aware_one_task_at_a_time`` the same core one task at a
+   time. Workloads: sinusoid (1-40-40-1, 25 tasks, 10 support and 10 query points, 1 inner
+   step), omniglot-shaped conv4 (5-way 1-shot, 15 queries, 28x28, 32 tasks, 1 inner step) and
+   ResNet-12 (``resnet12_step.py``'s default size: widths 32-80-160-320, 32x32, 5-way 1-shot,
+   15 queries, 2 tasks, 5 inner steps).
    ``--quick`` shrinks every workload for a smoke test.
 """
 

@@ -6,6 +6,7 @@
 // (net/mlp_net.h), any other network the layer rules of net/layers.cpp, which are ATen ops and
 // bring the library's tuned convolution kernels: this file only orchestrates them.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -352,6 +353,15 @@ class NetTask {
   std::vector<bool> block_start_;  // layer l starts a batch norm -> ReLU -> 2x2 max pooling block
 };
 
+// The fused inner-update op, pymeta::sgd_update (csrc/ops.cpp), through the dispatcher: each
+// backend's kernel (csrc/cpu/, csrc/cuda/).
+std::vector<at::Tensor> sgd_update_op(at::TensorList params, at::TensorList grads, at::TensorList lrs) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pymeta::sgd_update", "")
+                             .typed<std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList)>();
+  return op.call(params, grads, lrs);
+}
+
 // acc[i] += scale * t[i] for the defined entries.
 void add_scaled(Params& acc, const Params& t, double scale) {
   for (size_t i = 0; i < t.size(); ++i) {
@@ -471,9 +481,20 @@ class InnerLoop {
     g = task_.backward(pass, cur, keep, keep);
     Params next = cur;  // frozen params are shared, not copied
     const Params& rate = lr_[lr_row(pb_, j)];
+    std::vector<at::Tensor> params, grads, rates;
+    std::vector<size_t> which;
     for (size_t p = 0; p < cur.size(); ++p) {
-      if (pb_.adapted[p]) next[p] = cur[p] - rate[p] * g[p];
+      if (!pb_.adapted[p]) continue;
+      TORCH_CHECK(g[p].defined(), "pymeta: internal error: no inner gradient for adapted param ", p);
+      params.push_back(cur[p]);
+      grads.push_back(g[p]);
+      rates.push_back(rate[p]);
+      which.push_back(p);
     }
+    // theta - rate * g for every adapted param in one call of the fused update op (one kernel
+    // for all of them on CUDA; the same arithmetic as the ATen expression).
+    std::vector<at::Tensor> updated = sgd_update_op(params, grads, rates);
+    for (size_t k = 0; k < which.size(); ++k) next[which[k]] = std::move(updated[k]);
     return next;
   }
 

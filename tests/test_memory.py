@@ -104,12 +104,16 @@ def test_the_core_reuses_its_workspaces_without_the_process_setting(threads):
     Measured over 3 steps: 1,400-3,200 page faults with it (a miss hands cached blocks back
     rather than raise the peak, so a change in the mix of block sizes costs some), 10,800-17,800
     without; results are identical either way (the cache changes where memory comes from, not
-    what is computed)."""
-    faults_on, cached_on, *result_on = core_run("on", threads)
-    faults_off, cached_off, *result_off = core_run("off", threads)
-    assert result_on == result_off
-    assert cached_on > 0 and cached_off == 0
-    assert faults_on < faults_off / 2, (faults_on, faults_off)
+    what is computed). glibc's dynamic mmap threshold makes the faults without the cache vary from
+    process to process (a CI run once saw 2,218), so each side is the median of three processes."""
+    runs_on = [core_run("on", threads) for _ in range(3)]
+    runs_off = [core_run("off", threads) for _ in range(3)]
+    for (_, cached_on, *result_on), (_, cached_off, *result_off) in zip(runs_on, runs_off):
+        assert result_on == result_off
+        assert cached_on > 0 and cached_off == 0
+    faults_on = sorted(r[0] for r in runs_on)[1]
+    faults_off = sorted(r[0] for r in runs_off)[1]
+    assert faults_on < faults_off / 2, ([r[0] for r in runs_on], [r[0] for r in runs_off])
 
 
 # A conv4 ModelAwareMAML with 75 queries per task and 3 inner steps, in a fresh process under a

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pymeta._checks import check_min_dim, check_positive_int, check_tensor
+from pymeta.distributed import shard_tasks
 from pymeta.task_batch import TaskBatch
 
 
@@ -53,13 +54,21 @@ class FewShot(Dataset):
         self.examples = examples
         self.seed = seed
 
-    def _task(self, generator: torch.Generator):
+    def _draw(self, generator: torch.Generator):
+        """One task's random choices: its classes (N,) and their examples (N, K + Q)."""
         classes, per_class = self.examples.shape[:2]
         chosen = torch.randperm(classes, generator=generator)[: self.n_way]
         k = self.k_shot + self.k_query
         picks = torch.stack(
             [torch.randperm(per_class, generator=generator)[:k] for _ in range(self.n_way)]
         )
+        return chosen, picks
+
+    def _task(self, generator: torch.Generator):
+        return self._build(*self._draw(generator))
+
+    def _build(self, chosen: torch.Tensor, picks: torch.Tensor):
+        k = self.k_shot + self.k_query
         x = self.examples[chosen.unsqueeze(1), picks]  # (N, K + Q, ...)
         labels = torch.arange(self.n_way).unsqueeze(1).expand(-1, k)
         flat = lambda t, a, b: t[:, a:b].reshape(-1, *t.shape[2:])  # noqa: E731
@@ -70,16 +79,28 @@ class FewShot(Dataset):
             flat(labels, self.k_shot, k),
         )
 
-    def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
+    def sample(
+        self, num_tasks: int, generator: torch.Generator | None = None, shard=None
+    ) -> TaskBatch:
         """A TaskBatch of num_tasks tasks: support (T, N*K, ...), query (T, N*Q, ...),
-        labels int64 (T, N*K) and (T, N*Q)."""
+        labels int64 (T, N*K) and (T, N*Q).
+
+        shard: ``(rank, size)`` (``pymeta.distributed.shard()``): only this rank's part of the
+        tasks (``pymeta.distributed.shard(num_tasks, rank, size)``). Every rank draws the
+        random choices of all num_tasks tasks and gathers the images of its own, so the ranks'
+        parts are the tasks one process draws with the same generator.
+        """
         check_positive_int("num_tasks", num_tasks)
         generator = (
             generator
             if generator is not None
             else torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
         )
-        return self.collate([self._task(generator) for _ in range(num_tasks)])
+        draws = [self._draw(generator) for _ in range(num_tasks)]
+        if shard is not None:
+            part = shard_tasks(num_tasks, shard)
+            draws = draws[part.start : part.stop]
+        return self.collate([self._build(*d) for d in draws])
 
     def __len__(self) -> int:
         return self.num_tasks

@@ -7,6 +7,7 @@ import math
 import torch
 
 from pymeta._checks import check_positive_int
+from pymeta.distributed import shard_tasks
 from pymeta.task_batch import TaskBatch
 
 
@@ -52,11 +53,22 @@ class Sinusoid:
         phase = self._uniform((num_tasks, 1, 1), self.phase, generator)
         return amp, phase
 
-    def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
-        """T tasks: support (T, k_support, 1) inputs/targets, query (T, k_query, 1)."""
+    def sample(
+        self, num_tasks: int, generator: torch.Generator | None = None, shard=None
+    ) -> TaskBatch:
+        """T tasks: support (T, k_support, 1) inputs/targets, query (T, k_query, 1).
+
+        shard: ``(rank, size)`` (``pymeta.distributed.shard()``): only this rank's part of the
+        T tasks (``pymeta.distributed.shard(T, rank, size)``). Every rank draws the random
+        numbers of all T tasks, so the ranks' parts are the tasks one process draws with the
+        same generator, and the generators stay in step.
+        """
         amp, phase = self.sample_functions(num_tasks, generator)
         k = self.k_support + self.k_query
         x = self._uniform((num_tasks, k, 1), self.x_range, generator)
+        if shard is not None:
+            part = shard_tasks(num_tasks, shard)
+            amp, phase, x = (t[part.start : part.stop] for t in (amp, phase, x))
         y = amp * torch.sin(x - phase)
         s = self.k_support
         return TaskBatch(x[:, :s], y[:, :s], x[:, s:], y[:, s:])

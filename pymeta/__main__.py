@@ -1,8 +1,10 @@
-"""Command line: ``python -m pymeta demo | train omniglot|sinusoid | eval omniglot|sinusoid``."""
+"""Command line: ``python -m pymeta demo | train omniglot|sinusoid | eval omniglot|sinusoid``;
+``torchrun --nproc-per-node N -m pymeta train ...`` runs on N processes (docs/distributed.md)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -59,8 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         run_demo(args.iterations, args.meta_batch, args.seed, progress=not args.no_progress)
     else:
-        cli = cli_sinusoid if args.benchmark == "sinusoid" else cli_omniglot
-        (cli.train if args.command == "train" else cli.evaluate)(args)
+        import torch.distributed as dist
+
+        from pymeta.distributed import init_from_environment, world
+
+        # Under torchrun: one process group for the run; only rank 0 prints (its checkpoints,
+        # plots and progress bars are rank 0's too).
+        distributed = init_from_environment()
+        if distributed and world()[0] != 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
+        try:
+            cli = cli_sinusoid if args.benchmark == "sinusoid" else cli_omniglot
+            (cli.train if args.command == "train" else cli.evaluate)(args)
+        finally:
+            if distributed:
+                dist.destroy_process_group()
     return 0
 
 

@@ -48,7 +48,13 @@ def save_checkpoint(
     """Everything a resumed run needs to continue exactly as if never stopped, as a safe file
     (see the module docstring): keys ``benchmark`` (the ``train`` command that wrote it),
     ``config``, ``maml`` (state dict), ``optimizer`` (state dict), ``step``,
-    ``task_generator`` (uint8 state), ``rng`` (see ``rng_state``), ``history``."""
+    ``task_generator`` (uint8 state), ``rng`` (see ``rng_state``), ``history``. Under
+    torch.distributed only rank 0 writes (the ranks' states are equal), and the file is the same
+    as a single process's: it resumes under any number of ranks."""
+    from pymeta.distributed import world
+
+    if world()[0] != 0:  # under torch.distributed every rank holds the same state: rank 0 writes
+        return
     blob = {
         "benchmark": benchmark,
         "config": config,

@@ -287,11 +287,18 @@ def train(args) -> dict:
     from pymeta.baselines import pretrain
     from pymeta.checkpoints import open_resume, restore, save_checkpoint
     from pymeta.cli_args import check_checkpoint_path
+    from pymeta.distributed import DistributedMeta, world
     from pymeta.training import meta_train, plot_history
 
     config = _config(args)
     check_checkpoint_path(args.checkpoint, must_exist=False)
     _check_root(args.root)
+    rank, size = world()
+    if size > 1 and config["variant"] == "pretrained":
+        raise SystemExit(
+            "--variant pretrained: pretraining on Omniglot runs on one process; start it without "
+            "torchrun (the meta-learning variants split their meta-batches over ranks)"
+        )
     resumed = None
     if args.resume or args.resume_if_exists:  # before decoding any data
         resumed = open_resume(args.checkpoint, BENCHMARK, config, args.resume_if_exists)
@@ -354,7 +361,7 @@ def train(args) -> dict:
         )
     else:
         history = meta_train(
-            maml,
+            DistributedMeta(maml) if size > 1 else maml,
             optimizer,
             train_tasks,
             iterations=config["iterations"],
@@ -366,7 +373,7 @@ def train(args) -> dict:
         f"trained {config['iterations']} {'steps' if pretrained else 'meta-steps'} in "
         f"{history.seconds:.1f} s; checkpoint {args.checkpoint}"
     )
-    if args.plot:
+    if args.plot and rank == 0:
         labels = dict(step_label="step", loss_label="loss", train_label="train (batch)")
         plot_history(
             history,

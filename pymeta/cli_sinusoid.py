@@ -251,7 +251,9 @@ def _report(model, config, args) -> dict:
         f"({args.query_points} query points each), mean ± 95% CI, SGD steps of {lr:g}"
     )
     print(format_table(table, title))
-    if args.plot:
+    from pymeta.distributed import world
+
+    if args.plot and world()[0] == 0:
         plot_tasks(model, config, args.plot)
         print(f"figure: {args.plot}")
     return table
@@ -301,6 +303,7 @@ def plot_tasks(model, config: dict, path, num_tasks: int = PLOT_TASKS) -> None:
 def train(args) -> dict:
     from pymeta.checkpoints import open_resume, restore, save_checkpoint
     from pymeta.cli_args import check_checkpoint_path
+    from pymeta.distributed import DistributedMeta, world
     from pymeta.tasks import Sinusoid
     from pymeta.training import meta_train
 
@@ -316,6 +319,8 @@ def train(args) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     generator = torch.Generator().manual_seed(config["seed"])
     step, history = restore(resumed, model, optimizer, generator)
+    # Under torchrun the ranks split every meta-batch (pymeta.distributed).
+    learner = DistributedMeta(model) if world()[1] > 1 else model
 
     def checkpoint(done, hist):
         save_checkpoint(
@@ -330,7 +335,7 @@ def train(args) -> dict:
         )
 
     history = meta_train(
-        model,
+        learner,
         optimizer,
         Sinusoid(k_support=config["k_shot"], k_query=config["k_query"]),
         iterations=config["iterations"],
@@ -343,7 +348,7 @@ def train(args) -> dict:
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
         # The baseline: one regression on the pooled support and query points of all tasks.
-        loss_fn=model.pretrain_loss if pretrained else None,
+        loss_fn=learner.pretrain_loss if pretrained else None,
         desc="pretraining" if pretrained else "meta-training",
     )
     print(

@@ -82,6 +82,27 @@ def shard_tasks(num_tasks: int, value) -> range:
     return part
 
 
+def gather_tasks(values: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's per-task values (T_r, ...), concatenated in rank order: with contiguous
+    shards (``shard``) that is the single process's task order. Every rank gets the result."""
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, values.detach().cpu(), group=group)
+    return torch.cat(parts).to(values.device)
+
+
+def init_from_environment(timeout_s: float = 600.0) -> bool:
+    """Joins the process group that ``torchrun`` describes in the environment (WORLD_SIZE > 1):
+    gloo, the CPU backend (the CLI trains on the CPU). A rank that stops answering fails the
+    others after ``timeout_s``. Returns whether it did (False: a single process)."""
+    import datetime
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
 class DistributedMeta(nn.Module):
     """A meta-learner (``pymeta.MAML``, ``ModelAwareMAML`` or ``pymeta.baselines.Pretrained``)
     whose losses are means over the tasks of all ranks.

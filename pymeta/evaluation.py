@@ -30,14 +30,23 @@ def few_shot_accuracy(
         seed: seeds the tasks, so every model sees the same ones.
 
     Returns:
-        (mean accuracy, 95% CI half-width) over tasks.
+        (mean accuracy, 95% CI half-width) over tasks. Under torch.distributed every rank
+        returns the same values, those of one process, and each adapts only its share.
     """
+    from pymeta.distributed import gather_tasks, shard, world
+
+    size = world()[1]
     generator = torch.Generator().manual_seed(seed)
     accs = []
     remaining = num_tasks
     while remaining > 0:
-        batch = tasks.sample(min(batch_size, remaining), generator)
+        n = min(batch_size, remaining)
+        # Under torch.distributed each rank adapts its share of the batch; gathered in task
+        # order, the accuracies are the single process's.
+        split = size > 1 and n >= size
+        batch = tasks.sample(n, generator, **({"shard": shard()} if split else {}))
         adapted = maml.adapt(batch.support_x, batch.support_y, steps=steps, batched=True)
-        accs.append((adapted(batch.query_x).argmax(-1) == batch.query_y).double().mean(1))
-        remaining -= batch.num_tasks
+        acc = (adapted(batch.query_x).argmax(-1) == batch.query_y).double().mean(1)
+        accs.append(gather_tasks(acc) if split else acc)
+        remaining -= n
     return mean_ci95(torch.cat(accs))

@@ -46,7 +46,9 @@ def meta_train(
     """Runs meta-steps start_step .. iterations - 1.
 
     Args:
-        maml: a pymeta.MAML / ModelAwareMAML.
+        maml: a pymeta.MAML / ModelAwareMAML; under torch.distributed, wrapped in
+            ``pymeta.distributed.DistributedMeta`` (each rank then samples its share of every
+            meta-batch; see docs/distributed.md).
         optimizer: over ``maml.parameters()``.
         train_tasks: a sampler with ``sample(n, generator)``.
         iterations: total meta-steps (including those before start_step).
@@ -60,6 +62,13 @@ def meta_train(
             pretraining baseline trains ``Pretrained.pretrain_loss`` with this same loop).
         desc: the progress bar's label.
     """
+    from pymeta.distributed import shard, world
+
+    rank, size = world()
+    # Under torch.distributed each rank draws every task's randomness and builds its own share
+    # (the single process's tasks, split), and only rank 0 shows progress.
+    sample_kwargs = {"shard": shard()} if size > 1 else {}
+    progress = progress and rank == 0
     history = history or History()
     bar = tqdm(
         range(start_step, iterations),
@@ -74,7 +83,7 @@ def meta_train(
     loss_fn = loss_fn or maml.meta_loss
     t0 = time.perf_counter()
     for step in bar:
-        batch = train_tasks.sample(meta_batch, task_generator)
+        batch = train_tasks.sample(meta_batch, task_generator, **sample_kwargs)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(batch)
         loss.backward()
@@ -95,7 +104,8 @@ def meta_train(
         if validate and ((val_every and done % val_every == 0) or done == iterations):
             history.val_step.append(done)
             history.val_acc.append(validate())
-            bar.write(f"step {done}: validation accuracy {history.val_acc[-1]:.4f}")
+            if rank == 0:
+                bar.write(f"step {done}: validation accuracy {history.val_acc[-1]:.4f}")
         if checkpoint and (
             (checkpoint_every and done % checkpoint_every == 0) or done == iterations
         ):

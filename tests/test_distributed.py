@@ -94,6 +94,15 @@ def train(case: str, meta_batch: int, shard_arg=None, wrap=False) -> dict:
     return {"losses": torch.stack(losses), "grads": grads, "state": state}
 
 
+def accuracy() -> tuple[float, float]:
+    """Few-shot accuracy and CI of the conv learner on 7 tasks in batches of 3 (the last batch
+    of 1 is not split over 2 ranks)."""
+    from pymeta.evaluation import few_shot_accuracy
+
+    learner, tasks = make_learner("conv-aware")
+    return few_shot_accuracy(learner, tasks, 7, batch_size=3, seed=2)
+
+
 def _worker(rank: int, world: int, port: int, out: str, job: str, args: tuple) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -104,6 +113,8 @@ def _worker(rank: int, world: int, port: int, out: str, job: str, args: tuple) -
         if job == "train":
             case, meta_batch = args
             result = train(case, meta_batch, shard_arg=shard(), wrap=True)
+        elif job == "accuracy":
+            result = {"accuracy": accuracy()}
         elif job == "die":
             learner, tasks = make_learner("sinusoid-maml")
             model = DistributedMeta(learner)
@@ -230,3 +241,66 @@ def test_distributed_meta_needs_an_initialised_process_group():
     learner, _ = make_learner("sinusoid-maml")
     with pytest.raises(RuntimeError, match=r"torch.distributed is not initialised"):
         DistributedMeta(learner)
+
+
+# ----------------------------------------------------------------------------- the CLI
+CLI = "--meta-batch 5 --test-tasks 20 --query-points 20 --log-every 1 --no-progress".split()
+
+
+def cli(ranks: int, checkpoint, iterations: int, *extra: str) -> str:
+    """`python -m pymeta train sinusoid ...` on `ranks` processes (torchrun for more than one);
+    returns its stdout."""
+    import subprocess
+    import sys
+
+    argv = ["train", "sinusoid", "--checkpoint", str(checkpoint), "--iterations", str(iterations)]
+    argv += [*CLI, *extra]
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "pymeta", *argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={ranks}", "-m", "pymeta", *argv]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def model_state(path) -> dict:
+    from pymeta.checkpoints import load_checkpoint
+
+    return load_checkpoint(path, "sinusoid")["maml"]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        # float32, and two ranks sum their halves in another order than one process
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("variant", ["agnostic", "aware", "pretrained"])
+def test_cli_under_two_ranks_and_resumed_under_one_equals_one_process(tmp_path, variant):
+    one = tmp_path / "one.pt"
+    out = cli(1, one, 6, "--variant", variant)
+    two = tmp_path / "two.pt"
+    out_two = cli(2, two, 6, "--variant", variant)
+    assert_same_state(model_state(two), model_state(one))
+    assert out_two.count("trained 6 ") == 1  # rank 0 alone prints
+    # 2 ranks for 3 steps, then resumed under 1 rank to 6; and the reverse.
+    mixed = tmp_path / "mixed.pt"
+    cli(2, mixed, 3, "--variant", variant)
+    cli(1, mixed, 6, "--variant", variant, "--resume")
+    assert_same_state(model_state(mixed), model_state(one))
+    reverse = tmp_path / "reverse.pt"
+    cli(1, reverse, 3, "--variant", variant)
+    cli(2, reverse, 6, "--variant", variant, "--resume")
+    assert_same_state(model_state(reverse), model_state(one))
+    assert "test:" in out and "test:" in out_two
+
+
+def test_evaluation_split_over_ranks_equals_one_process(tmp_path):
+    want = accuracy()
+    for result in run_ranks(tmp_path, "accuracy", ()):
+        assert result is not None
+        assert result["accuracy"] == want

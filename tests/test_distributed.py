@@ -247,14 +247,14 @@ def test_distributed_meta_needs_an_initialised_process_group():
 CLI = "--meta-batch 5 --test-tasks 20 --query-points 20 --log-every 1 --no-progress".split()
 
 
-def cli(ranks: int, checkpoint, iterations: int, *extra: str) -> str:
-    """`python -m pymeta train sinusoid ...` on `ranks` processes (torchrun for more than one);
-    returns its stdout."""
+def cli(ranks: int, checkpoint, iterations: int, *extra: str, benchmark="sinusoid") -> str:
+    """`python -m pymeta train <benchmark> ...` on `ranks` processes (torchrun for more than
+    one); returns its stdout."""
     import subprocess
     import sys
 
-    argv = ["train", "sinusoid", "--checkpoint", str(checkpoint), "--iterations", str(iterations)]
-    argv += [*CLI, *extra]
+    argv = ["train", benchmark, "--checkpoint", str(checkpoint), "--iterations", str(iterations)]
+    argv += [*(CLI if benchmark == "sinusoid" else []), *extra]
     if ranks == 1:
         cmd = [sys.executable, "-m", "pymeta", *argv]
     else:
@@ -266,10 +266,10 @@ def cli(ranks: int, checkpoint, iterations: int, *extra: str) -> str:
     return out.stdout
 
 
-def model_state(path) -> dict:
+def model_state(path, benchmark="sinusoid") -> dict:
     from pymeta.checkpoints import load_checkpoint
 
-    return load_checkpoint(path, "sinusoid")["maml"]
+    return load_checkpoint(path, benchmark)["maml"]
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -304,3 +304,24 @@ def test_evaluation_split_over_ranks_equals_one_process(tmp_path):
     for result in run_ranks(tmp_path, "accuracy", ()):
         assert result is not None
         assert result["accuracy"] == want
+
+
+def test_omniglot_cli_under_two_ranks_equals_one_process(tiny_root, tmp_path):
+    """Meta-training with validation split over the ranks, then the test accuracy, split too."""
+    args = ["--root", str(tiny_root), "--cache-dir", str(tmp_path / "cache"), "--hidden", "4",
+            "--image-size", "16", "--n-way", "2", "--k-query", "2", "--meta-batch", "3",
+            "--val-every", "2", "--val-tasks", "5", "--test-tasks", "6", "--test-query", "2",
+            "--log-every", "1", "--no-progress", "--variant", "aware"]  # fmt: skip
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    out_one = cli(1, one, 4, *args, benchmark="omniglot")
+    out_two = cli(2, two, 4, *args, benchmark="omniglot")
+    # conv4's convolution biases feed batch norm: their exact gradient is 0, and Adam turns the
+    # rounding noise of each run into steps of its own; every other parameter must agree.
+    conv = pymeta.models.conv4(2, hidden=4, image_size=16)
+    noise = {f"module.{n}.bias" for n, m in conv.named_modules() if isinstance(m, nn.Conv2d)}
+    a, b = model_state(two, "omniglot"), model_state(one, "omniglot")
+    assert noise and noise <= a.keys()
+    assert_same_state({k: v for k, v in a.items() if k not in noise},
+                      {k: v for k, v in b.items() if k not in noise})  # fmt: skip
+    test_line = lambda out: [line for line in out.splitlines() if line.startswith("test:")]  # noqa: E731
+    assert test_line(out_two) == test_line(out_one) and len(test_line(out_one)) == 1

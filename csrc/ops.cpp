@@ -54,6 +54,19 @@ TORCH_LIBRARY(pymeta, m) {
       "net_layer_rules(int[] layer, float layer_arg, Tensor x, Tensor? x2, Tensor? weight, "
       "Tensor? bias, Tensor grad_y, Tensor? r_x, Tensor? r_x2, Tensor? r_weight, Tensor? r_bias, "
       "Tensor? r_grad_y, int tasks=1) -> Tensor[]");
+  // The outer update of a compiled meta-step (csrc/optim/outer_step.cpp), in place: torch's
+  // Adam (decoupled_weight_decay: AdamW) and SGD with momentum, op for op as their single-tensor
+  // implementations, after clipping the grads (in place) to a total 2-norm of max_grad_norm
+  // when it is > 0. steps: Adam's per-param step counts (0-dim). sgd_step's first: the momentum
+  // buffers are new and take the first gradient.
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled_weight_decay, float max_grad_norm) -> ()");
+  m.def(
+      "sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool first, "
+      "float max_grad_norm) -> ()");
   // The inner loop alone (fast adaptation): per-task adapted params, each (T, *param.shape).
   m.def(
       "net_adapt(Tensor[] params, Tensor[] lrs, Tensor support_x, Tensor support_y, "

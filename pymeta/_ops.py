@@ -153,6 +153,15 @@ if HAS_COMPILED_CORE:
         bn_stats = ref.new_empty((tasks, rows, 2, _bn_channels(layers)))
         return ref.new_empty(()), grads, lr_grads, ref.new_empty(tasks), bn_stats
 
+    # The outer updates work in place and return nothing: their fake kernels only check.
+    @torch.library.register_fake("pymeta::adam_step")
+    def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, *hyper):
+        check_one_device("pymeta::adam_step", params=params, grads=grads, exp_avgs=exp_avgs)
+
+    @torch.library.register_fake("pymeta::sgd_step")
+    def _sgd_step_fake(params, grads, momentum_buffers, *hyper):
+        check_one_device("pymeta::sgd_step", params=params, grads=grads)
+
     @torch.library.register_fake("pymeta::net_adapt")
     def _adapt_fake(params, lrs, support_x, support_y, layers, layer_args, steps, lr_mode, loss):
         _check_core_args("pymeta::net_adapt", params, lrs, loss, support_x, support_y)

@@ -348,6 +348,35 @@ class ModelAwareMAML(nn.Module):
             meta-gradient computed by the core (it cannot be differentiated again). In
             training mode with ``track_bn_stats``, also updates the running statistics.
         """
+        sx, sy, qx, qy = self._checked_batch(batch)
+        loss, _, _, _, bn_stats = self._loss_op(*self._core_args(sx, sy, qx, qy), False, False)
+        if self.training and self.bn_running_stats is not None:
+            self.bn_running_stats.update(bn_stats)
+        return loss
+
+    def compile_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
+        """The whole meta-training step as one call: ``step = maml.compile_step(optimizer)``,
+        then ``loss = step(batch)`` equals ``optimizer.zero_grad();
+        maml.meta_loss(batch).backward(); optimizer.step()`` (with
+        ``clip_grad_norm_(maml.parameters(), max_grad_norm)`` before the step when given), to
+        float rounding, without the autograd round trip or torch.optim's Python loop.
+
+        Args:
+            optimizer: ``torch.optim.Adam``, ``AdamW`` or ``SGD`` (momentum, dampening,
+                nesterov, weight decay) over this learner's parameters; its state and
+                hyper-parameters stay in it (schedulers and ``state_dict`` work as usual).
+            max_grad_norm: clip the meta-gradient to this total 2-norm first.
+
+        Returns:
+            A ``pymeta.model_aware.CompiledStep``: ``step(batch)`` returns the meta-loss (a
+            detached scalar) and leaves the meta-gradient in ``.grad``.
+        """
+        from pymeta.model_aware.compiled_step import CompiledStep
+
+        return CompiledStep(self, optimizer, max_grad_norm)
+
+    def _checked_batch(self, batch: TaskBatch) -> tuple:
+        """(support_x, support_y, query_x, query_y) of a batch, checked for the core."""
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch: expected a pymeta.TaskBatch, received {type(batch).__name__}")
         self._check_model()
@@ -355,10 +384,7 @@ class ModelAwareMAML(nn.Module):
         qx = self._inputs("batch.query_x", batch.query_x)
         sy = self._targets("batch.support_y", batch.support_y)
         qy = self._targets("batch.query_y", batch.query_y)
-        loss, _, _, _, bn_stats = self._loss_op(*self._core_args(sx, sy, qx, qy), False, False)
-        if self.training and self.bn_running_stats is not None:
-            self.bn_running_stats.update(bn_stats)
-        return loss
+        return sx, sy, qx, qy
 
     @property
     def _loss_op(self):

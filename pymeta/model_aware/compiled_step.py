@@ -16,10 +16,14 @@ from __future__ import annotations
 import torch
 
 # What each optimizer class allows, option -> the only value(s) the fused update implements.
-_ADAM_FIXED = {"amsgrad": (False,), "maximize": (False,), "capturable": (False,),
-               "differentiable": (False,), "fused": (None, False), "foreach": (None, False)}  # fmt: skip
-_SGD_FIXED = {"maximize": (False,), "differentiable": (False,), "fused": (None, False),
-              "foreach": (None, False)}  # fmt: skip
+_COMMON_FIXED = {
+    "maximize": (False,),
+    "differentiable": (False,),
+    "fused": (None, False),
+    "foreach": (None, False),
+}
+_ADAM_FIXED = {**_COMMON_FIXED, "amsgrad": (False,), "capturable": (False,)}
+_SGD_FIXED = _COMMON_FIXED
 
 
 class CompiledStep:

@@ -34,7 +34,8 @@ def test_demo_cli_runs(capsys):
 
     assert main(["demo", "--iterations", "20", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "meta-learned init" in out and "after 10 steps" in out
+    assert "meta-learned, pymeta.ModelAwareMAML" in out and "after 10 steps" in out
+    assert "plain autograd loop" in out and "compile_step" in out
 
 
 def test_cuda_build_is_configured_for_fixed_architectures_and_checked_by_a_script():

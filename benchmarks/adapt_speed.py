@@ -8,7 +8,8 @@ Compares ``pymeta.ModelAwareMAML.adapt`` (inner loop in the compiled core), ``py
 (task-batched autograd) and a plain per-task ``torch.autograd.grad`` loop without
 ``create_graph``, on sinusoid (25 tasks, 10 steps) and wide-mlp (32 tasks, 5 steps). Timing is
 the rotated-rounds scheme of ``harness.rotated_timings``; a call is one adaptation of the whole
-meta-batch's support sets (predicting on the query sets is not timed).
+meta-batch's support sets (predicting on the query sets is not timed). Then one sinusoid task
+alone, adapted as a drop-in call on (K, ...) tensors, with 10 steps and with 1 (its floor).
 """
 
 from __future__ import annotations
@@ -24,15 +25,25 @@ from workloads import make_workload
 
 import pymeta
 
-# (workload, inner steps) as in the issue: few-shot regression adapted for longer than it was
-# meta-trained, and the wide classifier at its meta-training steps.
-CASES = (("sinusoid", 10), ("wide-mlp", 5))
+# (workload, inner steps, tasks): few-shot regression adapted for longer than it was
+# meta-trained, and the wide classifier at its meta-training steps, on the whole meta-batch
+# (tasks None); then one sinusoid task as a drop-in adapt(support_x (K, 1), ...) call, with 10
+# steps and with 1 step (the call's floor: what it costs beside the steps).
+CASES = (("sinusoid", 10, None), ("wide-mlp", 5, None), ("sinusoid", 10, 1), ("sinusoid", 1, 1))
 
 
 def _pymeta_adapter(cls):
     def make(workload, steps: int):
         maml = cls(workload.model, **workload.maml_kwargs)
         batch = workload.batch
+        if batch.num_tasks == 1:  # one task, as a drop-in call: (K, ...) tensors
+            sx, sy = batch.support_x[0], batch.support_y[0]
+
+            def adapt_one():
+                adapted = maml.adapt(sx, sy, steps=steps, batched=False)
+                return lambda query_x: adapted(query_x[0]).unsqueeze(0)
+
+            return adapt_one
         return lambda: maml.adapt(batch.support_x, batch.support_y, steps=steps)
 
     return make
@@ -75,8 +86,15 @@ ADAPTERS = {
 }
 
 
-def measure(workload_name: str, steps: int, repeats: int, min_sample_s: float) -> dict:
+def measure(
+    workload_name: str, steps: int, tasks: int | None, repeats: int, min_sample_s: float
+) -> dict:
     workload = make_workload(workload_name)
+    if tasks is not None:
+        b = workload.batch
+        workload.batch = pymeta.TaskBatch(
+            b.support_x[:tasks], b.support_y[:tasks], b.query_x[:tasks], b.query_y[:tasks]
+        )
     fns = {name: make(workload, steps) for name, make in ADAPTERS.items()}
     # The first call initializes lazily; its predictions also check the three agree.
     preds = {name: fn()(workload.batch.query_x) for name, fn in fns.items()}
@@ -119,10 +137,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     all_results = {}
-    for workload_name, steps in CASES:
+    for workload_name, steps, tasks in CASES:
         print(f"measuring adapt on {workload_name}, {steps} steps ...", file=sys.stderr)
-        tasks = make_workload(workload_name).batch.num_tasks
-        results = measure(workload_name, steps, args.repeats, args.min_sample_ms / 1e3)
+        results = measure(workload_name, steps, tasks, args.repeats, args.min_sample_ms / 1e3)
+        tasks = tasks or make_workload(workload_name).batch.num_tasks
         all_results[workload_name, tasks, steps] = results
     print(
         f"adapt(): torch {torch.__version__}, {torch.get_num_threads()} thread(s), "

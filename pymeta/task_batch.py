@@ -81,8 +81,12 @@ class TaskBatch:
                     f"{name}: expected device {device} like support_x, "
                     f"received {getattr(self, name).device}"
                 )
+        checked = set()  # adapt() passes the support set as the query set too: check it once
         for name in _FIELDS:
-            check_finite(name, getattr(self, name))
+            value = getattr(self, name)
+            if id(value) not in checked:
+                check_finite(name, value)
+                checked.add(id(value))
 
     @property
     def num_tasks(self) -> int:

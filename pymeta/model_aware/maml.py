@@ -380,8 +380,9 @@ class ModelAwareMAML(nn.Module):
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch: expected a pymeta.TaskBatch, received {type(batch).__name__}")
         self._check_model()
-        sx = self._inputs("batch.support_x", batch.support_x)
-        qx = self._inputs("batch.query_x", batch.query_x)
+        ref = self._params()[0]
+        sx = self._inputs("batch.support_x", batch.support_x, ref)
+        qx = self._inputs("batch.query_x", batch.query_x, ref)
         sy = self._targets("batch.support_y", batch.support_y)
         qy = self._targets("batch.query_y", batch.query_y)
         return sx, sy, qx, qy
@@ -442,9 +443,9 @@ class ModelAwareMAML(nn.Module):
         if batched is None:
             batched = self._infer_batched(support_x)
         support_x, support_y = support_as_batch(support_x, support_y, batched)
-        sx = self._inputs("support_x", support_x)
-        sy = self._targets("support_y", support_y)
         params = [p.detach() for p in self._params()]
+        sx = self._inputs("support_x", support_x, params[0])
+        sy = self._targets("support_y", support_y)
         adapted = torch.ops.pymeta.net_adapt(
             params, lrs, sx, sy, self._layer_codes, self._layer_args, steps,
             _LR_MODE_CODES[self.lr_mode], self._loss_code(),
@@ -491,8 +492,10 @@ class ModelAwareMAML(nn.Module):
     def _loss_code(self) -> int:
         return LOSSES[self.loss.name]
 
-    def _inputs(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        ref = self._params()[0]
+    def _inputs(self, name: str, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        """x, checked against the model: device and dtype of ``ref`` (default: its first core
+        param; callers that hold the params pass it), (T, K, ...) shape, an output shape."""
+        ref = self._params()[0] if ref is None else ref
         check_same_device(name, x, ref.device, "the model's parameters")
         if x.dtype != ref.dtype or x.dtype not in (torch.float32, torch.float64):
             raise TypeError(

@@ -16,6 +16,8 @@ Workloads, second order, Adam lr 1e-3:
 - mlp-128: the tutorial's classifier, MLP 10-128-10 (ReLU), 16 tasks, 25 support and 25 query
   examples of 10 classes, 5 inner steps, lr 0.1, cross-entropy.
 
+``core_op_only`` is not a step: it times the compiled core's op alone (meta-loss and
+meta-gradient, no checks, no update) on the same batch, to show its share of the one call.
 Times are medians of rotated rounds (harness.rotated_timings, samples >= 50 ms); "x vs jax" is
 JAX's time over the implementation's. JAX runs with ``--xla_cpu_multi_thread_eigen=false
 intra_op_parallelism_threads=1`` (set before it is imported) when --threads is 1.
@@ -85,6 +87,15 @@ def torch_steps(name: str) -> dict:
 
         return step
 
+    def core_only(learner, batch):
+        args = learner._core_args(*learner._checked_batch(batch))
+
+        def call():
+            with torch.no_grad():
+                torch.ops.pymeta.net_maml_loss(*args, True, False)
+
+        return call
+
     kwargs = dict(inner_lr=lr, inner_steps=steps, loss=loss)
     aware = pymeta.ModelAwareMAML(mlp(), **kwargs)
     compiled_learner = pymeta.ModelAwareMAML(mlp(), **kwargs)
@@ -93,6 +104,9 @@ def torch_steps(name: str) -> dict:
     )
     return {
         "pymeta_aware_compiled": lambda: compiled(batch),
+        # Not a training step: the core op alone (loss and meta-gradient, no update), to show
+        # how much of the one call it is.
+        "core_op_only": core_only(compiled_learner, batch),
         "pymeta_aware": unfused(aware),
         "pymeta": unfused(pymeta.MAML(mlp(), **kwargs)),
         "torch_func": unfused(TorchFuncMAML(mlp(), **kwargs)),

@@ -93,12 +93,13 @@ def gather_tasks(values: torch.Tensor, group=None) -> torch.Tensor:
 def init_from_environment(timeout_s: float = 600.0) -> bool:
     """Joins the process group that ``torchrun`` describes in the environment (WORLD_SIZE > 1):
     gloo, the CPU backend (the CLI trains on the CPU). A rank that stops answering fails the
-    others after ``timeout_s``. Returns whether it did (False: a single process)."""
+    others after ``timeout_s``. Returns whether it made the group (then the caller destroys it).
+    """
     import datetime
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
+        return False  # a single process, or a group someone else made (and will destroy)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
@@ -155,25 +156,25 @@ class DistributedMeta(nn.Module):
         before = [b.clone() for b in buffers]
         local = loss_fn(batch)
         n = batch.num_tasks
-        # One all-reduce gives the task count of all ranks and the mean loss over all tasks.
-        count = torch.tensor(float(n), dtype=torch.float64, device=local.device)
-        totals = torch.stack([local.detach().double() * n, count])
-        dist.all_reduce(totals, group=self.group)
-        weight = n / float(totals[1])
-        # Buffers the call moved (running statistics): every rank's move, weighted by its
-        # tasks. The running statistics' update is linear in the batch statistics, so this is
-        # the single process's update; buffers nobody moved stay bit for bit.
-        if buffers:
-            with torch.no_grad():
-                deltas = torch.cat([(b - b0).flatten() * weight for b, b0 in zip(buffers, before)])
-                dist.all_reduce(deltas, group=self.group)
-                offset = 0
-                for b, b0 in zip(buffers, before):
-                    delta = deltas[offset : offset + b.numel()].view_as(b)
-                    offset += b.numel()
-                    if delta.any():  # untouched buffers (a fixed inner lr) keep their version
-                        b.copy_(b0 + delta)
-        mean = (totals[0] / totals[1]).to(local.dtype)
+        # One all-reduce: this rank's loss and buffer moves (running statistics), each times its
+        # task count, and the count. Divided by the total count, they are the means over all
+        # tasks; the statistics' update is linear in the batch statistics, so the averaged move
+        # is the single process's. Buffers nobody moved stay bit for bit.
+        with torch.no_grad():
+            count = torch.tensor(float(n), dtype=torch.float64, device=local.device)
+            head = torch.stack([local.detach().double() * n, count])
+            moves = [(b - b0).flatten().double() * n for b, b0 in zip(buffers, before)]
+            totals = torch.cat([head, *moves])
+            dist.all_reduce(totals, group=self.group)
+            total = float(totals[1])
+            offset = 2
+            for b, b0 in zip(buffers, before):
+                move = totals[offset : offset + b.numel()].view_as(b) / total
+                offset += b.numel()
+                if move.any():  # untouched buffers (a fixed inner lr) keep their version
+                    b.copy_(b0 + move.to(b.dtype))
+        weight = n / total
+        mean = (totals[0] / total).to(local.dtype)
         if not local.requires_grad:
             return mean
         local.register_hook(self._queue_gradient_sync)

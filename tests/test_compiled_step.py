@@ -216,3 +216,23 @@ class _OuterOnly:
     def __call__(self, params, grads):
         with torch.no_grad():
             self.step._update(self.step.optimizer.param_groups[0], params, grads)
+
+
+def test_the_outer_update_ops_name_bad_arguments():
+    p, g = [torch.zeros(3)], [torch.zeros(3)]
+    adam = torch.ops.pymeta.adam_step
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, False, 0.0)
+    with pytest.raises(
+        RuntimeError, match=r"adam_step: expected as many grads as params \(1\), got 0"
+    ):
+        adam(p, [], [torch.zeros(3)], [torch.zeros(3)], [torch.tensor(0.0)], *hyper)
+    with pytest.raises(
+        RuntimeError, match=r"adam_step: exp_avgs\[0\] has shape \[\], expected \[3\]"
+    ):
+        adam(p, g, [torch.tensor(0.0)], [torch.zeros(3)], [torch.tensor(0.0)], *hyper)
+    with pytest.raises(
+        RuntimeError, match=r"adam_step: steps\[0\] must be a 0-dim count, got shape \[3\]"
+    ):
+        adam(p, g, [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], *hyper)
+    with pytest.raises(RuntimeError, match=r"sgd_step: grads\[0\] has shape \[2\], expected \[3\]"):
+        torch.ops.pymeta.sgd_step(p, [torch.zeros(2)], p, 0.1, 0.0, 0.0, 0.0, False, False, 0.0)

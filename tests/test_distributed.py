@@ -113,6 +113,8 @@ def _worker(rank: int, world: int, port: int, out: str, job: str, args: tuple) -
         if job == "train":
             case, meta_batch = args
             result = train(case, meta_batch, shard_arg=shard(), wrap=True)
+        elif job == "one_rank":
+            result = one_rank()
         elif job == "accuracy":
             result = {"accuracy": accuracy()}
         elif job == "die":
@@ -235,6 +237,36 @@ def test_the_dataloader_path_splits_with_a_shard_sampler():
         torch.cat([b.support_x for b in loader(list(shard(len(tasks), r, 2)))]) for r in range(2)
     ]
     assert torch.equal(torch.cat(parts), whole)
+
+
+def one_rank() -> dict:
+    """In a group of one: the wrapper's loss and gradients against the learner's own, and the
+    error for a batch that is not a TaskBatch."""
+    learner, tasks = make_learner("conv-aware")
+    model = DistributedMeta(learner)
+    batch = tasks.sample(3, torch.Generator().manual_seed(0))
+    loss = model.meta_loss(batch)
+    loss.backward()
+    got = [p.grad.clone() for p in learner.parameters() if p.grad is not None]
+    learner.zero_grad()
+    want_loss = learner.meta_loss(batch)
+    want_loss.backward()
+    want = [p.grad.clone() for p in learner.parameters() if p.grad is not None]
+    try:
+        model.meta_loss((batch.support_x, batch.support_y))
+        error = None
+    except TypeError as err:
+        error = str(err)
+    return {"loss": [loss.detach(), want_loss.detach()], "grads": [got, want], "error": error}
+
+
+def test_distributed_meta_with_one_rank_equals_the_learner_and_names_a_bad_batch(tmp_path):
+    (result,) = run_ranks(tmp_path, "one_rank", (), world=1)
+    assert rel(*result["loss"]) < 1e-14
+    got, want = result["grads"]
+    assert len(got) == len(want) > 0
+    assert all(rel(g, w) < 1e-14 for g, w in zip(got, want))
+    assert result["error"] == "batch: expected a TaskBatch, received tuple"
 
 
 def test_distributed_meta_needs_an_initialised_process_group():

@@ -28,8 +28,8 @@ void check_lists(const char* op, at::TensorList params, at::TensorList grads,
     TORCH_CHECK(grads[i].sizes() == params[i].sizes(), op, ": grads[", i, "] has shape ", grads[i].sizes(),
                 ", expected ", params[i].sizes(), " like params[", i, "]");
     for (const auto& [name, list] : states) {
-      TORCH_CHECK(list[i].sizes() == params[i].sizes() || list[i].dim() == 0, op, ": ", name, "[", i,
-                  "] has shape ", list[i].sizes(), ", expected ", params[i].sizes());
+      TORCH_CHECK(list[i].sizes() == params[i].sizes(), op, ": ", name, "[", i, "] has shape ", list[i].sizes(),
+                  ", expected ", params[i].sizes(), " like params[", i, "]");
     }
   }
 }
@@ -48,7 +48,13 @@ void clip_by_total_norm(at::TensorList grads, double max_norm) {
 void adam_step_kernel(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
                       double eps, double weight_decay, bool decoupled_weight_decay, double max_grad_norm) {
-  check_lists("pymeta::adam_step", params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"steps", steps}});
+  constexpr const char* op = "pymeta::adam_step";
+  check_lists(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}});
+  TORCH_CHECK(steps.size() == params.size(), op, ": expected as many steps as params (", params.size(), "), got ",
+              steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].dim() == 0, op, ": steps[", i, "] must be a 0-dim count, got shape ", steps[i].sizes());
+  }
   clip_by_total_norm(grads, max_grad_norm);
   for (size_t i = 0; i < params.size(); ++i) {
     at::Tensor param = params[i], grad = grads[i], exp_avg = exp_avgs[i], exp_avg_sq = exp_avg_sqs[i];

@@ -23,7 +23,8 @@ Steps, each reported as it ends; the exit status is 1 when any step failed:
    ``torch.cuda.max_memory_allocated`` over them, with ratios against the ``torch.func`` vmap
    MAML and the per-task autograd loop in the same run. ``pymeta_aware`` is the default
    (task-batched on a GPU), ``pymeta_aware_one_task_at_a_time`` the same core one task at a
-   time. Workloads: sinusoid (1-40-40-1, 25 tasks, 10 support and 10 query points, 1 inner
+   time, ``pymeta_aware_aten`` the same core with its fused CUDA kernels off (their ATen
+   twins). Workloads: sinusoid (1-40-40-1, 25 tasks, 10 support and 10 query points, 1 inner
    step), omniglot-shaped conv4 (5-way 1-shot, 15 queries, 28x28, 32 tasks, 1 inner step) and
    ResNet-12 (``resnet12_step.py``'s default size: widths 32-80-160-320, 32x32, 5-way 1-shot,
    15 queries, 2 tasks, 5 inner steps).
@@ -49,22 +50,28 @@ try:  # a fresh machine may have no torch yet: then only the build step runs, in
 
     import pymeta
 
-    class AwareOneTaskAtATime(pymeta.ModelAwareMAML):
-        """ModelAwareMAML with its core running one task at a time (``set_task_batch(1)``), not
-        all tasks batched (the default on a GPU): what batching gains on this device."""
+    def aware_with(setting: str, value):
+        """ModelAwareMAML whose meta-loss runs with one core setting of pymeta._C changed."""
+        get, put = getattr(pymeta._C, setting), getattr(pymeta._C, "set_" + setting)
 
-        def meta_loss(self, batch):
-            saved = pymeta._C.task_batch()
-            pymeta._C.set_task_batch(1)
-            try:
-                return super().meta_loss(batch)
-            finally:
-                pymeta._C.set_task_batch(saved)
+        class Aware(pymeta.ModelAwareMAML):
+            def meta_loss(self, batch):
+                saved = get()
+                put(value)
+                try:
+                    return super().meta_loss(batch)
+                finally:
+                    put(saved)
+
+        return Aware
 
     IMPLEMENTATIONS = {
         "per_task_loop": PerTaskLoopMAML, "torch_func": TorchFuncMAML,
         "pymeta": pymeta.MAML, "pymeta_aware": pymeta.ModelAwareMAML,
-        "pymeta_aware_one_task_at_a_time": AwareOneTaskAtATime,
+        # The same core one task at a time, not batched (the default on a GPU): what batching
+        # gains on this device; and with its fused CUDA kernels off (their ATen twins).
+        "pymeta_aware_one_task_at_a_time": aware_with("task_batch", 1),
+        "pymeta_aware_aten": aware_with("cuda_fused_kernels", False),
     }  # fmt: skip
 except ImportError:
     torch = None
@@ -201,7 +208,7 @@ def parity_table(device: "torch.device") -> tuple[str, bool]:
         ref_maml = PerTaskLoopMAML(reference_model, inner_lr=0.1, inner_steps=2, loss=spec["loss"])
         ref_loss = ref_maml.meta_loss(spec["batch"](torch.float64, torch.device("cpu")))
         ref_grads = torch.autograd.grad(ref_loss, list(reference_model.parameters()))
-        for name in ("pymeta", "pymeta_aware", "pymeta_aware_one_task_at_a_time"):
+        for name in [n for n in IMPLEMENTATIONS if n.startswith("pymeta")]:
             model = spec["model"]().double()
             model.load_state_dict(reference_model.state_dict())
             model.to(device)

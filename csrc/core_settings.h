@@ -43,6 +43,13 @@ inline std::atomic<bool>& cpu_fused_kernels() {
   return on;
 }
 
+// The fused CUDA kernels of batch norm and the activations (cuda/fused_layers.h), on by default
+// where they are built. Off, those layers run in ATen ops, their twins: tests compare the two.
+inline std::atomic<bool>& cuda_fused_kernels() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
 // The MLP fast path (net/mlp_net.h), on by default. Off, MLPs run through the layered rules
 // like any other network: tests switch it off to check both paths on the same MLP.
 inline std::atomic<bool>& mlp_fast_path() {

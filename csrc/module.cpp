@@ -133,5 +133,9 @@ PYBIND11_MODULE(_C, m) {
         },
         pybind11::arg("channels_last"), pybind11::arg("fused_kernels"),
         "Switches the layered core's CPU fast paths (both on by default); off, every layer runs in ATen "
-        "ops in the default layout, as on CUDA. For tests and benchmarks.");
+        "ops in the default layout. For tests and benchmarks.");
+  m.def("cuda_fused_kernels", [] { return pymeta::cuda_fused_kernels().load(); },
+        "Whether the layered core's fused CUDA kernels (batch norm, activations) are on, where built.");
+  m.def("set_cuda_fused_kernels", [](bool on) { pymeta::cuda_fused_kernels().store(on); }, pybind11::arg("on"),
+        "Switches them (on by default); off, those layers run in ATen ops on CUDA. For tests and benchmarks.");
 }

@@ -51,7 +51,7 @@ from pymeta import _C  # fails loudly if the core did not load
 assert _C.with_cuda(), "pymeta._C was built without its CUDA kernels"
 has = torch._C._dispatch_has_kernel_for_dispatch_key
 missing = [op for op in ("pymeta::sgd_update", "pymeta::net_maml_loss", "pymeta::net_adapt",
-                               "pymeta::adam_step", "pymeta::sgd_step")
+                               "pymeta::adam_step", "pymeta::sgd_step", "pymeta::net_layer_rules")
            if not has(op, "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print(f"check_cuda_build: OK, pymeta built with CUDA kernels against torch {torch.__version__}")

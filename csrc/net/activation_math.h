@@ -1,17 +1,23 @@
 // Activations with their first and second derivatives, elementwise, with PyTorch's non-finite
 // semantics: the formulas of the model-aware core's MLP fast path (cpu/mlp_elementwise.cpp,
-// net/mlp_fast_path.cpp), usable by any future CUDA kernels.
+// net/mlp_fast_path.cpp) and of its CUDA activation kernels (cuda/activation_kernel.cu).
 #pragma once
 
 #include <cmath>
 
 #include "net/codes.h"
 
+#ifdef __CUDACC__
+#define PYMETA_HOST_DEVICE __host__ __device__
+#else
+#define PYMETA_HOST_DEVICE
+#endif
+
 namespace pymeta {
 
 // h = act(a)
 template <typename T>
-inline T activate(Activation act, T a, T slope) {
+PYMETA_HOST_DEVICE inline T activate(Activation act, T a, T slope) {
   switch (act) {
     case Activation::kRelu:
       return a <= T(0) ? T(0) : a;  // keeps NaN, as torch.relu does (a > 0 ? a : 0 drops it)
@@ -31,7 +37,7 @@ inline T activate(Activation act, T a, T slope) {
 // a NaN or infinite v where a <= 0 gives 0, not 0 * v = NaN; LeakyReLU's takes the slope at a
 // NaN a (leaky_relu_backward: a > 0 ? v : v * slope).
 template <typename T>
-inline T times_activation_d1(Activation act, T a, T h, T v, T slope) {
+PYMETA_HOST_DEVICE inline T times_activation_d1(Activation act, T a, T h, T v, T slope) {
   switch (act) {
     case Activation::kRelu:
       return a <= T(0) ? T(0) : v;
@@ -48,7 +54,7 @@ inline T times_activation_d1(Activation act, T a, T h, T v, T slope) {
 
 // d^2 act / d a^2 (zero for the piecewise-linear ones).
 template <typename T>
-inline T activation_d2(Activation act, T a, T h) {
+PYMETA_HOST_DEVICE inline T activation_d2(Activation act, T a, T h) {
   switch (act) {
     case Activation::kTanh:
       return T(-2) * h * (T(1) - h * h);
@@ -59,7 +65,7 @@ inline T activation_d2(Activation act, T a, T h) {
   }
 }
 
-inline bool activation_is_piecewise_linear(Activation act) {
+PYMETA_HOST_DEVICE inline bool activation_is_piecewise_linear(Activation act) {
   return act == Activation::kNone || act == Activation::kRelu || act == Activation::kLeakyRelu;
 }
 

@@ -68,5 +68,9 @@ std::vector<at::Tensor> net_layer_rules_kernel(at::IntArrayRef layer, double lay
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymeta, CPU, m) { m.impl("net_layer_rules", &net_layer_rules_kernel); }
+#ifdef PYMETA_WITH_CUDA
+// The same rules on CUDA, where the fused kernels of cuda/fused_layers.h run (tests/test_cuda_kernels.py).
+TORCH_LIBRARY_IMPL(pymeta, CUDA, m) { m.impl("net_layer_rules", &net_layer_rules_kernel); }
+#endif
 
 }  // namespace pymeta

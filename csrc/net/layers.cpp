@@ -4,6 +4,10 @@
 
 #include "core_settings.h"
 #include "cpu/bn_tangent.h"
+#include "net/activation_math.h"
+#ifdef PYMETA_WITH_CUDA
+#include "cuda/fused_layers.h"
+#endif
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/avg_pool2d.h>
@@ -129,6 +133,29 @@ at::Tensor bn_xhat(const at::Tensor& x, const LayerSaved& saved) {
   return (x - per_channel(saved.aux, x)) * bn_inv_std(x, saved);
 }
 
+// Batch norm's fused kernels, on the CPU (cpu/bn_tangent.h) and on CUDA (cuda/fused_layers.h),
+// share one signature per rule. The ATen rules here are their twins: they run where neither
+// applies or the kernels are switched off.
+struct BnKernels {
+  decltype(&bn_forward_fused) forward;
+  decltype(&bn_backward_fused) backward;
+  decltype(&bn_r_forward_fused) r_forward;
+  decltype(&bn_r_backward_fused) r_backward;
+};
+constexpr BnKernels kCpuBn{&bn_forward_fused, &bn_backward_fused, &bn_r_forward_fused, &bn_r_backward_fused};
+#ifdef PYMETA_WITH_CUDA
+constexpr BnKernels kCudaBn{&bn_forward_cuda, &bn_backward_cuda, &bn_r_forward_cuda, &bn_r_backward_cuda};
+#endif
+
+// The fused kernels that take x on its device, or null.
+const BnKernels* fused_bn(const at::Tensor& x) {
+  if (x.is_cpu()) return cpu_fused_kernels() && bn_tangent_applies(x) ? &kCpuBn : nullptr;
+#ifdef PYMETA_WITH_CUDA
+  if (cuda_fused_kernels() && bn_cuda_applies(x)) return &kCudaBn;
+#endif
+  return nullptr;
+}
+
 // ---- activations
 at::Tensor act_forward(const NetLayer& L, const at::Tensor& x) {
   switch (L.activation()) {
@@ -143,16 +170,28 @@ at::Tensor act_forward(const NetLayer& L, const at::Tensor& x) {
   }
 }
 
-// act'(x) * v, from the output y = act(x) the forward kept (the sign of y is the sign of x for
-// ReLU and LeakyReLU with slope >= 0, NaN included; tanh' and sigmoid' are functions of y), so
-// the activation's input need not be kept; only LeakyReLU with a negative slope reads x.
+// What act'(x) is read from: the output y = act(x) the forward kept (the sign of y is the sign of
+// x for ReLU and LeakyReLU with slope >= 0, NaN included; tanh' and sigmoid' are functions of y),
+// so the activation's input need not be kept; only LeakyReLU with a negative slope reads x.
+const at::Tensor& act_d1_source(const NetLayer& L, const at::Tensor& x, const LayerSaved& s) {
+  return L.activation() == Activation::kLeakyRelu && L.arg < 0 ? x : s.aux;
+}
+
+// act'(x) * v. Where the fused CUDA kernel takes the operands it is one launch (ATen's tanh and
+// sigmoid rules are 3).
 at::Tensor act_times_d1(const NetLayer& L, const at::Tensor& x, const LayerSaved& s, const at::Tensor& v) {
   const at::Tensor& y = s.aux;
+  const at::Tensor& a = act_d1_source(L, x, s);
+#ifdef PYMETA_WITH_CUDA
+  if (cuda_fused_kernels() && activation_cuda_applies({v, a, y})) {
+    return activation_times_d1_cuda(L.activation(), L.arg, a, y, v);
+  }
+#endif
   switch (L.activation()) {
     case Activation::kRelu:
       return at::threshold_backward(v, y, 0);
     case Activation::kLeakyRelu:
-      return at::leaky_relu_backward(v, L.arg >= 0 ? y : x, L.arg, false);
+      return at::leaky_relu_backward(v, a, L.arg, false);
     case Activation::kTanh:
       return v * (1 - y * y);
     default:
@@ -211,9 +250,7 @@ at::Tensor layer_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x, 
     case LayerKind::kBatchNorm: {
       check_bn_input(L, tasks, x);
       const at::Tensor fw = fold_tasks(w), fb = fold_tasks(b);
-      if (cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel: sums in double
-        return bn_forward_fused(x, fw, fb, L.arg, saved.aux, saved.inv_std);
-      }
+      if (const BnKernels* fused = fused_bn(x)) return fused->forward(x, fw, fb, L.arg, saved.aux, saved.inv_std);
       auto [y, mean, inv_std] = at::native_batch_norm(x, optional(fw), optional(fb), {}, {}, true, 0.0, L.arg);
       saved.aux = mean;
       saved.inv_std = inv_std;
@@ -274,8 +311,8 @@ LayerGrads layer_backward(const NetLayer& L, int64_t tasks, const at::Tensor& x,
     case LayerKind::kBatchNorm: {
       if (!need_x && !w.defined()) return g;
       const at::Tensor fw = fold_tasks(w);
-      if (cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel: sums in double
-        BnGrads f = bn_backward_fused(x, saved.aux, saved.inv_std, gy, fw, need_x);
+      if (const BnKernels* fused = fused_bn(x)) {
+        BnGrads f = fused->backward(x, saved.aux, saved.inv_std, gy, fw, need_x);
         return {f.x, unfold_tasks(f.w, w), unfold_tasks(f.b, w)};
       }
       std::tie(g.x, g.w, g.b) = at::native_batch_norm_backward(gy, x, optional(fw), {}, {}, saved.aux, saved.inv_std,
@@ -357,9 +394,8 @@ at::Tensor layer_r_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x
     }
     case LayerKind::kBatchNorm: {
       const at::Tensor fw = fold_tasks(w), fuw = fold_tasks(uw), fub = fold_tasks(ub);
-      if (rx.defined() && cpu_fused_kernels() && bn_tangent_applies(x)) {  // the fused CPU kernel
-        return bn_r_forward_fused(x, saved.aux, saved.inv_std, rx, fw, fuw, fub, r_saved);
-      }
+      const BnKernels* fused = rx.defined() ? fused_bn(x) : nullptr;
+      if (fused) return fused->r_forward(x, saved.aux, saved.inv_std, rx, fw, fuw, fub, r_saved);
       const at::Tensor xhat = bn_xhat(x, saved);
       if (rx.defined()) r_saved = bn_project(rx, xhat, bn_inv_std(x, saved));
       if (!w.defined()) return r_saved;
@@ -434,8 +470,9 @@ LayerGrads layer_r_backward(const NetLayer& L, int64_t tasks, const at::Tensor& 
     }
     case LayerKind::kBatchNorm: {
       const at::Tensor fw = fold_tasks(w), fuw = fold_tasks(uw);
-      if (rgy.defined() && rx.defined() && cpu_fused_kernels() && bn_tangent_applies(x)) {  // fused
-        BnGrads f = bn_r_backward_fused(x, saved.aux, saved.inv_std, gy, rgy, rx, r_saved, fw, fuw, need_x);
+      const BnKernels* fused = rgy.defined() && rx.defined() ? fused_bn(x) : nullptr;
+      if (fused) {
+        BnGrads f = fused->r_backward(x, saved.aux, saved.inv_std, gy, rgy, rx, r_saved, fw, fuw, need_x);
         return {f.x, unfold_tasks(f.w, w), unfold_tasks(f.b, w)};
       }
       const at::Tensor xhat = bn_xhat(x, saved);
@@ -468,6 +505,16 @@ LayerGrads layer_r_backward(const NetLayer& L, int64_t tasks, const at::Tensor& 
     }
     case LayerKind::kActivation: {
       if (!need_x) return r;
+      // The second-order term act''(x) rx gy is zero almost everywhere for piecewise-linear ones.
+      const bool second = rx.defined() && !activation_is_piecewise_linear(L.activation());
+#ifdef PYMETA_WITH_CUDA
+      const at::Tensor& a = act_d1_source(L, x, saved);
+      const at::Tensor ra = second ? rx : at::Tensor();
+      if ((rgy.defined() || second) && cuda_fused_kernels() && activation_cuda_applies({gy, a, saved.aux, rgy, ra})) {
+        r.x = activation_r_backward_cuda(L.activation(), L.arg, a, saved.aux, gy, rgy, ra);  // one launch
+        return r;
+      }
+#endif
       if (rgy.defined()) r.x = act_times_d1(L, x, saved, rgy);
       if (rx.defined()) {
         const at::Tensor d2 = act_d2(L, saved);

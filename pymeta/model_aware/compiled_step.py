@@ -88,8 +88,9 @@ class CompiledStep:
     def __call__(self, batch) -> torch.Tensor:
         maml = self.maml
         with torch.no_grad():
-            sx, sy, qx, qy = maml._checked_batch(batch)
-            args = maml._core_args(sx, sy, qx, qy)
+            params = maml._params()
+            sx, sy, qx, qy = maml._checked_batch(batch, params)
+            args = maml._core_args(sx, sy, qx, qy, params=params)
             loss, grads, lr_grads, _, bn_stats = torch.ops.pymeta.net_maml_loss(
                 *args, True, self._learn_lrs
             )

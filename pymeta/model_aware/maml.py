@@ -277,6 +277,7 @@ class ModelAwareMAML(nn.Module):
                         )
                     )
         self.bn_steps = nn.ParameterList(rows)
+        self._param_slots = None  # the per-step rows replace the module's batch norm params
 
     def _make_bn_running_stats(self, track: bool) -> None:
         if not isinstance(track, bool):
@@ -325,11 +326,23 @@ class ModelAwareMAML(nn.Module):
             return list(self.inner_lr.lrs)
         return [getattr(self.inner_lr, f"lr_{i}") for i in range(len(self._adapted_params()))]
 
+    _param_slots = None  # where each core param lives: (module, attribute) or (None, bn_steps row)
+
     def _params(self) -> list[torch.Tensor]:
-        named = dict(self.module.named_parameters())
-        step_bn = self._step_bn_index if hasattr(self, "bn_steps") else {}
+        """The core's params, in its order. Read from each layer's ``_parameters`` (a
+        Parameter replaced on a layer is the one read), not by walking ``named_parameters``
+        on every call: the layers themselves are guarded by ``_check_model``."""
+        if self._param_slots is None:
+            modules = dict(self.module.named_modules())
+            step_bn = self._step_bn_index if hasattr(self, "bn_steps") else {}
+            slots = []
+            for name in self.spec.param_names:
+                path, _, attr = name.rpartition(".")
+                slots.append((None, step_bn[name]) if name in step_bn else (modules[path], attr))
+            self._param_slots = slots
         return [
-            self.bn_steps[step_bn[n]] if n in step_bn else named[n] for n in self.spec.param_names
+            self.bn_steps[attr] if module is None else module._parameters[attr]
+            for module, attr in self._param_slots
         ]
 
     # ------------------------------------------------------------------ public API
@@ -348,8 +361,11 @@ class ModelAwareMAML(nn.Module):
             meta-gradient computed by the core (it cannot be differentiated again). In
             training mode with ``track_bn_stats``, also updates the running statistics.
         """
-        sx, sy, qx, qy = self._checked_batch(batch)
-        loss, _, _, _, bn_stats = self._loss_op(*self._core_args(sx, sy, qx, qy), False, False)
+        params = self._params()
+        sx, sy, qx, qy = self._checked_batch(batch, params)
+        loss, _, _, _, bn_stats = self._loss_op(
+            *self._core_args(sx, sy, qx, qy, params=params), False, False
+        )
         if self.training and self.bn_running_stats is not None:
             self.bn_running_stats.update(bn_stats)
         return loss
@@ -375,12 +391,13 @@ class ModelAwareMAML(nn.Module):
 
         return CompiledStep(self, optimizer, max_grad_norm)
 
-    def _checked_batch(self, batch: TaskBatch) -> tuple:
-        """(support_x, support_y, query_x, query_y) of a batch, checked for the core."""
+    def _checked_batch(self, batch: TaskBatch, params: list | None = None) -> tuple:
+        """(support_x, support_y, query_x, query_y) of a batch, checked for the core (against
+        ``params``, the core's params when the caller has read them)."""
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch: expected a pymeta.TaskBatch, received {type(batch).__name__}")
         self._check_model()
-        ref = self._params()[0]
+        ref = (self._params() if params is None else params)[0]
         sx = self._inputs("batch.support_x", batch.support_x, ref)
         qx = self._inputs("batch.query_x", batch.query_x, ref)
         sy = self._targets("batch.support_y", batch.support_y)

@@ -45,6 +45,24 @@ PYMETA_AVX2 inline void column_block(int64_t j0, int64_t m, int64_t n, int64_t k
   for (; i < m; ++i) tile<1, NV, TA>(i, j0, m, n, k, A, B, accumulate, C);
 }
 
+// The last n % 8 columns [j0, n): tile's arithmetic with masked loads and stores (lanes past
+// the mask are neither read nor written).
+template <int MR, bool TA>
+PYMETA_AVX2 inline void tail_tile(int64_t i0, int64_t j0, int64_t m, int64_t n, int64_t k, const float* A,
+                                  const float* B, bool accumulate, __m256i mask, float* C) {
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r)
+    acc[r] = accumulate ? _mm256_maskload_ps(C + (i0 + r) * n + j0, mask) : _mm256_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    const __m256 b = _mm256_maskload_ps(B + p * n + j0, mask);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_set1_ps(TA ? A[p * m + i0 + r] : A[(i0 + r) * k + p]);
+      acc[r] = _mm256_fmadd_ps(a, b, acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm256_maskstore_ps(C + (i0 + r) * n + j0, mask, acc[r]);
+}
+
 template <bool TA>
 PYMETA_AVX2 void nn_avx2(int64_t m, int64_t n, int64_t k, const float* A, const float* B, bool accumulate,
                          float* C) {
@@ -52,14 +70,11 @@ PYMETA_AVX2 void nn_avx2(int64_t m, int64_t n, int64_t k, const float* A, const 
   for (; j + 24 <= n; j += 24) column_block<3, TA>(j, m, n, k, A, B, accumulate, C);
   for (; j + 8 <= n; j += 8) column_block<1, TA>(j, m, n, k, A, B, accumulate, C);
   if (j == n) return;
-  // The last n % 8 columns, scalar.
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t jj = j; jj < n; ++jj) {
-      float acc = accumulate ? C[i * n + jj] : 0.0f;
-      for (int64_t p = 0; p < k; ++p) acc += (TA ? A[p * m + i] : A[i * k + p]) * B[p * n + jj];
-      C[i * n + jj] = acc;
-    }
-  }
+  const __m256i mask =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) tail_tile<4, TA>(i, j, m, n, k, A, B, accumulate, mask, C);
+  for (; i < m; ++i) tail_tile<1, TA>(i, j, m, n, k, A, B, accumulate, mask, C);
 }
 
 PYMETA_AVX2 inline float hsum(__m256 v) {
@@ -150,9 +165,9 @@ bool small_gemm_avx2_available() {
 void small_gemm_avx2(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, const float* B,
                      float beta, float* C) {
   const bool accumulate = beta != 0.0f;
-  if (tb && n >= 8) {
-    // A B^T as A (B^T): B transposed once into a per-thread buffer, then the register-tiled
-    // kernel, about 3x the dot products' speed on the MLP's (10 x 40) (40 x 40)^T (measured with
+  if (tb && n % 8 == 0) {
+    // A B^T as A (B^T) when its columns fill whole vectors: B transposed once into a per-thread
+    // buffer, then the register-tiled kernel, about 3x the dot products' speed on the MLP's (10 x 40) (40 x 40)^T (measured with
     // benchmarks/train_step.py's core_op_only); the copy is n k moves against m n k FMAs.
     thread_local std::vector<float> bt;
     bt.resize(static_cast<size_t>(n * k));

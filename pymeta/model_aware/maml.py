@@ -200,10 +200,11 @@ class ModelAwareMAML(nn.Module):
         all frozen or all trainable: the core adapts whole layers)."""
         out = []
         for layer in self._param_layers():
-            flags = {"weight": layer.module.weight.requires_grad}
+            held = layer.module._parameters  # read directly: nn.Module.__getattr__ costs per call
+            flags = {"weight": held["weight"].requires_grad}
             if layer.bias_name:
-                flags["bias"] = layer.module.bias.requires_grad
-            if len(set(flags.values())) > 1:
+                flags["bias"] = held["bias"].requires_grad
+            if flags.get("bias", flags["weight"]) != flags["weight"]:
                 frozen = [a for a, f in flags.items() if not f]
                 trained = [a for a, f in flags.items() if f]
                 raise ValueError(

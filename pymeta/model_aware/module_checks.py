@@ -38,12 +38,15 @@ def _check_no_global_hooks() -> None:
             )
 
 
-def check_no_hooks(model: nn.Module) -> None:
+def check_no_hooks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Raises ValueError naming the module for a global hook, a hook on any module of the
-    model, or a forward set on an instance: the graph reader (``net_spec``) would not see them."""
+    model, or a forward set on an instance: the graph reader (``net_spec``) would not see them.
+    Returns the (name, module) pairs it walked (duplicates included)."""
     _check_no_global_hooks()
-    for name, module in model.named_modules(remove_duplicate=False):
+    walked = list(model.named_modules(remove_duplicate=False))
+    for name, module in walked:
         _check_runs_as_is(name, module)
+    return walked
 
 
 def _where(name: str, module) -> str:

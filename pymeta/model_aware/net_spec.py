@@ -381,6 +381,13 @@ class _GraphReader:
         self.add(node, spec, [args[0]])
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def sequential_positions(model: nn.Module) -> dict[str, int]:
     """model[i] index of every leaf module name, for (nested) nn.Sequential models without
     their own forward; {} for any other model."""
@@ -449,17 +456,23 @@ class NetSpec:
         """Raises ValueError if the model no longer computes the graph read at construction:
         a swapped layer, a hook, or a forward that traces differently (e.g. one that branches
         on self.training or on global state)."""
-        check_no_hooks(model)
-        for name, module in self.modules.items():
-            try:
-                now = model.get_submodule(name)
-            except AttributeError:
-                now = None
+        # One walk over the model's modules checks hooks and that each layer read then is
+        # still in its place.
+        found = 0
+        for name, now in check_no_hooks(model):
+            module = self.modules.get(name)
+            if module is None:
+                continue
             if now is not module:
-                raise ValueError(
-                    f"model: its layers changed since construction (model.{name} is not the "
-                    "layer read then); build a new ModelAwareMAML"
-                )
+                found = -1
+                break
+            found += 1
+        if found != len(self.modules):
+            changed = next(n for n, m in self.modules.items() if _submodule(model, n) is not m)
+            raise ValueError(
+                f"model: its layers changed since construction (model.{changed} is not the "
+                "layer read then); build a new ModelAwareMAML"
+            )
         if self.positions and sequential_positions(model) != self.positions:
             raise ValueError(
                 "model: its layers changed since construction; build a new ModelAwareMAML"

@@ -17,7 +17,9 @@ Workloads, second order, Adam lr 1e-3:
   examples of 10 classes, 5 inner steps, lr 0.1, cross-entropy.
 
 ``core_op_only`` is not a step: it times the compiled core's op alone (meta-loss and
-meta-gradient, no checks, no update) on the same batch, to show its share of the one call.
+meta-gradient, no checks, no update) on the same batch, to show its share of the one call;
+``checks_only`` (the batch and model checks before the op) and ``outer_update_only`` (the Adam
+op after it) time the rest of the one call, part by part.
 Times are medians of rotated rounds (harness.rotated_timings, samples >= 50 ms); "x vs jax" is
 JAX's time over the implementation's. JAX runs with ``--xla_cpu_multi_thread_eigen=false
 intra_op_parallelism_threads=1`` (set before it is imported) when --threads is 1.
@@ -96,6 +98,27 @@ def torch_steps(name: str) -> dict:
 
         return call
 
+    def checks_only(learner, batch):
+        def call():
+            learner._core_args(*learner._checked_batch(batch))
+
+        return call
+
+    def update_only(learner, batch):
+        # The one call's outer update alone (Adam on every parameter), on a learner of its own
+        # so that the other rows' parameters do not move.
+        step = learner.compile_step(torch.optim.Adam(learner.parameters(), lr=1e-3))
+        params = list(learner.parameters())
+        with torch.no_grad():
+            args = learner._core_args(*learner._checked_batch(batch))
+            grads = list(torch.ops.pymeta.net_maml_loss(*args, True, False)[1])
+
+        def call():
+            with torch.no_grad():
+                step._update(step.optimizer.param_groups[0], params, grads)
+
+        return call
+
     kwargs = dict(inner_lr=lr, inner_steps=steps, loss=loss)
     aware = pymeta.ModelAwareMAML(mlp(), **kwargs)
     compiled_learner = pymeta.ModelAwareMAML(mlp(), **kwargs)
@@ -107,6 +130,10 @@ def torch_steps(name: str) -> dict:
         # Not a training step: the core op alone (loss and meta-gradient, no update), to show
         # how much of the one call it is.
         "core_op_only": core_only(compiled_learner, batch),
+        # The rest of the one call, part by part: the argument and model checks before the op,
+        # and the outer update after it.
+        "checks_only": checks_only(compiled_learner, batch),
+        "outer_update_only": update_only(pymeta.ModelAwareMAML(mlp(), **kwargs), batch),
         "pymeta_aware": unfused(aware),
         "pymeta": unfused(pymeta.MAML(mlp(), **kwargs)),
         "torch_func": unfused(TorchFuncMAML(mlp(), **kwargs)),

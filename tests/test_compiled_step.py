@@ -187,8 +187,7 @@ def test_refusals_name_the_argument():
 def test_the_outer_update_ops_match_torch_optim_directly():
     """The ops on their own, float32, 100 steps against torch.optim on the same gradients. On the
     CPU each tensor's update is one loop in torch's operation order; ATen's vectorised kernels
-    fuse some multiply-adds, so a few last bits may differ (measured: within 2.3e-7 of each
-    tensor's largest value after 100 steps), never more than float rounding."""
+    fuse some multiply-adds, so a few last bits may differ, never more than float rounding."""
     g = torch.Generator().manual_seed(0)
     # 15 and 4 elements: ATen's scalar tails; 40 x 40: its vectorised body.
     params = [

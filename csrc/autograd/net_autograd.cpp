@@ -92,6 +92,13 @@ MamlLossResult maml_loss_autograd(at::TensorList params, at::TensorList lrs, con
                                   at::ArrayRef<double> step_weights, int64_t lr_mode, int64_t loss,
                                   bool first_order, bool compute_grads, bool compute_lr_grads) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").typed<MamlLossFn>();
+  if (!at::GradMode::is_enabled()) {
+    // No graph to record (the compiled step, evaluation): the op itself, without the autograd
+    // Function's bookkeeping.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(params, lrs, sx, sy, qx, qy, layers, layer_args, step_weights, lr_mode, loss, first_order,
+                   compute_grads, compute_lr_grads);
+  }
   const CoreOptions o{layers,        layer_args,       step_weights, lr_mode, loss, first_order,
                       compute_grads, compute_lr_grads, at::GradMode::is_enabled()};
   variable_list out = MamlLoss::apply(op, params, lrs, sx, sy, qx, qy, o);

@@ -24,10 +24,12 @@ Steps, each reported as it ends; the exit status is 1 when any step failed:
    MAML and the per-task autograd loop in the same run. ``pymeta_aware`` is the default
    (task-batched on a GPU), ``pymeta_aware_one_task_at_a_time`` the same core one task at a
    time, ``pymeta_aware_aten`` the same core with its fused CUDA kernels off (their ATen
-   twins). Workloads: sinusoid (1-40-40-1, 25 tasks, 10 support and 10 query points, 1 inner
-   step), omniglot-shaped conv4 (5-way 1-shot, 15 queries, 28x28, 32 tasks, 1 inner step) and
-   ResNet-12 (``resnet12_step.py``'s default size: widths 32-80-160-320, 32x32, 5-way 1-shot,
-   15 queries, 2 tasks, 5 inner steps).
+   twins), and, on CUDA only, ``pymeta_aware_cuda_graph`` the core op captured in a CUDA graph
+   once and replayed (its row reports a capture the core cannot make). Workloads: sinusoid
+   (1-40-40-1, 25 tasks, 10 support and 10 query points, 1 inner step), omniglot-shaped conv4
+   (5-way 1-shot, 15 queries, 28x28, 32 tasks, 1 inner step) and ResNet-12
+   (``resnet12_step.py``'s default size: widths 32-80-160-320, 32x32, 5-way 1-shot, 15 queries,
+   2 tasks, 5 inner steps).
    ``--quick`` shrinks every workload for a smoke test.
 """
 
@@ -65,6 +67,33 @@ try:  # a fresh machine may have no torch yet: then only the build step runs, in
 
         return Aware
 
+    class AwareCudaGraph(pymeta.ModelAwareMAML):
+        """ModelAwareMAML's core op (meta-loss and meta-gradient; the batch checked once, when
+        captured) recorded in a CUDA graph on the first step and replayed after: what graphs
+        gain on a fixed-shape meta-step. The gradients land in ``.grad`` as after backward().
+        CUDA only; a capture the core cannot make (a host sync inside it) is reported in its
+        row."""
+
+        _graph = None
+
+        def meta_step(self, batch) -> None:
+            if self._graph is None:
+                params = self._params()
+                args = self._core_args(*self._checked_batch(batch, params), params=params)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), torch.no_grad():
+                    for _ in range(3):  # warm-up off the capture, as torch.cuda.graph asks
+                        torch.ops.pymeta.net_maml_loss(*args, True, False)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.no_grad(), torch.cuda.graph(graph):
+                    self._out = torch.ops.pymeta.net_maml_loss(*args, True, False)
+                self._graph, self._graph_params = graph, params
+            self._graph.replay()
+            for p, g in zip(self._graph_params, self._out[1]):
+                p.grad = g
+
     IMPLEMENTATIONS = {
         "per_task_loop": PerTaskLoopMAML, "torch_func": TorchFuncMAML,
         "pymeta": pymeta.MAML, "pymeta_aware": pymeta.ModelAwareMAML,
@@ -72,7 +101,9 @@ try:  # a fresh machine may have no torch yet: then only the build step runs, in
         # gains on this device; and with its fused CUDA kernels off (their ATen twins).
         "pymeta_aware_one_task_at_a_time": aware_with("task_batch", 1),
         "pymeta_aware_aten": aware_with("cuda_fused_kernels", False),
+        "pymeta_aware_cuda_graph": AwareCudaGraph,
     }  # fmt: skip
+    CUDA_ONLY = ("pymeta_aware_cuda_graph",)
 except ImportError:
     torch = None
 REFERENCES = ("torch_func", "per_task_loop")
@@ -129,6 +160,9 @@ def synchronize(device: "torch.device") -> None:
 
 
 def meta_step(maml, model, batch) -> None:
+    if hasattr(maml, "meta_step"):  # the CUDA-graph variant replays its own step
+        maml.meta_step(batch)
+        return
     model.zero_grad(set_to_none=True)
     maml.meta_loss(batch).backward()
 
@@ -167,11 +201,13 @@ def speed_table(device: "torch.device", steps: int, quick: bool) -> tuple[str, b
     ]
     ok = True
     for workload, spec in workloads(quick).items():
-        results = {name: measure(name, spec, device, steps) for name in IMPLEMENTATIONS}
+        names = [n for n in IMPLEMENTATIONS if device.type == "cuda" or n not in CUDA_ONLY]
+        results = {name: measure(name, spec, device, steps) for name in names}
         for name, r in results.items():
             if "error" in r:
                 lines.append(f"| {workload} | {name} | {r['error']} | | | |")
-                ok = ok and not name.startswith("pymeta")  # both variants run on every device
+                # Both variants run on every device; the CUDA-graph capture is an experiment.
+                ok = ok and (not name.startswith("pymeta") or name in CUDA_ONLY)
                 continue
             peak = f"{r['peak'] / 2**20:.1f}" if r["peak"] is not None else "n/a"
             ratios = []
@@ -208,7 +244,7 @@ def parity_table(device: "torch.device") -> tuple[str, bool]:
         ref_maml = PerTaskLoopMAML(reference_model, inner_lr=0.1, inner_steps=2, loss=spec["loss"])
         ref_loss = ref_maml.meta_loss(spec["batch"](torch.float64, torch.device("cpu")))
         ref_grads = torch.autograd.grad(ref_loss, list(reference_model.parameters()))
-        for name in [n for n in IMPLEMENTATIONS if n.startswith("pymeta")]:
+        for name in [n for n in IMPLEMENTATIONS if n.startswith("pymeta") and n not in CUDA_ONLY]:
             model = spec["model"]().double()
             model.load_state_dict(reference_model.state_dict())
             model.to(device)

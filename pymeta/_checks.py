@@ -28,8 +28,8 @@ def check_min_dim(name: str, value: torch.Tensor, min_dim: int, layout: str) -> 
 
 
 def check_finite(name: str, value: torch.Tensor) -> None:
-    # max |x| is finite exactly when every element is (max propagates NaN): one reduction, a
-    # fifth of isfinite(x).all()'s cost on the small sets of a drop-in adapt() call.
+    # max |x| is finite exactly when every element is (max propagates NaN): one reduction where
+    # isfinite(x).all() is several ops, which counts on the small sets of a drop-in adapt() call.
     if value.is_floating_point() and value.numel() and not math.isfinite(value.abs().max()):
         raise ValueError(f"{name}: expected finite values, received NaN or infinity")
 

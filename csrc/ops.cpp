@@ -54,6 +54,9 @@ TORCH_LIBRARY(pymeta, m) {
       "net_layer_rules(int[] layer, float layer_arg, Tensor x, Tensor? x2, Tensor? weight, "
       "Tensor? bias, Tensor grad_y, Tensor? r_x, Tensor? r_x2, Tensor? r_weight, Tensor? r_bias, "
       "Tensor? r_grad_y, int tasks=1) -> Tensor[]");
+  // The core's per-task matrix product on its own, for tests (csrc/cpu/small_gemm_op.cpp):
+  // op(a) op(b), plus c when given, with op a transpose where asked; row-major float32/float64.
+  m.def("small_gemm(Tensor a, Tensor b, bool transpose_a, bool transpose_b, Tensor? c=None) -> Tensor");
   // The outer update of a compiled meta-step (csrc/optim/outer_step.cpp), in place: torch's
   // Adam (decoupled_weight_decay: AdamW) and SGD with momentum, op for op as their single-tensor
   // implementations, after clipping the grads (in place) to a total 2-norm of max_grad_norm

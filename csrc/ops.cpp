@@ -58,10 +58,10 @@ TORCH_LIBRARY(pymeta, m) {
   // op(a) op(b), plus c when given, with op a transpose where asked; row-major float32/float64.
   m.def("small_gemm(Tensor a, Tensor b, bool transpose_a, bool transpose_b, Tensor? c=None) -> Tensor");
   // The outer update of a compiled meta-step (csrc/optim/outer_step.cpp), in place: torch's
-  // Adam (decoupled_weight_decay: AdamW) and SGD with momentum, op for op as their single-tensor
-  // implementations, after clipping the grads (in place) to a total 2-norm of max_grad_norm
-  // when it is > 0. steps: Adam's per-param step counts (0-dim). sgd_step's first: the momentum
-  // buffers are new and take the first gradient.
+  // Adam (decoupled_weight_decay: AdamW) and SGD with momentum, in the operation order of their
+  // single-tensor implementations, after clipping the grads (in place) to a total 2-norm of
+  // max_grad_norm when it is > 0. steps: Adam's per-param step counts (0-dim). sgd_step's first:
+  // the momentum buffers are new and take the first gradient.
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "

@@ -1,10 +1,10 @@
 // The outer (meta-parameter) update of a compiled meta-step (ModelAwareMAML.compile_step): torch's
-// Adam/AdamW and SGD with momentum, as their single-tensor implementations compute them
-// (torch/optim/adam.py, sgd.py), op for op, so the parameters equal optimizer.step()'s; plus
-// gradient clipping by the total 2-norm as torch.nn.utils.clip_grad_norm_ does it. One call for
-// all tensors: the per-parameter Python loop of torch.optim is what costs. On the CPU each
-// tensor's update is one loop over its elements in torch's operation order (ATen ops cost ~2 us a
-// call: 100 us for the sinusoid MLP's six tensors, 10x the loops); elsewhere, ATen ops.
+// Adam/AdamW and SGD with momentum in the operation order of their single-tensor implementations
+// (torch/optim/adam.py, sgd.py), so the parameters equal optimizer.step()'s to float rounding;
+// plus gradient clipping by the total 2-norm as torch.nn.utils.clip_grad_norm_ does it. One call
+// for all tensors: the per-parameter Python loop of torch.optim is what costs. On the CPU each
+// tensor's update is one loop over its elements (in ATen ops, Adam is about ten calls per tensor,
+// each costing more than a small tensor's arithmetic); elsewhere, those ATen ops.
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>

@@ -3,7 +3,8 @@ then ``loss = step(batch)`` does what ``opt.zero_grad(); maml.meta_loss(batch).b
 opt.step()`` does, with the same parameters to float rounding, but without the autograd round
 trip or torch.optim's per-parameter Python loop: the core computes the loss and the exact
 meta-gradient (``torch.ops.pymeta.net_maml_loss``), and one op applies the optimizer's update to
-every parameter (``torch.ops.pymeta.adam_step`` / ``sgd_step``, torch's formulas op for op).
+every parameter (``torch.ops.pymeta.adam_step`` / ``sgd_step``, torch's formulas in its operation
+order, equal to ``optimizer.step()`` to float rounding).
 
 The optimizer's state stays in the optimizer, in torch's own layout (``step``, ``exp_avg``,
 ``exp_avg_sq``; ``momentum_buffer``), and its hyper-parameters are read from its param groups at

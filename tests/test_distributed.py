@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -132,7 +133,15 @@ def _worker(rank: int, world: int, port: int, out: str, job: str, args: tuple) -
         torch.save(result, f"{out}.{rank}")
     finally:
         if dist.is_initialized() and job != "die":
+            dist.barrier()  # no rank tears gloo down while another still talks to it
             dist.destroy_process_group()
+    # The result is on disk: leave without the interpreter's teardown, where torch's gloo
+    # threads can still abort a finished process (SIGABRT, "terminate called without an active
+    # exception"; seen once in .ci/run, on a rank that had written a correct result). An error
+    # above propagates instead, with its traceback and a non-zero exit code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(tmp_path, job: str, args: tuple, world: int = 2, join_timeout: float = 120.0):

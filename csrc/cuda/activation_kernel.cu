@@ -9,14 +9,11 @@
 #include <algorithm>
 
 #include "cuda/fused_layers.h"
+#include "cuda/launch.h"
 #include "net/activation_math.h"
 
 namespace pymeta {
 namespace {
-
-constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8)); }
 
 template <typename T>
 __global__ void times_d1_kernel(int64_t n, Activation act, T slope, const T* __restrict__ a, const T* __restrict__ h,

@@ -10,11 +10,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/fused_layers.h"
+#include "cuda/launch.h"
 
 namespace pymeta {
 namespace {
-
-constexpr int kThreads = 256;
 
 // Where element j of channel c lies in x: x is (outer, C, inner) in memory, inner = 1 for (N, C)
 // and for channels-last images; `count` = outer * inner elements per channel.
@@ -220,6 +219,18 @@ void check_input(const char* rule, const at::Tensor& x) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
+// The outputs a backward rule writes: dL/dx (with need_x) in x's layout, dL/dw and dL/db (C)
+// with affine parameters.
+BnGrads grads_for(const at::Tensor& x, bool need_x, bool affine) {
+  BnGrads r;
+  if (need_x) r.x = at::empty_like(x);
+  if (affine) {
+    r.w = at::empty({x.size(1)}, x.options());
+    r.b = at::empty({x.size(1)}, x.options());
+  }
+  return r;
+}
+
 }  // namespace
 
 bool bn_cuda_applies(const at::Tensor& x) {
@@ -252,12 +263,7 @@ BnGrads bn_backward_cuda(const at::Tensor& x, const at::Tensor& mean_in, const a
   const at::Tensor gy = like_x("gy", gy_in, x), mean = channel_operand("mean", mean_in, x),
                    inv_std = channel_operand("inv_std", inv_std_in, x), w = channel_operand("w", w_in, x);
   const ChannelView v = channel_view(x);
-  BnGrads r;
-  if (need_x) r.x = at::empty_like(x);
-  if (w.defined()) {
-    r.w = at::empty({v.C}, x.options());
-    r.b = at::empty({v.C}, x.options());
-  }
+  BnGrads r = grads_for(x, need_x, w.defined());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_backward_cuda", [&] {
     bn_backward_kernel<scalar_t><<<v.C, kThreads, 0, stream()>>>(
         v, x.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(),
@@ -299,12 +305,7 @@ BnGrads bn_r_backward_cuda(const at::Tensor& x, const at::Tensor& mean_in, const
                    inv_std = channel_operand("inv_std", inv_std_in, x), w = channel_operand("w", w_in, x),
                    uw = channel_operand("uw", uw_in, x);
   const ChannelView v = channel_view(x);
-  BnGrads r;
-  if (need_x) r.x = at::empty_like(x);
-  if (w.defined()) {
-    r.w = at::empty({v.C}, x.options());
-    r.b = at::empty({v.C}, x.options());
-  }
+  BnGrads r = grads_for(x, need_x, w.defined());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_r_backward_cuda", [&] {
     bn_r_backward_kernel<scalar_t><<<v.C, kThreads, 0, stream()>>>(
         v, x.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), rgy.const_data_ptr<scalar_t>(),

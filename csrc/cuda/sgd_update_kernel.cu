@@ -12,13 +12,10 @@
 #include <vector>
 
 #include "sgd_update.h"
+#include "cuda/launch.h"
 
 namespace pymeta {
 namespace {
-
-constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8)); }
 
 template <typename scalar_t>
 __global__ void sgd_update_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ g,

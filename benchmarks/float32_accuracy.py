@@ -23,13 +23,14 @@ from torch import nn
 
 import pymeta
 
-# name -> (implementation, (channels_last, fused_kernels)) for pymeta._C.set_cpu_fast_paths
+# name -> (implementation, (channels_last, fused_kernels, gemm_weight_grads)) for
+# pymeta._C.set_cpu_fast_paths
 IMPLEMENTATIONS = {
-    "per_task_loop": (PerTaskLoopMAML, (True, True)),
-    "pymeta": (pymeta.MAML, (True, True)),
-    "pymeta_aware": (pymeta.ModelAwareMAML, (True, True)),
-    "pymeta_aware_fused_off": (pymeta.ModelAwareMAML, (True, False)),
-    "pymeta_aware_aten": (pymeta.ModelAwareMAML, (False, False)),
+    "per_task_loop": (PerTaskLoopMAML, (True, True, True)),
+    "pymeta": (pymeta.MAML, (True, True, True)),
+    "pymeta_aware": (pymeta.ModelAwareMAML, (True, True, True)),
+    "pymeta_aware_fused_off": (pymeta.ModelAwareMAML, (True, False, True)),
+    "pymeta_aware_aten": (pymeta.ModelAwareMAML, (False, False, False)),
 }
 NETWORKS = {"relu-max": (nn.ReLU, nn.MaxPool2d), "tanh-avg": (nn.Tanh, nn.AvgPool2d)}
 
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
         batch64 = pymeta.TaskBatch(
             *(t.double() if t.is_floating_point() else t for t in batch32.__dict__.values())
         )
-        truth = meta_gradient(PerTaskLoopMAML, model64, batch64, (True, True))
+        truth = meta_gradient(PerTaskLoopMAML, model64, batch64, (True, True, True))
         for name, (impl, paths) in IMPLEMENTATIONS.items():
             errors[name].append(relative_error(meta_gradient(impl, model32, batch32, paths), truth))
     print(

@@ -27,12 +27,16 @@ import pymeta
 from pymeta.memory import retain_freed_memory
 
 GROUPS = {
-    "convolution": ("convolution",),
+    "convolution": ("convolution", "_slow_conv2d"),
     "batch norm": ("batch_norm",),
     "max pooling": ("max_pool2d",),
     "ReLU": ("threshold_backward", "clamp_min", "relu"),
     "fused (pymeta)": ("pymeta::",),
 }
+CONV_KERNELS = (
+    "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+    "aten::_slow_conv2d_backward",
+)  # fmt: skip
 
 
 def conv_macs_per_image(model: nn.Sequential, image=(1, 28, 28)) -> int:
@@ -46,6 +50,33 @@ def conv_macs_per_image(model: nn.Sequential, image=(1, 28, 28)) -> int:
             macs += layer.in_features * layer.out_features
         x = y
     return macs
+
+
+def profile_table(mamls: dict, step, steps: int) -> None:
+    """One row per implementation: self CPU time per meta-step (``step(maml)``, averaged over
+    ``steps`` profiled steps after a warm-up) by op group, and its convolution calls."""
+    groups = " | ".join(GROUPS)
+    print(f"| implementation | {groups} | other | total (profiled) | conv calls |")
+    print("|---|" + "---:|" * (len(GROUPS) + 3))
+    for name, maml in mamls.items():
+        step(maml)  # warm-up
+        with profile() as prof:
+            for _ in range(steps):
+                step(maml)
+        ms, conv_calls = defaultdict(float), 0
+        for event in prof.key_averages():
+            if not event.key.startswith(("aten::", "pymeta::")):
+                continue
+            group = next(
+                (g for g, keys in GROUPS.items() if any(k in event.key for k in keys)), "other"
+            )
+            ms[group] += event.self_cpu_time_total / 1e3 / steps
+            # The kernels' own ops (not the aten::convolution wrappers around them).
+            if event.key in CONV_KERNELS:
+                conv_calls += event.count
+        total = sum(ms.values())
+        cells = " | ".join(f"{ms[g]:.0f} ms" for g in (*GROUPS, "other"))
+        print(f"| {name} | {cells} | {total:.0f} ms | {conv_calls / steps:.0f} |", flush=True)
 
 
 def main() -> int:
@@ -63,25 +94,8 @@ def main() -> int:
     macs = 8 * per_image * (3 * 75 + 9 * 5)
     print(f"conv4 forward: {per_image / 1e6:.2f} M multiply-adds per 28x28 image")
     print(f"one meta-step (8 tasks, 5 support + 75 query images): ~{2 * macs / 1e9:.0f} GFLOP\n")
-    print("| implementation | " + " | ".join(GROUPS) + " | other | total (profiled) |")
-    print("|---|" + "---:|" * (len(GROUPS) + 2))
-    for name in ("pymeta_aware", "per_task_loop"):
-        maml = build(name, model, "second")
-        meta_step(maml, model, batch)  # warm-up
-        with profile() as prof:
-            for _ in range(args.steps):
-                meta_step(maml, model, batch)
-        ms = defaultdict(float)
-        for event in prof.key_averages():
-            if not event.key.startswith(("aten::", "pymeta::")):
-                continue
-            group = next(
-                (g for g, keys in GROUPS.items() if any(k in event.key for k in keys)), "other"
-            )
-            ms[group] += event.self_cpu_time_total / 1e3 / args.steps
-        total = sum(ms.values())
-        cells = " | ".join(f"{ms[g]:.0f} ms" for g in (*GROUPS, "other"))
-        print(f"| {name} | {cells} | {total:.0f} ms |")
+    mamls = {name: build(name, model, "second") for name in ("pymeta_aware", "per_task_loop")}
+    profile_table(mamls, lambda maml: meta_step(maml, model, batch), args.steps)
     return 0
 
 

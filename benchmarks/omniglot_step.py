@@ -11,11 +11,13 @@ Usage::
 
 Timing as in compare.py (rounds rotate the implementations; medians), memory as the peak RSS of
 one meta-step beyond the RSS at its start (harness.peak_rss_bytes), all in this one process.
-``pymeta_aware_channels_last`` and ``pymeta_aware_aten`` are ModelAwareMAML with the core's fused
-kernels off, and with both its CPU fast paths off (every layer in ATen ops, default layout, as
-on CUDA). ``per_task_loop_channels_last`` is the per-task loop with images and convolution
-weights in the channels-last layout that ModelAwareMAML's core uses on the CPU: it shows what
-the layout alone gains. ``--retain-freed-memory`` first calls
+``pymeta_aware_onednn_weight_grads``, ``pymeta_aware_channels_last`` and
+``pymeta_aware_aten`` are ModelAwareMAML with every convolution weight gradient from oneDNN (no
+matrix-product path), with the channels-last layout as its only fast path, and with all its CPU
+fast paths off (every layer in ATen ops, default layout, as on CUDA).
+``per_task_loop_channels_last`` is the per-task loop with images and convolution weights in the
+channels-last layout that ModelAwareMAML's core uses on the CPU: it shows what the layout alone
+gains. ``--retain-freed-memory`` first calls
 pymeta.memory.retain_freed_memory() (as ``python -m pymeta`` does), so freed activations are
 reused rather than faulted in again every task; the minor page faults and system time per
 meta-step are reported either way.
@@ -30,13 +32,21 @@ import sys
 import torch
 from baselines import ChannelsLastPerTaskLoopMAML
 from harness import peak_rss_bytes, rotated_timings
-from workloads import IMPLEMENTATIONS, ORDERS, available
+from workloads import (
+    IMPLEMENTATIONS,
+    ORDERS,
+    AtenOnlyMAML,
+    ChannelsLastOnlyMAML,
+    OnednnWeightGradsMAML,
+    available,
+)
 
 import pymeta
 from pymeta.memory import retain_freed_memory
 
 CONV_IMPLEMENTATIONS = (
     "pymeta_aware",
+    "pymeta_aware_onednn_weight_grads",
     "pymeta_aware_channels_last",
     "pymeta_aware_aten",
     "pymeta",
@@ -58,33 +68,11 @@ def make_batch(
     return pymeta.TaskBatch(x(k_shot), y(k_shot), x(k_query), y(k_query))
 
 
-class CorePathsMAML(pymeta.ModelAwareMAML):
-    """ModelAwareMAML with some of the layered core's CPU fast paths switched off for its own
-    meta-steps (``pymeta._C.set_cpu_fast_paths``): what each path gains, measured in one run."""
-
-    paths = (True, True)  # (channels_last, fused_kernels)
-
-    def meta_loss(self, batch):
-        saved = pymeta._C.cpu_fast_paths()
-        pymeta._C.set_cpu_fast_paths(*self.paths)
-        try:
-            return super().meta_loss(batch)
-        finally:
-            pymeta._C.set_cpu_fast_paths(*saved)
-
-
-class ChannelsLastOnlyMAML(CorePathsMAML):
-    paths = (True, False)
-
-
-class AtenOnlyMAML(CorePathsMAML):
-    paths = (False, False)
-
-
 # The loop with the channels-last layout that ModelAwareMAML's core uses on the CPU, and the core
-# with its fused kernels off (channels-last only) and with both fast paths off (ATen ops only).
+# with every weight gradient from oneDNN, with channels-last only, and with every fast path off.
 CONV_ONLY = {
     "per_task_loop_channels_last": ChannelsLastPerTaskLoopMAML,
+    "pymeta_aware_onednn_weight_grads": OnednnWeightGradsMAML,
     "pymeta_aware_channels_last": ChannelsLastOnlyMAML,
     "pymeta_aware_aten": AtenOnlyMAML,
 }

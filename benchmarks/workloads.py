@@ -31,6 +31,33 @@ class LayeredAwareMAML(pymeta.ModelAwareMAML):
             pymeta._C.set_mlp_fast_path(True)
 
 
+class CorePathsMAML(pymeta.ModelAwareMAML):
+    """ModelAwareMAML with some of the layered core's CPU fast paths switched off for its own
+    meta-steps (``pymeta._C.set_cpu_fast_paths``): what each path gains, measured in one run."""
+
+    paths = (True, True, True)  # (channels_last, fused_kernels, gemm_weight_grads)
+
+    def meta_loss(self, batch):
+        saved = pymeta._C.cpu_fast_paths()
+        pymeta._C.set_cpu_fast_paths(*self.paths)
+        try:
+            return super().meta_loss(batch)
+        finally:
+            pymeta._C.set_cpu_fast_paths(*saved)
+
+
+class ChannelsLastOnlyMAML(CorePathsMAML):
+    paths = (True, False, False)
+
+
+class OnednnWeightGradsMAML(CorePathsMAML):
+    paths = (True, True, False)
+
+
+class AtenOnlyMAML(CorePathsMAML):
+    paths = (False, False, False)
+
+
 # All take pymeta.MAML's arguments: (model, inner_lr, inner_steps, first_order, loss).
 IMPLEMENTATIONS = {
     "pymeta": pymeta.MAML,

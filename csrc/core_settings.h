@@ -30,8 +30,9 @@ inline std::atomic<int64_t>& recomputed_layers() {
   return count;
 }
 
-// The layered core's CPU fast paths, both on by default: the channels-last layout for images
-// and convolution weights, and the fused kernels (cpu/bn_relu_pool.h, cpu/bn_tangent.h). Off,
+// The layered core's CPU fast paths, all on by default: the channels-last layout for images
+// and convolution weights, the fused kernels (cpu/bn_relu_pool.h, cpu/bn_tangent.h), and (below)
+// matrix-product weight gradients. Off,
 // the core runs every layer in ATen ops, as it does on CUDA: tests switch them off to keep those
 // rules tested on the CPU, and benchmarks/omniglot_step.py to measure what each path gains.
 inline std::atomic<bool>& cpu_channels_last() {
@@ -39,6 +40,12 @@ inline std::atomic<bool>& cpu_channels_last() {
   return on;
 }
 inline std::atomic<bool>& cpu_fused_kernels() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+// The third: convolution weight gradients at small shapes as matrix products (net/layers.cpp,
+// weight_grad_by_gemm) instead of oneDNN's backward-weights kernels.
+inline std::atomic<bool>& cpu_gemm_weight_grads() {
   static std::atomic<bool> on{true};
   return on;
 }

@@ -123,17 +123,19 @@ PYBIND11_MODULE(_C, m) {
         "Sets that limit (bytes >= 0; 0 keeps nothing, as without the cache).");
   m.def("release_workspaces", &pymeta::release_workspaces, "Frees every cached block.");
   m.def("cpu_fast_paths", [] {
-        return pybind11::make_tuple(pymeta::cpu_channels_last().load(), pymeta::cpu_fused_kernels().load());
+        return pybind11::make_tuple(pymeta::cpu_channels_last().load(), pymeta::cpu_fused_kernels().load(),
+                                    pymeta::cpu_gemm_weight_grads().load());
       },
-        "(channels_last, fused_kernels): whether the layered core's CPU fast paths are on.");
+        "(channels_last, fused_kernels, gemm_weight_grads): whether the layered core's CPU fast paths are on.");
   m.def("set_cpu_fast_paths",
-        [](bool channels_last, bool fused_kernels) {
+        [](bool channels_last, bool fused_kernels, bool gemm_weight_grads) {
           pymeta::cpu_channels_last().store(channels_last);
           pymeta::cpu_fused_kernels().store(fused_kernels);
+          pymeta::cpu_gemm_weight_grads().store(gemm_weight_grads);
         },
-        pybind11::arg("channels_last"), pybind11::arg("fused_kernels"),
-        "Switches the layered core's CPU fast paths (both on by default); off, every layer runs in ATen "
-        "ops in the default layout. For tests and benchmarks.");
+        pybind11::arg("channels_last"), pybind11::arg("fused_kernels"), pybind11::arg("gemm_weight_grads"),
+        "Switches the layered core's CPU fast paths (all on by default); off, every layer runs in ATen "
+        "ops in the default layout, convolutions through the library's kernels. For tests and benchmarks.");
   m.def("cuda_fused_kernels", [] { return pymeta::cuda_fused_kernels().load(); },
         "Whether the layered core's fused CUDA kernels (batch norm, activations) are on, where built.");
   m.def("set_cuda_fused_kernels", [](bool on) { pymeta::cuda_fused_kernels().store(on); }, pybind11::arg("on"),

@@ -226,7 +226,8 @@ def check(case, primals, tangents, gy, rgy, what):
 
 @contextmanager
 def cpu_fast_paths(paths):
-    """The CPU fast paths (channels_last, fused_kernels) set to paths, restored after."""
+    """The CPU fast paths (channels_last, fused_kernels, gemm_weight_grads) set to paths, restored
+    after."""
     saved = pymeta._C.cpu_fast_paths()
     pymeta._C.set_cpu_fast_paths(*paths)
     try:
@@ -236,7 +237,10 @@ def cpu_fast_paths(paths):
         pymeta._C.set_cpu_fast_paths(*saved)
 
 
-@pytest.fixture(params=[(True, True), (False, False)], ids=["fast", "aten"])
+@pytest.fixture(
+    params=[(True, True, True), (True, True, False), (False, False, False)],
+    ids=["fast", "fast-onednn-weight-grads", "aten"],
+)
 def fast_paths(request):
     # The CPU fast paths on and off. Of the two, the rules read only the fused kernels' switch
     # (batch norm over 2-D or channels-last 4-D inputs); channels-last conversion happens in
@@ -320,7 +324,7 @@ def test_weight_tangent_without_bias_tangent(name, absent):
     case = CASES[name]
     primals, tangents, gy, rgy = inputs_for(case)
     tangents[absent] = None
-    with cpu_fast_paths((False, False)):
+    with cpu_fast_paths((False, False, False)):
         check(case, primals, tangents, gy, rgy, f"{name} without {TANGENTS[absent]}")
 
 
@@ -345,7 +349,7 @@ def test_the_fast_paths_reach_the_fused_batch_norm_kernels(name, layout):
     case = CASES[name]
     inputs = in_layout(layout, *inputs_for(case))
     runs = []
-    for paths in [(True, True), (False, False)]:
+    for paths in [(True, True, True), (False, False, False)]:
         with cpu_fast_paths(paths):
             runs.append(run_op(case, *inputs))
     assert any(not torch.equal(a, b) for a, b in zip(*runs) if a is not None)
@@ -396,3 +400,64 @@ def test_task_batched_rules_check_the_task_dim():
         torch.ops.pymeta.net_layer_rules(
             case.row(), case.arg, x, None, w, b, gy, *tangents, rgy, tasks=2
         )
+
+
+# ------------------------------------------------- convolution weight gradients by matrix products
+def conv_case(n, channels, out, size, kernel, stride=1, padding=1):
+    ints = conv_ints((stride, stride), (padding, padding))
+    return Case(
+        "conv2d", 1, ints, conv_fn(stride, padding), (n, channels, size, size),
+        w=(out, channels, kernel, kernel), b=(out,),
+    )  # fmt: skip
+
+
+# (case, whether the core's shape rule takes the matrix-product path): kernels beyond 1x1 with
+# few output positions (N * Ho * Wo <= 320), or 4x4 maps with patches of >= 1024 values; the
+# rest stays with oneDNN.
+WEIGHT_GRAD_PATHS = {
+    "few-positions": (conv_case(3, 2, 3, 8, 3), True),
+    "few-positions-stride2": (conv_case(4, 5, 6, 9, 3, stride=2), True),
+    "1x1-kernel": (conv_case(4, 5, 6, 9, 1, stride=2, padding=0), False),
+    "4x4-deep-patches": (conv_case(30, 120, 4, 4, 3), True),
+    "many-positions": (conv_case(8, 2, 3, 12, 3), False),
+    "4x4-shallow-patches": (conv_case(30, 8, 4, 4, 3), False),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHT_GRAD_PATHS))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_conv_weight_gradients_by_either_path_match_autograd(name, layout, tasks):
+    """The weight gradient and its tangent by matrix products (the fast path) or by the library's
+    kernels (switched off): both match autograd, per task, and the shape rule picks the path
+    (the two differ in the last bits exactly where it takes the matrix products)."""
+    case, by_gemm = WEIGHT_GRAD_PATHS[name]
+    per_task = [in_layout(layout, *inputs_for(case, seed=20 + t)) for t in range(tasks)]
+    runs = {}
+    for gemm in (True, False):
+        with cpu_fast_paths((True, True, gemm)):
+            for t, inputs in enumerate(per_task):
+                check(case, *inputs, f"{name} ({layout}, task {t}, gemm path {gemm})")
+            if tasks == 1:
+                runs[gemm] = run_op(case, *per_task[0])
+            else:  # the task-batched layout: values folded along dim 1, params stacked
+                x, w, b, rx, uw, ub = (
+                    (fold if i == 0 else torch.stack)([pt[part][i] for pt in per_task])
+                    for part, i in ((0, 0), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3))
+                )
+                gy, rgy = (fold([pt[i] for pt in per_task]) for i in (2, 3))
+                got = torch.ops.pymeta.net_layer_rules(
+                    case.row(), case.arg, x, None, w, b, gy, rx, None, uw, ub, rgy, tasks=tasks
+                )
+                for k, out_name in enumerate(OUTPUTS):
+                    if out_name in ("dw", "R{dw}"):
+                        want = torch.stack([run_op(case, *pt)[k] for pt in per_task])
+                        assert rel_err(got[k], want) < 1e-13, (out_name, gemm)
+                runs[gemm] = got
+    weight_outputs = [OUTPUTS.index("dw"), OUTPUTS.index("R{dw}")]
+    same = all(torch.equal(runs[True][k], runs[False][k]) for k in weight_outputs)
+    assert same != by_gemm, f"{name}: expected the {'matrix-product' if by_gemm else 'oneDNN'} path"
+    # The other outputs never take the matrix-product path.
+    for k, out_name in enumerate(OUTPUTS):
+        if k not in weight_outputs and runs[True][k] is not None:
+            assert torch.equal(runs[True][k], runs[False][k]), out_name

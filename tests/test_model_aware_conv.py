@@ -98,12 +98,17 @@ def test_equals_model_agnostic_maml(net, steps, first_order, loss):
     assert_close_grads(grads_of(la, params), grads_of(lb, params))
 
 
-@pytest.mark.parametrize("paths", [(True, False), (False, False)], ids=["channels-last", "aten"])
+@pytest.mark.parametrize(
+    "paths",
+    [(True, False, True), (True, True, False), (False, False, False)],
+    ids=["channels-last", "onednn-weight-grads", "aten"],
+)
 @pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("first_order", [False, True])
 def test_without_the_cpu_fast_paths(paths, net, first_order):
-    # The same parity with the fused kernels off (channels-last ATen ops) and with both CPU fast
-    # paths off (ATen ops in the default layout: the rules the core runs on CUDA).
+    # The same parity with the fused kernels off (channels-last ATen ops), with every weight
+    # gradient from oneDNN (no matrix-product path), and with all CPU fast paths off (ATen ops in
+    # the default layout: the rules the core runs on CUDA).
     saved = pymeta._C.cpu_fast_paths()
     pymeta._C.set_cpu_fast_paths(*paths)
     try:

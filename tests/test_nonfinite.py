@@ -231,13 +231,15 @@ def conv_net(name, dtype):
     return nn.Sequential(*layers).to(dtype), example
 
 
-FAST_PATHS = {"all": (True, True), "none": (False, False), "fused only": (False, True),
-              "channels-last only": (True, False)}  # fmt: skip
+FAST_PATHS = {"all": (True, True, True), "none": (False, False, False),
+              "fused only": (False, True, False), "channels-last only": (True, False, False),
+              "gemm weight grads only": (False, False, True)}  # fmt: skip
 
 
 @pytest.fixture(params=list(FAST_PATHS))
 def fast_paths(request):
-    """The layered core's CPU fast paths (channels-last, fused kernels), each combination."""
+    """The layered core's CPU fast paths (channels-last, fused kernels, matrix-product weight
+    gradients): all, none, and each on its own."""
     default = _C.cpu_fast_paths()
     _C.set_cpu_fast_paths(*FAST_PATHS[request.param])
     yield request.param

@@ -13,6 +13,8 @@
 #include <ATen/ops/avg_pool2d.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/avg_pool2d_backward.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/convolution.h>
@@ -29,6 +31,8 @@
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/strides.h>
 
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 namespace pymeta {
@@ -61,14 +65,83 @@ at::Tensor conv(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, const
   return at::convolution(x, w, optional(b), g.stride, g.padding, g.dilation, false, g.output_padding, tasks);
 }
 
+// Weight gradients of small convolutions (kernels beyond 1x1 with few output positions, or 4x4
+// maps with deep patches) as one matrix product per task: dL/dw = sum over pairs of
+// gy^T patches(x), with patches(x) the input patch under each output position, (N*Ho*Wo, kh*kw*C). oneDNN's backward-weights kernels
+// are slow there, several times a forward convolution of the same shape; larger maps and batches
+// stay with oneDNN, which wins there. The rule below is from benchmarks/conv_weight_grad.py's
+// per-shape table (docs/model-aware.md, "Fused CPU kernels").
+bool weight_grad_by_gemm(const at::Tensor& gy, const at::Tensor& w) {
+  if (!gy.is_cpu() || !cpu_gemm_weight_grads() || gy.dim() != 4) return false;
+  if (gy.scalar_type() != at::kFloat && gy.scalar_type() != at::kDouble) return false;
+  // A 1x1 kernel's weight gradient is one matrix product in oneDNN too.
+  if (w.size(2) * w.size(3) == 1) return false;
+  const int64_t maps = gy.size(2) * gy.size(3), rows = gy.size(0) * maps, depth = w.size(1) * w.size(2) * w.size(3);
+  return rows <= 320 || (maps <= 16 && depth >= 1024);
+}
+
+// The patches of x under the outputs, (T, N*Ho*Wo, kh*kw*C), written into out: row (n, ho, wo)
+// of task t holds x's task-t channels at (ho*stride + i - pad, wo*stride + j - pad) in (i, j, c)
+// order, the order of a channels-last weight, so that the product comes out in that layout.
+void write_patches(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, at::IntArrayRef kernel, int64_t ho,
+                   int64_t wo, at::Tensor out) {
+  const int64_t n = x.size(0), c = x.size(1) / tasks, ph = g.padding[0], pw = g.padding[1];
+  // (N, H + 2 ph, W + 2 pw, T*C): channels innermost in either input layout.
+  at::Tensor padded = x.permute({0, 2, 3, 1});
+  if (ph > 0 || pw > 0 || !padded.is_contiguous()) {
+    at::Tensor buf = at::zeros({n, x.size(2) + 2 * ph, x.size(3) + 2 * pw, x.size(1)}, x.options());
+    buf.narrow(1, ph, x.size(2)).narrow(2, pw, x.size(3)).copy_(padded);
+    padded = buf;
+  }
+  const auto s = padded.strides();
+  const at::Tensor windows = padded.as_strided({tasks, n, ho, wo, kernel[0], kernel[1], c},
+                                               {c * s[3], s[0], g.stride[0] * s[1], g.stride[1] * s[2], s[1], s[2], s[3]});
+  out.view({tasks, n, ho, wo, kernel[0], kernel[1], c}).copy_(windows);
+}
+
+// dL/dw of y = conv(x, w) (w folded, (T*O, C, kh, kw)), summed over the pairs (gy, x) whose
+// tensors are defined, by one batched matrix product over the tasks; channels-last like w, or
+// contiguous when w is not. Undefined when no pair is.
+at::Tensor gemm_weight_grad(const ConvGeometry& g, int64_t tasks, const at::Tensor& w,
+                            std::initializer_list<std::pair<const at::Tensor*, const at::Tensor*>> pairs) {
+  std::vector<std::pair<const at::Tensor*, const at::Tensor*>> used;
+  for (const auto& p : pairs) {
+    if (p.first->defined() && p.second->defined()) used.push_back(p);
+  }
+  if (used.empty()) return at::Tensor();
+  const at::Tensor& gy0 = *used[0].first;
+  const int64_t o = w.size(0) / tasks, ho = gy0.size(2), wo = gy0.size(3), rows = gy0.size(0) * ho * wo;
+  const int64_t depth = w.size(1) * w.size(2) * w.size(3), k = rows * static_cast<int64_t>(used.size());
+  at::Tensor patches = at::empty({tasks, k, depth}, gy0.options());
+  at::Tensor grads = at::empty({tasks, o, k}, gy0.options());
+  for (size_t i = 0; i < used.size(); ++i) {
+    const at::Tensor& gy = *used[i].first;
+    write_patches(g, tasks, *used[i].second, w.sizes().slice(2), ho, wo, patches.narrow(1, i * rows, rows));
+    // (N, Ho, Wo, T, O) -> (T, O, N*Ho*Wo)
+    grads.narrow(2, i * rows, rows).view({tasks, o, gy.size(0), ho, wo}).copy_(
+        gy.reshape({gy.size(0), tasks, o, ho, wo}).permute({1, 2, 0, 3, 4}));
+  }
+  // (T, O, kh*kw*C) is (T*O, kh, kw, C) in memory: the folded weight, channels-last.
+  at::Tensor gw = at::bmm(grads, patches).view({tasks * o, w.size(2), w.size(3), w.size(1)}).permute({0, 3, 1, 2});
+  return w.is_contiguous(at::MemoryFormat::ChannelsLast) ? gw : gw.contiguous();
+}
+
 // (dL/dx, dL/dw, dL/db) of y = conv(x, w) + b for the outputs the mask asks for.
 // w is folded; so are the weight and bias gradients.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_vjp(const ConvGeometry& g, int64_t tasks, const at::Tensor& gy,
                                                         const at::Tensor& x, const at::Tensor& w,
                                                         std::array<bool, 3> mask) {
+  at::Tensor gw;
+  if (mask[1] && weight_grad_by_gemm(gy, w)) {
+    gw = gemm_weight_grad(g, tasks, w, {{&gy, &x}});
+    mask[1] = false;
+  }
+  if (!mask[0] && !mask[1] && !mask[2]) return {at::Tensor(), gw, at::Tensor()};
   const std::vector<int64_t> bias_sizes{w.size(0)};
-  return at::convolution_backward(gy, x, w, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-                                  g.stride, g.padding, g.dilation, false, g.output_padding, tasks, mask);
+  auto r = at::convolution_backward(gy, x, w, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+                                    g.stride, g.padding, g.dilation, false, g.output_padding, tasks, mask);
+  if (gw.defined()) std::get<1>(r) = gw;
+  return r;
 }
 
 // A convolution's weights (T, O, C, kh, kw) folded to (T*O, C, kh, kw), with exactly the strides
@@ -459,11 +532,17 @@ LayerGrads layer_r_backward(const NetLayer& L, int64_t tasks, const at::Tensor& 
     case LayerKind::kConv2d: {
       const ConvGeometry g(L);
       const at::Tensor fw = conv_weight(w, x);
-      if (rgy.defined()) std::tie(r.x, r.w, r.b) = conv_vjp(g, tasks, rgy, x, fw, {need_x, true, L.b_param >= 0});
+      // R{dL/dw} = dw(rgy, x) + dw(gy, rx): one matrix product of both where that path applies.
+      const bool gemm = weight_grad_by_gemm(gy, fw);
+      if (rgy.defined()) std::tie(r.x, r.w, r.b) = conv_vjp(g, tasks, rgy, x, fw, {need_x, !gemm, L.b_param >= 0});
       if (need_x && uw.defined()) {
         accumulate(r.x, std::get<0>(conv_vjp(g, tasks, gy, x, conv_weight(uw, x), {true, false, false})));
       }
-      if (rx.defined()) accumulate(r.w, std::get<1>(conv_vjp(g, tasks, gy, rx, fw, {false, true, false})));
+      if (gemm) {
+        r.w = gemm_weight_grad(g, tasks, fw, {{&rgy, &x}, {&gy, &rx}});
+      } else if (rx.defined()) {
+        accumulate(r.w, std::get<1>(conv_vjp(g, tasks, gy, rx, fw, {false, true, false})));
+      }
       r.w = unfold_tasks(r.w, w);
       if (r.b.defined()) r.b = r.b.view({tasks, -1});
       return r;

@@ -49,7 +49,7 @@ def takes_gemm_path(n: int, c: int, size: int, kernel: int) -> bool:
     positions = size * size  # padding kernel // 2, stride 1: the map keeps its size
     if kernel == 1:
         return False
-    return n * positions <= 320 or (positions <= 16 and c * kernel * kernel >= 1024)
+    return c * kernel * kernel >= 720 and (n * positions <= 320 or positions <= 16)
 
 
 def gemm_weight_grad(gy: torch.Tensor, x: torch.Tensor, kernel: int, padding: int) -> torch.Tensor:

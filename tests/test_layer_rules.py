@@ -412,14 +412,15 @@ def conv_case(n, channels, out, size, kernel, stride=1, padding=1):
 
 
 # (case, whether the core's shape rule takes the matrix-product path): kernels beyond 1x1 with
-# few output positions (N * Ho * Wo <= 320), or 4x4 maps with patches of >= 1024 values; the
-# rest stays with oneDNN.
+# deep patches (C * kh * kw >= 720) and few output positions (N * Ho * Wo <= 320) or maps of
+# 4x4 or less; the rest stays with oneDNN.
 WEIGHT_GRAD_PATHS = {
-    "few-positions": (conv_case(3, 2, 3, 8, 3), True),
-    "few-positions-stride2": (conv_case(4, 5, 6, 9, 3, stride=2), True),
-    "1x1-kernel": (conv_case(4, 5, 6, 9, 1, stride=2, padding=0), False),
-    "4x4-deep-patches": (conv_case(30, 120, 4, 4, 3), True),
-    "many-positions": (conv_case(8, 2, 3, 12, 3), False),
+    "few-positions": (conv_case(3, 80, 3, 8, 3), True),
+    "few-positions-stride2": (conv_case(4, 80, 6, 9, 3, stride=2), True),
+    "4x4-many-images": (conv_case(30, 120, 4, 4, 3), True),
+    "few-positions-shallow": (conv_case(3, 2, 3, 8, 3), False),
+    "1x1-kernel": (conv_case(4, 800, 6, 9, 1, stride=2, padding=0), False),
+    "many-positions": (conv_case(8, 80, 3, 12, 3), False),
     "4x4-shallow-patches": (conv_case(30, 8, 4, 4, 3), False),
 }
 

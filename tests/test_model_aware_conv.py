@@ -125,6 +125,39 @@ def test_without_the_cpu_fast_paths(paths, net, first_order):
         pymeta._C.set_cpu_fast_paths(*saved)
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_deep_small_convolutions_take_the_matrix_product_weight_gradients(steps, first_order):
+    # 80 channels on 4x4 maps: every weight gradient after the first convolution takes the
+    # matrix-product path (net/layers.cpp, weight_grad_by_gemm), in the inner steps, the query
+    # passes and the Hessian-vector products. Exact with the path and without it, and the two
+    # differ in the last bits, which shows that the path ran.
+    torch.manual_seed(0)
+    body = nn.Sequential(
+        nn.Conv2d(2, 80, 3, padding=1), bn(80), nn.LeakyReLU(0.1),
+        nn.Conv2d(80, 80, 3, padding=1, bias=False), bn(80), nn.ReLU(),
+    )  # fmt: skip
+    model = with_head(body, (2, 4, 4), 3).double()
+    kwargs = dict(inner_lr=0.3, inner_steps=steps, first_order=first_order, loss="cross_entropy")
+    batch = batch_for((2, 4, 4), "cross_entropy", tasks=2)
+    params = list(model.parameters())
+    agnostic = pymeta.MAML(model, **kwargs).meta_loss(batch)
+    want = grads_of(agnostic, params)
+    saved, runs = pymeta._C.cpu_fast_paths(), []
+    try:
+        for gemm in (True, False):
+            pymeta._C.set_cpu_fast_paths(saved[0], saved[1], gemm)
+            loss = pymeta.ModelAwareMAML(model, **kwargs).meta_loss(batch)
+            assert rel_err(loss, agnostic) < TOL
+            runs.append(grads_of(loss, params))
+            assert_close_grads(runs[-1], want)
+    finally:
+        pymeta._C.set_cpu_fast_paths(*saved)
+    conv2_weight = 4  # after conv1 (w, b) and bn (w, b)
+    assert params[conv2_weight].shape == (80, 80, 3, 3)
+    assert not torch.equal(runs[0][conv2_weight], runs[1][conv2_weight])
+
+
 def test_conv4_equals_model_agnostic_maml():
     torch.manual_seed(0)
     model = pymeta.models.conv4(3, hidden=6, image_size=16).double()

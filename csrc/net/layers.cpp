@@ -14,7 +14,6 @@
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/avg_pool2d_backward.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/convolution.h>
@@ -65,8 +64,8 @@ at::Tensor conv(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, const
   return at::convolution(x, w, optional(b), g.stride, g.padding, g.dilation, false, g.output_padding, tasks);
 }
 
-// Weight gradients of small convolutions (kernels beyond 1x1 with few output positions, or 4x4
-// maps with deep patches) as one matrix product per task: dL/dw = sum over pairs of
+// Weight gradients of small convolutions (kernels beyond 1x1 with deep patches, and few output
+// positions or maps of 4x4 or less) as one matrix product per task: dL/dw = sum over pairs of
 // gy^T patches(x), with patches(x) the input patch under each output position, (N*Ho*Wo, kh*kw*C). oneDNN's backward-weights kernels
 // are slow there, several times a forward convolution of the same shape; larger maps and batches
 // stay with oneDNN, which wins there. The rule below is from benchmarks/conv_weight_grad.py's
@@ -76,20 +75,24 @@ bool weight_grad_by_gemm(const at::Tensor& gy, const at::Tensor& w) {
   if (gy.scalar_type() != at::kFloat && gy.scalar_type() != at::kDouble) return false;
   // A 1x1 kernel's weight gradient is one matrix product in oneDNN too.
   if (w.size(2) * w.size(3) == 1) return false;
+  // Shallow patches (conv4's 64 channels: 576 values) gain too little to be worth the path's
+  // extra blocks, which cost a small network's workspace cache page faults (tests/test_memory.py).
   const int64_t maps = gy.size(2) * gy.size(3), rows = gy.size(0) * maps, depth = w.size(1) * w.size(2) * w.size(3);
-  return rows <= 320 || (maps <= 16 && depth >= 1024);
+  return depth >= 720 && (rows <= 320 || maps <= 16);
 }
 
 // The patches of x under the outputs, (T, N*Ho*Wo, kh*kw*C), written into out: row (n, ho, wo)
 // of task t holds x's task-t channels at (ho*stride + i - pad, wo*stride + j - pad) in (i, j, c)
 // order, the order of a channels-last weight, so that the product comes out in that layout.
+// pad_buffer: room for x zero-padded with channels innermost (padded_numel(g, x) values).
 void write_patches(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, at::IntArrayRef kernel, int64_t ho,
-                   int64_t wo, at::Tensor out) {
+                   int64_t wo, at::Tensor out, const at::Tensor& pad_buffer) {
   const int64_t n = x.size(0), c = x.size(1) / tasks, ph = g.padding[0], pw = g.padding[1];
   // (N, H + 2 ph, W + 2 pw, T*C): channels innermost in either input layout.
   at::Tensor padded = x.permute({0, 2, 3, 1});
   if (ph > 0 || pw > 0 || !padded.is_contiguous()) {
-    at::Tensor buf = at::zeros({n, x.size(2) + 2 * ph, x.size(3) + 2 * pw, x.size(1)}, x.options());
+    at::Tensor buf = pad_buffer.view({n, x.size(2) + 2 * ph, x.size(3) + 2 * pw, x.size(1)});
+    if (ph > 0 || pw > 0) buf.zero_();
     buf.narrow(1, ph, x.size(2)).narrow(2, pw, x.size(3)).copy_(padded);
     padded = buf;
   }
@@ -97,6 +100,10 @@ void write_patches(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, at
   const at::Tensor windows = padded.as_strided({tasks, n, ho, wo, kernel[0], kernel[1], c},
                                                {c * s[3], s[0], g.stride[0] * s[1], g.stride[1] * s[2], s[1], s[2], s[3]});
   out.view({tasks, n, ho, wo, kernel[0], kernel[1], c}).copy_(windows);
+}
+
+int64_t padded_numel(const ConvGeometry& g, const at::Tensor& x) {
+  return x.size(0) * (x.size(2) + 2 * g.padding[0]) * (x.size(3) + 2 * g.padding[1]) * x.size(1);
 }
 
 // dL/dw of y = conv(x, w) (w folded, (T*O, C, kh, kw)), summed over the pairs (gy, x) whose
@@ -112,11 +119,16 @@ at::Tensor gemm_weight_grad(const ConvGeometry& g, int64_t tasks, const at::Tens
   const at::Tensor& gy0 = *used[0].first;
   const int64_t o = w.size(0) / tasks, ho = gy0.size(2), wo = gy0.size(3), rows = gy0.size(0) * ho * wo;
   const int64_t depth = w.size(1) * w.size(2) * w.size(3), k = rows * static_cast<int64_t>(used.size());
-  at::Tensor patches = at::empty({tasks, k, depth}, gy0.options());
-  at::Tensor grads = at::empty({tasks, o, k}, gy0.options());
+  // One scratch block for the patches, the output gradients and the padded input.
+  const int64_t patch_n = tasks * k * depth, grad_n = tasks * o * k, pad_n = padded_numel(g, *used[0].second);
+  const at::Tensor scratch = at::empty({patch_n + grad_n + pad_n}, gy0.options());
+  const at::Tensor patches = scratch.narrow(0, 0, patch_n).view({tasks, k, depth});
+  const at::Tensor grads = scratch.narrow(0, patch_n, grad_n).view({tasks, o, k});
+  const at::Tensor pad_buffer = scratch.narrow(0, patch_n + grad_n, pad_n);
   for (size_t i = 0; i < used.size(); ++i) {
     const at::Tensor& gy = *used[i].first;
-    write_patches(g, tasks, *used[i].second, w.sizes().slice(2), ho, wo, patches.narrow(1, i * rows, rows));
+    write_patches(g, tasks, *used[i].second, w.sizes().slice(2), ho, wo, patches.narrow(1, i * rows, rows),
+                  pad_buffer);
     // (N, Ho, Wo, T, O) -> (T, O, N*Ho*Wo)
     grads.narrow(2, i * rows, rows).view({tasks, o, gy.size(0), ho, wo}).copy_(
         gy.reshape({gy.size(0), tasks, o, ho, wo}).permute({1, 2, 0, 3, 4}));

@@ -70,12 +70,23 @@ def main(argv: list[str] | None = None) -> int:
         distributed = init_from_environment()
         if distributed and world()[0] != 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
+        finished = False
         try:
             cli = cli_sinusoid if args.benchmark == "sinusoid" else cli_omniglot
             (cli.train if args.command == "train" else cli.evaluate)(args)
+            finished = True
         finally:
             if distributed:
+                if finished:
+                    dist.barrier()  # no rank tears gloo down while another still talks to it
                 dist.destroy_process_group()
+        if distributed:
+            # A finished rank leaves without the interpreter's teardown, where gloo's threads
+            # can abort it ("terminate called without an active exception", SIGABRT, seen in
+            # CI); its files are closed and its output is flushed here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     return 0
 
 

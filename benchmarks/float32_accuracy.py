@@ -9,6 +9,8 @@ largest float64 gradient.
 conv4 (64 channels, 28x28, 5-way 1-shot, 15 queries per class), one inner step at 0.4.
 ``--network tanh-avg`` swaps ReLU and max pooling for tanh and average pooling: no comparisons
 that float32 can decide differently from float64 (ties), so what remains is rounding.
+``--hidden 96`` (or more) puts the 14x14 and 7x7 convolutions on the Winograd path (80 channels
+and up; the ``pymeta_aware_no_winograd`` row keeps them in oneDNN).
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from torch import nn
 
 import pymeta
 
-# name -> (implementation, (channels_last, fused_kernels, gemm_weight_grads)) for
+# name -> (implementation, (channels_last, fused_kernels, gemm_weight_grads, winograd)) for
 # pymeta._C.set_cpu_fast_paths
 IMPLEMENTATIONS = {
-    "per_task_loop": (PerTaskLoopMAML, (True, True, True)),
-    "pymeta": (pymeta.MAML, (True, True, True)),
-    "pymeta_aware": (pymeta.ModelAwareMAML, (True, True, True)),
-    "pymeta_aware_fused_off": (pymeta.ModelAwareMAML, (True, False, True)),
-    "pymeta_aware_aten": (pymeta.ModelAwareMAML, (False, False, False)),
+    "per_task_loop": (PerTaskLoopMAML, (True, True, True, True)),
+    "pymeta": (pymeta.MAML, (True, True, True, True)),
+    "pymeta_aware": (pymeta.ModelAwareMAML, (True, True, True, True)),
+    "pymeta_aware_fused_off": (pymeta.ModelAwareMAML, (True, False, True, True)),
+    "pymeta_aware_no_winograd": (pymeta.ModelAwareMAML, (True, True, True, False)),
+    "pymeta_aware_aten": (pymeta.ModelAwareMAML, (False, False, False, False)),
 }
 NETWORKS = {"relu-max": (nn.ReLU, nn.MaxPool2d), "tanh-avg": (nn.Tanh, nn.AvgPool2d)}
 
@@ -83,7 +86,7 @@ def main(argv=None) -> None:
         batch64 = pymeta.TaskBatch(
             *(t.double() if t.is_floating_point() else t for t in batch32.__dict__.values())
         )
-        truth = meta_gradient(PerTaskLoopMAML, model64, batch64, (True, True, True))
+        truth = meta_gradient(PerTaskLoopMAML, model64, batch64, (True, True, True, True))
         for name, (impl, paths) in IMPLEMENTATIONS.items():
             errors[name].append(relative_error(meta_gradient(impl, model32, batch32, paths), truth))
     print(

@@ -35,7 +35,7 @@ class CorePathsMAML(pymeta.ModelAwareMAML):
     """ModelAwareMAML with some of the layered core's CPU fast paths switched off for its own
     meta-steps (``pymeta._C.set_cpu_fast_paths``): what each path gains, measured in one run."""
 
-    paths = (True, True, True)  # (channels_last, fused_kernels, gemm_weight_grads)
+    paths = (True, True, True, True)  # (channels_last, fused_kernels, gemm_weight_grads, winograd)
 
     def meta_loss(self, batch):
         saved = pymeta._C.cpu_fast_paths()
@@ -47,15 +47,21 @@ class CorePathsMAML(pymeta.ModelAwareMAML):
 
 
 class ChannelsLastOnlyMAML(CorePathsMAML):
-    paths = (True, False, False)
+    paths = (True, False, False, False)
 
 
 class OnednnWeightGradsMAML(CorePathsMAML):
-    paths = (True, True, False)
+    paths = (True, True, False, False)
+
+
+class OnednnConvolutionsMAML(CorePathsMAML):
+    """Every convolution in oneDNN: no Winograd (the other paths on)."""
+
+    paths = (True, True, True, False)
 
 
 class AtenOnlyMAML(CorePathsMAML):
-    paths = (False, False, False)
+    paths = (False, False, False, False)
 
 
 # All take pymeta.MAML's arguments: (model, inner_lr, inner_steps, first_order, loss).

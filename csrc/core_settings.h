@@ -32,7 +32,7 @@ inline std::atomic<int64_t>& recomputed_layers() {
 
 // The layered core's CPU fast paths, all on by default: the channels-last layout for images
 // and convolution weights, the fused kernels (cpu/bn_relu_pool.h, cpu/bn_tangent.h), and (below)
-// matrix-product weight gradients. Off,
+// matrix-product weight gradients and Winograd convolutions. Off,
 // the core runs every layer in ATen ops, as it does on CUDA: tests switch them off to keep those
 // rules tested on the CPU, and benchmarks/omniglot_step.py to measure what each path gains.
 inline std::atomic<bool>& cpu_channels_last() {
@@ -46,6 +46,13 @@ inline std::atomic<bool>& cpu_fused_kernels() {
 // The third: convolution weight gradients at small shapes as matrix products (net/layers.cpp,
 // weight_grad_by_gemm) instead of oneDNN's backward-weights kernels.
 inline std::atomic<bool>& cpu_gemm_weight_grads() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// The fourth: 3x3 convolutions (stride 1, padding 1) with enough channels by Winograd's
+// F(2x2, 3x3) (cpu/winograd.h, chosen in net/layers.cpp by conv_by_winograd) instead of oneDNN.
+inline std::atomic<bool>& cpu_winograd() {
   static std::atomic<bool> on{true};
   return on;
 }

@@ -124,16 +124,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("release_workspaces", &pymeta::release_workspaces, "Frees every cached block.");
   m.def("cpu_fast_paths", [] {
         return pybind11::make_tuple(pymeta::cpu_channels_last().load(), pymeta::cpu_fused_kernels().load(),
-                                    pymeta::cpu_gemm_weight_grads().load());
+                                    pymeta::cpu_gemm_weight_grads().load(), pymeta::cpu_winograd().load());
       },
-        "(channels_last, fused_kernels, gemm_weight_grads): whether the layered core's CPU fast paths are on.");
+        "(channels_last, fused_kernels, gemm_weight_grads, winograd): whether the layered core's CPU fast paths are on.");
   m.def("set_cpu_fast_paths",
-        [](bool channels_last, bool fused_kernels, bool gemm_weight_grads) {
+        [](bool channels_last, bool fused_kernels, bool gemm_weight_grads, bool winograd) {
           pymeta::cpu_channels_last().store(channels_last);
           pymeta::cpu_fused_kernels().store(fused_kernels);
           pymeta::cpu_gemm_weight_grads().store(gemm_weight_grads);
+          pymeta::cpu_winograd().store(winograd);
         },
         pybind11::arg("channels_last"), pybind11::arg("fused_kernels"), pybind11::arg("gemm_weight_grads"),
+        pybind11::arg("winograd"),
         "Switches the layered core's CPU fast paths (all on by default); off, every layer runs in ATen "
         "ops in the default layout, convolutions through the library's kernels. For tests and benchmarks.");
   m.def("cuda_fused_kernels", [] { return pymeta::cuda_fused_kernels().load(); },

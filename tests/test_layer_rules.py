@@ -226,8 +226,8 @@ def check(case, primals, tangents, gy, rgy, what):
 
 @contextmanager
 def cpu_fast_paths(paths):
-    """The CPU fast paths (channels_last, fused_kernels, gemm_weight_grads) set to paths, restored
-    after."""
+    """The CPU fast paths (channels_last, fused_kernels, gemm_weight_grads, winograd) set to paths,
+    restored after."""
     saved = pymeta._C.cpu_fast_paths()
     pymeta._C.set_cpu_fast_paths(*paths)
     try:
@@ -238,8 +238,13 @@ def cpu_fast_paths(paths):
 
 
 @pytest.fixture(
-    params=[(True, True, True), (True, True, False), (False, False, False)],
-    ids=["fast", "fast-onednn-weight-grads", "aten"],
+    params=[
+        (True, True, True, True),
+        (True, True, False, True),
+        (True, True, True, False),
+        (False, False, False, False),
+    ],
+    ids=["fast", "fast-onednn-weight-grads", "fast-no-winograd", "aten"],
 )
 def fast_paths(request):
     # The CPU fast paths on and off. Of the two, the rules read only the fused kernels' switch
@@ -324,7 +329,7 @@ def test_weight_tangent_without_bias_tangent(name, absent):
     case = CASES[name]
     primals, tangents, gy, rgy = inputs_for(case)
     tangents[absent] = None
-    with cpu_fast_paths((False, False, False)):
+    with cpu_fast_paths((False, False, False, False)):
         check(case, primals, tangents, gy, rgy, f"{name} without {TANGENTS[absent]}")
 
 
@@ -349,7 +354,7 @@ def test_the_fast_paths_reach_the_fused_batch_norm_kernels(name, layout):
     case = CASES[name]
     inputs = in_layout(layout, *inputs_for(case))
     runs = []
-    for paths in [(True, True, True), (False, False, False)]:
+    for paths in [(True, True, True, True), (False, False, False, False)]:
         with cpu_fast_paths(paths):
             runs.append(run_op(case, *inputs))
     assert any(not torch.equal(a, b) for a, b in zip(*runs) if a is not None)
@@ -436,7 +441,7 @@ def test_conv_weight_gradients_by_either_path_match_autograd(name, layout, tasks
     per_task = [in_layout(layout, *inputs_for(case, seed=20 + t)) for t in range(tasks)]
     runs = {}
     for gemm in (True, False):
-        with cpu_fast_paths((True, True, gemm)):
+        with cpu_fast_paths((True, True, gemm, False)):
             for t, inputs in enumerate(per_task):
                 check(case, *inputs, f"{name} ({layout}, task {t}, gemm path {gemm})")
             if tasks == 1:
@@ -462,3 +467,72 @@ def test_conv_weight_gradients_by_either_path_match_autograd(name, layout, tasks
     for k, out_name in enumerate(OUTPUTS):
         if k not in weight_outputs and runs[True][k] is not None:
             assert torch.equal(runs[True][k], runs[False][k]), out_name
+
+
+# ------------------------------------------------------------- Winograd F(2x2, 3x3) convolutions
+# (case, whether the core's shape rule takes Winograd's path): 3x3 kernels, stride 1, padding 1,
+# at least 80 channels in and out per task, channels-last values, and maps that 2x2 blocks cover
+# with little waste; the rest stays with oneDNN. "many-tiles" takes several chunks of products.
+WINOGRAD_PATHS = {
+    "80-channels": (conv_case(3, 80, 80, 6, 3), True),
+    "odd-map-more-out": (conv_case(2, 80, 96, 5, 3), True),
+    "one-block-map": (conv_case(2, 80, 80, 2, 3), True),
+    "odd-channels": (conv_case(1, 81, 80, 4, 3), True),
+    "many-tiles": (conv_case(8, 80, 80, 12, 3), True),
+    "narrow-in": (conv_case(2, 79, 80, 6, 3), False),
+    "narrow-out": (conv_case(2, 80, 8, 6, 3), False),
+    "3x3-map": (conv_case(2, 80, 80, 3, 3), False),
+    "1x1-map": (conv_case(2, 80, 80, 1, 3), False),
+    "stride-2": (conv_case(2, 80, 80, 6, 3, stride=2), False),
+    "no-padding": (conv_case(2, 80, 80, 6, 3, padding=0), False),
+    "5x5-kernel": (conv_case(2, 80, 80, 6, 5, padding=2), False),
+}
+# The outputs that go through a convolution (the bias gradients are sums in either path).
+CONV_OUTPUTS = ["y", "dx", "dw", "R{y}", "R{dx}", "R{dw}"]
+
+
+@pytest.mark.parametrize("name", list(WINOGRAD_PATHS))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_conv_by_winograd_or_onednn_matches_autograd(name, layout, tasks):
+    """Every output of a convolution's rules by Winograd's F(2x2, 3x3) (the fast path) or by
+    oneDNN (switched off) matches autograd, per task and task-batched, and the shape rule picks
+    the path: the two differ in the last bits exactly where it takes Winograd's (channels-last
+    values only)."""
+    case, by_winograd = WINOGRAD_PATHS[name]
+    per_task = [in_layout(layout, *inputs_for(case, seed=30 + t)) for t in range(tasks)]
+    # Values in the channels-last layout only.
+    by_winograd = by_winograd and per_task[0][0][0].is_contiguous(memory_format=torch.channels_last)
+    runs = {}
+    for winograd in (True, False):
+        with cpu_fast_paths((True, True, True, winograd)):
+            for t, inputs in enumerate(per_task):
+                check(case, *inputs, f"{name} ({layout}, task {t}, winograd {winograd})")
+            if tasks == 1:
+                runs[winograd] = run_op(case, *per_task[0])
+                continue
+            x, w, b, rx, uw, ub = (
+                (fold if i == 0 else torch.stack)([pt[part][i] for pt in per_task])
+                for part, i in ((0, 0), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3))
+            )
+            if layout == "channels_last":  # as the core keeps its values
+                x, rx = (v.contiguous(memory_format=torch.channels_last) for v in (x, rx))
+            gy, rgy = (fold([pt[i] for pt in per_task]) for i in (2, 3))
+            got = torch.ops.pymeta.net_layer_rules(
+                case.row(), case.arg, x, None, w, b, gy, rx, None, uw, ub, rgy, tasks=tasks
+            )
+            for k, out_name in enumerate(OUTPUTS):
+                if got[k] is None or out_name in ("dx2", "R{dx2}"):
+                    continue
+                parts = [run_op(case, *pt)[k] for pt in per_task]
+                want = (
+                    fold(parts) if out_name in ("y", "dx", "R{y}", "R{dx}") else torch.stack(parts)
+                )
+                assert rel_err(got[k], want) < 1e-13, (out_name, winograd)
+            runs[winograd] = got
+    for out_name in CONV_OUTPUTS:
+        k = OUTPUTS.index(out_name)
+        same = torch.equal(runs[True][k], runs[False][k])
+        assert same != by_winograd, (
+            f"{name} {out_name}: expected {'Winograd' if by_winograd else 'oneDNN'}"
+        )

@@ -100,15 +100,21 @@ def test_equals_model_agnostic_maml(net, steps, first_order, loss):
 
 @pytest.mark.parametrize(
     "paths",
-    [(True, False, True), (True, True, False), (False, False, False)],
-    ids=["channels-last", "onednn-weight-grads", "aten"],
+    [
+        (True, False, True, True),
+        (True, True, False, True),
+        (True, True, True, False),
+        (False, False, False, False),
+    ],
+    ids=["channels-last", "onednn-weight-grads", "no-winograd", "aten"],
 )
 @pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("first_order", [False, True])
 def test_without_the_cpu_fast_paths(paths, net, first_order):
     # The same parity with the fused kernels off (channels-last ATen ops), with every weight
-    # gradient from oneDNN (no matrix-product path), and with all CPU fast paths off (ATen ops in
-    # the default layout: the rules the core runs on CUDA).
+    # gradient from oneDNN (no matrix-product path), with every convolution in oneDNN (no
+    # Winograd), and with all CPU fast paths off (ATen ops in the default layout: the rules the
+    # core runs on CUDA).
     saved = pymeta._C.cpu_fast_paths()
     pymeta._C.set_cpu_fast_paths(*paths)
     try:
@@ -146,7 +152,7 @@ def test_deep_small_convolutions_take_the_matrix_product_weight_gradients(steps,
     saved, runs = pymeta._C.cpu_fast_paths(), []
     try:
         for gemm in (True, False):
-            pymeta._C.set_cpu_fast_paths(saved[0], saved[1], gemm)
+            pymeta._C.set_cpu_fast_paths(saved[0], saved[1], gemm, False)
             loss = pymeta.ModelAwareMAML(model, **kwargs).meta_loss(batch)
             assert rel_err(loss, agnostic) < TOL
             runs.append(grads_of(loss, params))
@@ -156,6 +162,52 @@ def test_deep_small_convolutions_take_the_matrix_product_weight_gradients(steps,
     conv2_weight = 4  # after conv1 (w, b) and bn (w, b)
     assert params[conv2_weight].shape == (80, 80, 3, 3)
     assert not torch.equal(runs[0][conv2_weight], runs[1][conv2_weight])
+
+
+class WideResidualBlock(nn.Module):
+    """Two 3x3 convolutions of 80 channels with a residual add (the torchvision way)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 80, 3, padding=1), bn(80), nn.ReLU(),
+            nn.Conv2d(80, 80, 3, padding=1, bias=False), bn(80),
+        )  # fmt: skip
+        self.shortcut = nn.Conv2d(channels, 80, 1)
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_wide_3x3_convolutions_take_winograd(steps, first_order):
+    # 80 channels in and out: the block's two 3x3 convolutions run by Winograd's F(2x2, 3x3)
+    # (net/layers.cpp, conv_by_winograd) in the inner steps, the query passes and the
+    # Hessian-vector products, on 5x5 maps (an odd size: partial tiles). Exact with the path and
+    # without it, and the two differ in the last bits, which shows that the path ran.
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(2, 80, 3, padding=1), WideResidualBlock(80), nn.MaxPool2d(2))
+    model = with_head(body, (2, 5, 5), 3).double()
+    kwargs = dict(inner_lr=0.3, inner_steps=steps, first_order=first_order, loss="cross_entropy")
+    batch = batch_for((2, 5, 5), "cross_entropy", tasks=2)
+    params = list(model.parameters())
+    agnostic = pymeta.MAML(model, **kwargs).meta_loss(batch)
+    want = grads_of(agnostic, params)
+    saved, runs = pymeta._C.cpu_fast_paths(), []
+    try:
+        for winograd in (True, False):
+            pymeta._C.set_cpu_fast_paths(True, saved[1], saved[2], winograd)
+            loss = pymeta.ModelAwareMAML(model, **kwargs).meta_loss(batch)
+            assert rel_err(loss, agnostic) < TOL
+            runs.append(grads_of(loss, params))
+            assert_close_grads(runs[-1], want)
+    finally:
+        pymeta._C.set_cpu_fast_paths(*saved)
+    wide = [i for i, p in enumerate(params) if p.shape == (80, 80, 3, 3)]
+    assert len(wide) == 2  # the block's two convolutions
+    for i in wide:
+        assert not torch.equal(runs[0][i], runs[1][i])
 
 
 def test_conv4_equals_model_agnostic_maml():

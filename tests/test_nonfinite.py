@@ -204,7 +204,8 @@ def conv_net(name, dtype):
     """(model, example shape). "bn": conv4's block, where the fused batch norm + ReLU + pooling
     and batch-norm tangent kernels run; "pool": no batch norm, so NaN reaches only some max
     pooling windows (ATen's max_pool2d keeps it); "smooth": LeakyReLU, Tanh, Sigmoid, average
-    pooling and BatchNorm1d."""
+    pooling and BatchNorm1d; "wide": an 80-channel 3x3 convolution, which the Winograd path
+    takes, without batch norm (NaN and inf stay where the convolution spreads them)."""
     torch.manual_seed(0)
     bn2 = lambda c: nn.BatchNorm2d(c, track_running_stats=False)  # noqa: E731
     if name == "bn":
@@ -221,6 +222,13 @@ def conv_net(name, dtype):
             nn.Flatten(), nn.Linear(8, 3),
         ]  # fmt: skip
         example = (1, 8, 8)
+    elif name == "wide":
+        layers = [
+            nn.Conv2d(1, 80, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(80, 80, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(720, 3),
+        ]  # fmt: skip
+        example = (1, 6, 6)
     else:
         layers = [
             nn.Conv2d(2, 3, 3), bn2(3), nn.LeakyReLU(0.2), nn.AvgPool2d(2), nn.Flatten(),
@@ -231,22 +239,25 @@ def conv_net(name, dtype):
     return nn.Sequential(*layers).to(dtype), example
 
 
-FAST_PATHS = {"all": (True, True, True), "none": (False, False, False),
-              "fused only": (False, True, False), "channels-last only": (True, False, False),
-              "gemm weight grads only": (False, False, True)}  # fmt: skip
+FAST_PATHS = {"all": (True, True, True, True), "none": (False, False, False, False),
+              "fused only": (False, True, False, False),
+              "channels-last only": (True, False, False, False),
+              "gemm weight grads only": (False, False, True, False),
+              "channels-last and winograd": (True, False, False, True)}  # fmt: skip
 
 
 @pytest.fixture(params=list(FAST_PATHS))
 def fast_paths(request):
     """The layered core's CPU fast paths (channels-last, fused kernels, matrix-product weight
-    gradients): all, none, and each on its own."""
+    gradients, Winograd convolutions): all, none, and each on its own (Winograd needs the
+    channels-last layout)."""
     default = _C.cpu_fast_paths()
     _C.set_cpu_fast_paths(*FAST_PATHS[request.param])
     yield request.param
     _C.set_cpu_fast_paths(*default)
 
 
-@pytest.mark.parametrize("name", ["bn", "pool", "smooth"])
+@pytest.mark.parametrize("name", ["bn", "pool", "smooth", "wide"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_layered_core_propagates_a_bad_parameter_like_maml(name, first_order, fast_paths):
     float32 = fast_paths in ("all", "none")  # float32's own vectorised loops, not each mix
@@ -268,7 +279,7 @@ def test_layered_core_propagates_a_bad_parameter_like_maml(name, first_order, fa
                 assert_same_nonfinite(got, want, f"ModelAwareMAML {what}")
 
 
-@pytest.mark.parametrize("name", ["bn", "pool"])
+@pytest.mark.parametrize("name", ["bn", "pool", "wide"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_layered_core_propagates_a_bad_pixel_like_autograd(name, first_order, fast_paths):
     """One NaN or ±inf pixel: through batch norm it spoils the whole channel; without, only the

@@ -21,7 +21,7 @@ TASKS = 5  # chunks of 2 leave one task over: an uneven last chunk is covered to
 
 
 @contextlib.contextmanager
-def core_settings(task_batch, cpu_fast_paths=(True, True, True), mlp_fast_path=False):
+def core_settings(task_batch, cpu_fast_paths=(True, True, True, True), mlp_fast_path=False):
     """The core's process-wide settings for one run, restored after."""
     saved = (_C.task_batch(), _C.cpu_fast_paths(), _C.mlp_fast_path())
     _C.set_task_batch(task_batch)
@@ -175,7 +175,7 @@ PER_PARAMETER = dict(lr_mode="per_parameter", learn_inner_lr=True)
 def test_head_only_and_aten_rules_batched(net, options, fast_paths):
     model_fn, batch_fn = NETWORKS[net]
     make = maml_factory(model_fn, inner_steps=2, loss="cross_entropy", **options)
-    paths = (fast_paths,) * 3
+    paths = (fast_paths,) * 4
     assert_batched_equals_per_task(make, batch_fn("cross_entropy"), cpu_fast_paths=paths)
 
 

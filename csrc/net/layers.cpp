@@ -4,6 +4,7 @@
 
 #include "core_settings.h"
 #include "cpu/bn_tangent.h"
+#include "cpu/winograd.h"
 #include "net/activation_math.h"
 #ifdef PYMETA_WITH_CUDA
 #include "cuda/fused_layers.h"
@@ -59,8 +60,28 @@ struct ConvGeometry {
         padding{L.ints[kConvPaddingInt], L.ints[kConvPaddingInt + 1]} {}
 };
 
+// Winograd convolutions need, per task, at least this many channels in and out: with fewer, the
+// transforms' memory traffic outweighs the multiply-adds saved (conv4's 64 channels gain nothing
+// measurable: benchmarks/winograd_conv.py's per-shape table).
+constexpr int64_t kWinogradMinChannels = 80;
+
+// 3x3 convolutions with stride 1 and padding 1 on channels-last CPU values, wide enough, run by
+// Winograd's F(2x2, 3x3) (cpu/winograd.h): forward, both gradients and the R-operator terms. Its
+// 2x2 output blocks must cover the map with little waste: at least 1.5x fewer multiply-adds
+// than the direct convolution's 9 per output once partial blocks count (3x3 and 1x1 maps fail).
+bool conv_by_winograd(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, const at::Tensor& w) {
+  if (!x.is_cpu() || !cpu_winograd() || x.dim() != 4 || w.size(2) != 3 || w.size(3) != 3) return false;
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
+  if (g.stride != std::vector<int64_t>{1, 1} || g.padding != std::vector<int64_t>{1, 1}) return false;
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+  if (w.size(1) < kWinogradMinChannels || w.size(0) / tasks < kWinogradMinChannels) return false;
+  const int64_t h = x.size(2), wd = x.size(3), blocks = ((h + 1) / 2) * ((wd + 1) / 2);
+  return 2 * 9 * h * wd >= 3 * 16 * blocks;
+}
+
 // One grouped convolution for T tasks: w and b are folded ((T*O, C, kh, kw) and (T*O)).
 at::Tensor conv(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (conv_by_winograd(g, tasks, x, w)) return winograd_conv({{&x, &w}}, b, tasks, false);
   return at::convolution(x, w, optional(b), g.stride, g.padding, g.dilation, false, g.output_padding, tasks);
 }
 
@@ -143,6 +164,11 @@ at::Tensor gemm_weight_grad(const ConvGeometry& g, int64_t tasks, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_vjp(const ConvGeometry& g, int64_t tasks, const at::Tensor& gy,
                                                         const at::Tensor& x, const at::Tensor& w,
                                                         std::array<bool, 3> mask) {
+  if (conv_by_winograd(g, tasks, x, w)) {
+    return {mask[0] ? winograd_conv({{&gy, &w}}, at::Tensor(), tasks, true) : at::Tensor(),
+            mask[1] ? winograd_conv_weight_grad({{&gy, &x}}, w, tasks) : at::Tensor(),
+            mask[2] ? gy.sum({0, 2, 3}) : at::Tensor()};
+  }
   at::Tensor gw;
   if (mask[1] && weight_grad_by_gemm(gy, w)) {
     gw = gemm_weight_grad(g, tasks, w, {{&gy, &x}});
@@ -465,6 +491,12 @@ at::Tensor layer_r_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x
     case LayerKind::kConv2d: {
       const ConvGeometry g(L);
       const at::Tensor fw = conv_weight(w, x), fub = fold_tasks(ub);
+      if (conv_by_winograd(g, tasks, x, fw)) {  // both terms in one batch of products
+        const at::Tensor fuw = conv_weight(uw, x);
+        ry = winograd_conv({{&rx, &fw}, {&x, &fuw}}, fub, tasks, false);
+        if (ry.defined() || !ub.defined()) return ry;
+        return add_bias(ry, fub, {x.size(0), fw.size(0), x.size(2), x.size(3)});
+      }
       if (rx.defined()) ry = conv(g, tasks, rx, fw, at::Tensor());
       if (uw.defined()) {
         accumulate(ry, conv(g, tasks, x, conv_weight(uw, x), fub));
@@ -544,6 +576,13 @@ LayerGrads layer_r_backward(const NetLayer& L, int64_t tasks, const at::Tensor& 
     case LayerKind::kConv2d: {
       const ConvGeometry g(L);
       const at::Tensor fw = conv_weight(w, x);
+      if (conv_by_winograd(g, tasks, x, fw)) {  // each sum of two terms in one batch of products
+        const at::Tensor fuw = conv_weight(uw, x);
+        if (need_x) r.x = winograd_conv({{&rgy, &fw}, {&gy, &fuw}}, at::Tensor(), tasks, true);
+        r.w = unfold_tasks(winograd_conv_weight_grad({{&rgy, &x}, {&gy, &rx}}, fw, tasks), w);
+        if (rgy.defined() && L.b_param >= 0) r.b = rgy.sum({0, 2, 3}).view({tasks, -1});
+        return r;
+      }
       // R{dL/dw} = dw(rgy, x) + dw(gy, rx): one matrix product of both where that path applies.
       const bool gemm = weight_grad_by_gemm(gy, fw);
       if (rgy.defined()) std::tie(r.x, r.w, r.b) = conv_vjp(g, tasks, rgy, x, fw, {need_x, !gemm, L.b_param >= 0});

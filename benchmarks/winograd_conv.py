@@ -1,0 +1,166 @@
+"""Winograd F(2x2, 3x3) convolutions, the model-aware core's fourth CPU fast path
+(``conv_by_winograd`` in csrc/net/layers.cpp, csrc/cpu/winograd.cpp), against oneDNN's direct
+convolutions.
+
+Two tables, each measured in this one process in rotated rounds (harness.rotated_timings,
+medians), float32, channels-last:
+
+1. Per convolution shape (3x3 kernels, stride 1, padding 1): all of one convolution layer's
+   rules that a second-order meta-step runs (forward, input and weight gradients, and the
+   R-operator's forward and backward: ``pymeta::net_layer_rules``), with the path and without it,
+   for one task, and whether the core's shape rule takes the path there. The shapes are
+   ResNet-12's (``resnet12_step.py``: support N = 5 or 25, queries N = 75) and conv4's (64
+   channels at 14x14, 7x7 and 3x3). The rule's channel threshold comes from this table.
+2. One second-order meta-step of ``resnet12_step.py``'s workload (widths 32-80-160-320, 3x32x32,
+   2 tasks, 5-way, 15 queries per class): ModelAwareMAML with the path, without it
+   (``OnednnConvolutionsMAML``), and the per-task autograd loop.
+
+Usage::
+
+    .venv/bin/python benchmarks/winograd_conv.py [--threads 1] [--repeats 5]
+        [--shots 1 5] [--inner-steps 5] [--skip-shapes] [--skip-steps]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from baselines import PerTaskLoopMAML
+from harness import rotated_timings
+from resnet12_step import make_batch
+from workloads import OnednnConvolutionsMAML
+
+import pymeta
+from pymeta.model_aware.encoding import CONV_INTS, KINDS, NUM_INTS, layer_ints, layer_row
+
+# (N, C in, C out, map size): ResNet-12's support (N = 5 at 1-shot, 25 at 5-shot) and query
+# (N = 75) convolutions, and conv4's (64 channels).
+SHAPES = [
+    (5, 32, 32, 32), (75, 32, 32, 32), (5, 32, 80, 16), (5, 80, 80, 16), (75, 80, 80, 16),
+    (5, 80, 160, 8), (5, 160, 160, 8), (75, 160, 160, 8), (5, 160, 320, 4), (5, 320, 320, 4),
+    (25, 320, 320, 4), (75, 320, 320, 4), (5, 64, 64, 14), (25, 64, 64, 14), (5, 64, 64, 7),
+    (25, 64, 64, 7), (5, 64, 64, 3), (75, 64, 64, 3), (5, 48, 48, 8), (75, 80, 80, 3),
+]  # fmt: skip
+MIN_CHANNELS = 80  # net/layers.cpp, kWinogradMinChannels
+
+
+def takes_winograd(c: int, o: int, size: int) -> bool:
+    """The core's shape rule (conv_by_winograd) for 3x3, stride 1, padding 1, channels-last."""
+    blocks = ((size + 1) // 2) ** 2
+    return c >= MIN_CHANNELS and o >= MIN_CHANNELS and 2 * 9 * size * size >= 3 * 16 * blocks
+
+
+def paths(winograd: bool) -> tuple[bool, bool, bool, bool]:
+    """The CPU fast paths with Winograd on or off, the others as by default."""
+    channels_last, fused, gemm, _ = pymeta._C.cpu_fast_paths()
+    return channels_last, fused, gemm, winograd
+
+
+def shape_table(repeats: int) -> None:
+    print(
+        "| N | C in | C out | map | forward ms (GFLOP/s) | layer rules: oneDNN ms | Winograd ms "
+        "| x faster | rule |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    cl = torch.channels_last
+    ints = layer_ints(CONV_INTS, stride=(1, 1), padding=(1, 1))
+    row = layer_row(KINDS["conv2d"], 1, True, list(ints) + [0] * (NUM_INTS - len(ints)), (0,))
+    saved = pymeta._C.cpu_fast_paths()
+    try:
+        for n, c, o, size in SHAPES:
+            g = torch.Generator().manual_seed(0)
+            x, rx = (torch.randn(n, c, size, size, generator=g).to(memory_format=cl) for _ in "ab")
+            w, uw = (torch.randn(o, c, 3, 3, generator=g).to(memory_format=cl) for _ in "ab")
+            b, ub = torch.randn(o, generator=g), torch.randn(o, generator=g)
+            gy, rgy = (
+                torch.randn(n, o, size, size, generator=g).to(memory_format=cl) for _ in "ab"
+            )
+            args = (row, 0.0, x, None, w, b, gy, rx, None, uw, ub, rgy)
+
+            def rules(winograd):
+                def run():
+                    pymeta._C.set_cpu_fast_paths(*paths(winograd))
+                    return torch.ops.pymeta.net_layer_rules(*args)
+
+                return run
+
+            forward = lambda: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
+            want, got = rules(False)(), rules(True)()
+            for a, e in zip(got, want):
+                if e is not None:
+                    assert torch.allclose(a, e, rtol=1e-3, atol=1e-4 * e.abs().max().item())
+            fns = {"onednn": rules(False), "winograd": rules(True), "forward": forward}
+            t = rotated_timings(fns, repeats, 0.1)
+            a, b_, f = (t[k]["median"] * 1e3 for k in ("onednn", "winograd", "forward"))
+            gflops = 2 * n * size * size * c * o * 9 / f / 1e6
+            rule = "Winograd" if takes_winograd(c, o, size) else "oneDNN"
+            print(
+                f"| {n} | {c} | {o} | {size}x{size} | {f:.2f} ({gflops:.0f}) | {a:.2f} | {b_:.2f} "
+                f"| {a / b_:.2f}x | {rule} |",
+                flush=True,
+            )
+    finally:
+        pymeta._C.set_cpu_fast_paths(*saved)
+
+
+def step_table(shots_list, inner_steps_list, repeats: int) -> None:
+    print(
+        "| shots | inner steps | per-task loop s | ModelAwareMAML without Winograd s "
+        "| ModelAwareMAML s | x faster than without the path | x faster vs loop |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for shots in shots_list:
+        for steps in inner_steps_list:
+            torch.manual_seed(0)
+            model = pymeta.models.resnet12(5, widths=(32, 80, 160, 320), image_size=32)
+            batch = make_batch(2, shots, 15, 32)
+            kwargs = dict(inner_lr=0.01, inner_steps=steps, loss="cross_entropy")
+            impls = {
+                "loop": PerTaskLoopMAML(model, **kwargs),
+                "direct": OnednnConvolutionsMAML(model, **kwargs),
+                "aware": pymeta.ModelAwareMAML(model, **kwargs),
+            }
+
+            def step(maml):
+                def run():
+                    model.zero_grad(set_to_none=True)
+                    maml.meta_loss(batch).backward()
+
+                return run
+
+            fns = {name: step(maml) for name, maml in impls.items()}
+            for fn in fns.values():
+                fn()
+            t = {k: v["median"] for k, v in rotated_timings(fns, repeats, 0.0).items()}
+            print(
+                f"| {shots} | {steps} | {t['loop']:.2f} | {t['direct']:.2f} | {t['aware']:.2f} | "
+                f"{t['direct'] / t['aware']:.2f}x | {t['loop'] / t['aware']:.2f}x |",
+                flush=True,
+            )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--inner-steps", type=int, nargs="+", default=[5])
+    parser.add_argument("--skip-shapes", action="store_true")
+    parser.add_argument("--skip-steps", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1:
+        parser.error(
+            f"--threads, --repeats: expected >= 1, received {args.threads}, {args.repeats}"
+        )
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} rounds, float32\n")
+    if not args.skip_shapes:
+        shape_table(args.repeats)
+        print()
+    if not args.skip_steps:
+        step_table(args.shots, args.inner_steps, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -49,7 +49,7 @@ import time
 
 import torch
 from baselines import PerTaskLoopMAML
-from harness import FIXED_MMAP_THRESHOLD, peak_rss_bytes, status_kib
+from harness import FIXED_MMAP_THRESHOLD, peak_rss_bytes, rotated_timings, status_kib
 
 import pymeta
 
@@ -74,6 +74,28 @@ def make_batch(tasks: int, shots: int, queries: int, image_size: int, seed: int 
     x = lambda k: torch.rand(tasks, N_WAY * k, 3, image_size, image_size, generator=g)  # noqa: E731
     y = lambda k: torch.arange(N_WAY).repeat_interleave(k).expand(tasks, -1).contiguous()  # noqa: E731
     return pymeta.TaskBatch(x(shots), y(shots), x(queries), y(queries))
+
+
+def rotated_step_times(shots: int, steps: int, implementations: dict, repeats: int) -> dict:
+    """{name: median seconds} of one second-order meta-step of the default workload (2 tasks,
+    widths 32-80-160-320, 3x32x32) per implementation class, all in this process, in rotated
+    rounds (harness.rotated_timings): for A/B tables of one path against another."""
+    torch.manual_seed(0)
+    model = pymeta.models.resnet12(N_WAY, widths=DEFAULT_WIDTHS, image_size=DEFAULT_IMAGE_SIZE)
+    batch = make_batch(DEFAULT_TASKS, shots, QUERIES_PER_CLASS, DEFAULT_IMAGE_SIZE)
+    kwargs = dict(inner_lr=INNER_LR, inner_steps=steps, loss="cross_entropy")
+
+    def step(maml):
+        def run():
+            model.zero_grad(set_to_none=True)
+            maml.meta_loss(batch).backward()
+
+        return run
+
+    fns = {name: step(cls(model, **kwargs)) for name, cls in implementations.items()}
+    for fn in fns.values():
+        fn()
+    return {k: v["median"] for k, v in rotated_timings(fns, repeats, 0.0).items()}
 
 
 def child(cell: dict) -> dict:

@@ -28,7 +28,7 @@ import argparse
 import torch
 from baselines import PerTaskLoopMAML
 from harness import rotated_timings
-from resnet12_step import make_batch
+from resnet12_step import rotated_step_times
 from workloads import OnednnConvolutionsMAML
 
 import pymeta
@@ -112,27 +112,12 @@ def step_table(shots_list, inner_steps_list, repeats: int) -> None:
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for shots in shots_list:
         for steps in inner_steps_list:
-            torch.manual_seed(0)
-            model = pymeta.models.resnet12(5, widths=(32, 80, 160, 320), image_size=32)
-            batch = make_batch(2, shots, 15, 32)
-            kwargs = dict(inner_lr=0.01, inner_steps=steps, loss="cross_entropy")
             impls = {
-                "loop": PerTaskLoopMAML(model, **kwargs),
-                "direct": OnednnConvolutionsMAML(model, **kwargs),
-                "aware": pymeta.ModelAwareMAML(model, **kwargs),
+                "loop": PerTaskLoopMAML,
+                "direct": OnednnConvolutionsMAML,
+                "aware": pymeta.ModelAwareMAML,
             }
-
-            def step(maml):
-                def run():
-                    model.zero_grad(set_to_none=True)
-                    maml.meta_loss(batch).backward()
-
-                return run
-
-            fns = {name: step(maml) for name, maml in impls.items()}
-            for fn in fns.values():
-                fn()
-            t = {k: v["median"] for k, v in rotated_timings(fns, repeats, 0.0).items()}
+            t = rotated_step_times(shots, steps, impls, repeats)
             print(
                 f"| {shots} | {steps} | {t['loop']:.2f} | {t['direct']:.2f} | {t['aware']:.2f} | "
                 f"{t['direct'] / t['aware']:.2f}x | {t['loop'] / t['aware']:.2f}x |",
@@ -149,10 +134,10 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-shapes", action="store_true")
     parser.add_argument("--skip-steps", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.repeats < 1:
-        parser.error(
-            f"--threads, --repeats: expected >= 1, received {args.threads}, {args.repeats}"
-        )
+    if args.threads < 1:
+        parser.error(f"--threads: expected >= 1, received {args.threads}")
+    if args.repeats < 2:  # rotated_timings reports a median and an interquartile range
+        parser.error(f"--repeats: expected >= 2, received {args.repeats}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} rounds, float32\n")
     if not args.skip_shapes:

@@ -131,6 +131,27 @@ def test_without_the_cpu_fast_paths(paths, net, first_order):
         pymeta._C.set_cpu_fast_paths(*saved)
 
 
+def grads_with_each_paths(model, example, steps, first_order, paths_list):
+    """ModelAwareMAML's meta-gradients (2 tasks) under each CPU fast-path setting in paths_list,
+    each checked against pymeta.MAML; returns (params, [grads per setting])."""
+    kwargs = dict(inner_lr=0.3, inner_steps=steps, first_order=first_order, loss="cross_entropy")
+    batch = batch_for(example, "cross_entropy", tasks=2)
+    params = list(model.parameters())
+    agnostic = pymeta.MAML(model, **kwargs).meta_loss(batch)
+    want = grads_of(agnostic, params)
+    saved, runs = pymeta._C.cpu_fast_paths(), []
+    try:
+        for paths in paths_list:
+            pymeta._C.set_cpu_fast_paths(*paths)
+            loss = pymeta.ModelAwareMAML(model, **kwargs).meta_loss(batch)
+            assert rel_err(loss, agnostic) < TOL
+            runs.append(grads_of(loss, params))
+            assert_close_grads(runs[-1], want)
+    finally:
+        pymeta._C.set_cpu_fast_paths(*saved)
+    return params, runs
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_deep_small_convolutions_take_the_matrix_product_weight_gradients(steps, first_order):
@@ -144,21 +165,8 @@ def test_deep_small_convolutions_take_the_matrix_product_weight_gradients(steps,
         nn.Conv2d(80, 80, 3, padding=1, bias=False), bn(80), nn.ReLU(),
     )  # fmt: skip
     model = with_head(body, (2, 4, 4), 3).double()
-    kwargs = dict(inner_lr=0.3, inner_steps=steps, first_order=first_order, loss="cross_entropy")
-    batch = batch_for((2, 4, 4), "cross_entropy", tasks=2)
-    params = list(model.parameters())
-    agnostic = pymeta.MAML(model, **kwargs).meta_loss(batch)
-    want = grads_of(agnostic, params)
-    saved, runs = pymeta._C.cpu_fast_paths(), []
-    try:
-        for gemm in (True, False):
-            pymeta._C.set_cpu_fast_paths(saved[0], saved[1], gemm, False)
-            loss = pymeta.ModelAwareMAML(model, **kwargs).meta_loss(batch)
-            assert rel_err(loss, agnostic) < TOL
-            runs.append(grads_of(loss, params))
-            assert_close_grads(runs[-1], want)
-    finally:
-        pymeta._C.set_cpu_fast_paths(*saved)
+    paths = [(True, True, gemm, False) for gemm in (True, False)]
+    params, runs = grads_with_each_paths(model, (2, 4, 4), steps, first_order, paths)
     conv2_weight = 4  # after conv1 (w, b) and bn (w, b)
     assert params[conv2_weight].shape == (80, 80, 3, 3)
     assert not torch.equal(runs[0][conv2_weight], runs[1][conv2_weight])
@@ -189,21 +197,8 @@ def test_wide_3x3_convolutions_take_winograd(steps, first_order):
     torch.manual_seed(0)
     body = nn.Sequential(nn.Conv2d(2, 80, 3, padding=1), WideResidualBlock(80), nn.MaxPool2d(2))
     model = with_head(body, (2, 5, 5), 3).double()
-    kwargs = dict(inner_lr=0.3, inner_steps=steps, first_order=first_order, loss="cross_entropy")
-    batch = batch_for((2, 5, 5), "cross_entropy", tasks=2)
-    params = list(model.parameters())
-    agnostic = pymeta.MAML(model, **kwargs).meta_loss(batch)
-    want = grads_of(agnostic, params)
-    saved, runs = pymeta._C.cpu_fast_paths(), []
-    try:
-        for winograd in (True, False):
-            pymeta._C.set_cpu_fast_paths(True, saved[1], saved[2], winograd)
-            loss = pymeta.ModelAwareMAML(model, **kwargs).meta_loss(batch)
-            assert rel_err(loss, agnostic) < TOL
-            runs.append(grads_of(loss, params))
-            assert_close_grads(runs[-1], want)
-    finally:
-        pymeta._C.set_cpu_fast_paths(*saved)
+    paths = [(True, True, True, winograd) for winograd in (True, False)]
+    params, runs = grads_with_each_paths(model, (2, 5, 5), steps, first_order, paths)
     wide = [i for i, p in enumerate(params) if p.shape == (80, 80, 3, 3)]
     assert len(wide) == 2  # the block's two convolutions
     for i in wide:

@@ -483,6 +483,58 @@ def test_checkpointed_forwards_give_the_same_meta_gradient(net, first_order, lim
     assert rel_err(got, agnostic) < TOL
 
 
+def conv_forwards(maml, batch):
+    """aten::convolution calls of one meta-loss (the core's forwards, R-forwards and replays)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        maml.meta_loss(batch)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
+
+
+class PlainBlock(nn.Module):
+    """relu(body(x) + x), body = conv-BN-ReLU-conv-BN: the shortcut reaches across the body, so
+    the body's values are no cut points and a checkpointed forward may free them."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(conv(c, c), bn(c), nn.ReLU(), conv(c, c), bn(c))
+
+    def forward(self, x):
+        return F.relu(self.body(x) + x)
+
+
+def test_a_checkpointed_query_frees_elementwise_values_before_convolution_outputs():
+    """On 30 query images every value is S bytes. Over 5.5 S (at the flatten) the query's
+    forward frees the body's ReLU output, made by an elementwise layer, and keeps both body
+    convolution outputs, so backward gets it back by batch norm and ReLU alone: as many
+    convolutions as with nothing freed. (Freeing every freeable value, as before, would free
+    the second convolution's output too, and run both body convolutions again.) Under 0 it
+    frees everything it may, and backward runs convolutions again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(3, 8), PlainBlock(8), nn.Flatten(), nn.Linear(512, 3)).double()
+    maml = pymeta.ModelAwareMAML(model, inner_steps=1, loss="cross_entropy", inner_lr=0.3)
+    b = batch_for((3, 8, 8), "cross_entropy", tasks=1, k=2, q=30)
+    value_bytes = 30 * 8 * 8 * 8 * 8  # (30, 8, 8, 8) float64
+    params = list(model.parameters())
+    want = maml.meta_loss(b)
+    want_grads = torch.autograd.grad(want, params)
+    default = _C.activation_cache_limit()
+    counts = {}
+    try:
+        for limit in (2**30, int(5.5 * value_bytes), 0):
+            _C.set_activation_cache_limit(limit)
+            before = _C.recomputed_layers()
+            counts[limit] = (conv_forwards(maml, b), _C.recomputed_layers() - before)
+            got = maml.meta_loss(b)
+            assert rel_err(got, want) < 1e-13
+            assert_close_grads(torch.autograd.grad(got, params), want_grads)
+    finally:
+        _C.set_activation_cache_limit(default)
+    (convs, recomputed), (convs_mid, recomputed_mid), (convs_none, _) = counts.values()
+    assert recomputed == 0 and recomputed_mid == 2, counts  # batch norm and ReLU
+    assert convs_mid == convs, counts
+    assert convs_none > convs, counts
+
+
 def test_bad_adapt_layers_name_the_argument():
     model, _ = graph_net("residual")
     with pytest.raises(ValueError, match=r"adapt_layers: 'nope' is not a layer with parameters"):

@@ -404,23 +404,27 @@ at::Tensor layer_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x, 
 }
 
 LayerGrads layer_backward(const NetLayer& L, int64_t tasks, const at::Tensor& x, const at::Tensor& w,
-                          const at::Tensor& b, const LayerSaved& saved, const at::Tensor& gy, bool need_x) {
+                          const at::Tensor& b, const LayerSaved& saved, const at::Tensor& gy, bool need_x,
+                          bool need_w) {
   LayerGrads g;
   switch (L.kind) {
     case LayerKind::kLinear: {
       const at::Tensor gyt = task_major(gy, tasks);
       if (need_x) g.x = task_folded(at::bmm(gyt, w));
+      if (!need_w) return g;
       g.w = linear_w_grad(gyt, task_major(x, tasks));
       if (b.defined()) g.b = gyt.sum(1);
       return g;
     }
     case LayerKind::kConv2d:
-      std::tie(g.x, g.w, g.b) = conv_vjp(ConvGeometry(L), tasks, gy, x, conv_weight(w, x), {need_x, true, b.defined()});
+      if (!need_x && !need_w) return g;
+      std::tie(g.x, g.w, g.b) =
+          conv_vjp(ConvGeometry(L), tasks, gy, x, conv_weight(w, x), {need_x, need_w, need_w && b.defined()});
       g.w = unfold_tasks(g.w, w);
       g.b = unfold_tasks(g.b, b);
       return g;
     case LayerKind::kBatchNorm: {
-      if (!need_x && !w.defined()) return g;
+      if (!need_x && (!w.defined() || !need_w)) return g;
       const at::Tensor fw = fold_tasks(w);
       if (const BnKernels* fused = fused_bn(x)) {
         BnGrads f = fused->backward(x, saved.aux, saved.inv_std, gy, fw, need_x);

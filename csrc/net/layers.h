@@ -47,10 +47,11 @@ struct LayerGrads {
 at::Tensor layer_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x, const at::Tensor& x2,
                        const at::Tensor& w, const at::Tensor& b, LayerSaved& saved);
 
-// Vector-Jacobian products of gy = dL/dy: dL/dx and dL/dx2 (only when need_x) and dL/dw, dL/db.
+// Vector-Jacobian products of gy = dL/dy: dL/dx and dL/dx2 (only when need_x) and dL/dw, dL/db
+// (only when need_w).
 LayerGrads layer_backward(const NetLayer& L, int64_t tasks, const at::Tensor& x, const at::Tensor& w,
                         const at::Tensor& b, const LayerSaved& saved, const at::Tensor& gy,
-                        bool need_x);
+                        bool need_x, bool need_w = true);
 
 // Tangent of y along (rx, rx2, uw, ub), the tangents of x, x2, w and b. Batch norm keeps the
 // tangent of x̂ in r_saved for r_backward.

@@ -46,6 +46,7 @@ struct NetPass {
   std::vector<bool> fused;
   std::vector<int64_t> bn_count;  // batch norm layers: values per channel they normalised over
   std::vector<bool> anchor;        // values a checkpointed replay keeps as restart points
+  int64_t limit = -1;              // bytes a checkpointed pass holds (-1: not checkpointed)
 
   bool empty() const { return vals.empty(); }
 
@@ -61,6 +62,10 @@ struct NetPass {
     return n;
   }
 };
+
+// Which param gradients NetTask::backward() computes: every param's (the meta-gradient), the
+// adapted ones' (an inner step), or none (a support pass recomputed only for hvp()).
+enum class ParamGrads { kAll, kAdapted, kNone };
 
 // A chunk of T tasks that run together in the task-batched layout (net/layers.h): params with a
 // leading task dim, values with the tasks folded into dim 1. T = 1 is one task at a time.
@@ -89,11 +94,12 @@ class NetTask {
   }
 
   // With `fuse`, batch norm -> ReLU -> 2x2 max pooling runs as one block where the CPU kernel
-  // takes the input (cpu/bn_relu_pool.h); such a pass has no hvp(). With `checkpoint` (a pass
-  // only differentiated once), values beyond activation_cache_limit() bytes are freed as soon as
-  // their forward readers are done, except at cut points (values no later layer reaches across);
-  // backward() recomputes them from the cut point below, one segment at a time.
-  NetPass forward(const Params& theta, const at::Tensor& x, int64_t step, bool fuse, bool checkpoint = false) const {
+  // takes the input (cpu/bn_relu_pool.h); such a pass has no hvp(). With a checkpoint_limit >= 0
+  // (a pass only differentiated once), values beyond that many bytes are freed as soon as their
+  // forward readers are done (free_cheapest), except at cut points (values no later layer
+  // reaches across); backward() recomputes them from a kept value below, a segment at a time.
+  NetPass forward(const Params& theta, const at::Tensor& x, int64_t step, bool fuse,
+                  int64_t checkpoint_limit = -1) const {
     const size_t n = net_.layers.size();
     NetPass pass;
     pass.step = step;
@@ -103,7 +109,8 @@ class NetTask {
     pass.anchor.assign(n + 1, false);
     pass.vals.resize(n + 1);
     pass.vals[0] = x;
-    run_layers(pass, theta, 0, n, fuse, false, checkpoint);
+    pass.limit = checkpoint_limit;
+    run_layers(pass, theta, 0, n, fuse, false);
     return pass;
   }
 
@@ -136,11 +143,11 @@ class NetTask {
     return -picked.flatten(1).mean(1);
   }
 
-  // Gradients of the params: of every one (all_params: the meta-gradient, and the passes a
-  // second-order sweep differentiates again) or of the adapted ones only (others stay
-  // undefined). keep: the pass keeps dL/d(value) of every value for hvp().
-  Params backward(NetPass& pass, const Params& theta, bool all_params, bool keep) const {
-    const std::vector<bool>& needed = all_params ? net_.after_param : net_.after_adapted;
+  // Gradients of the params that `want` names (others stay undefined). keep: the pass keeps
+  // dL/d(value) of every value after any param, for hvp().
+  Params backward(NetPass& pass, const Params& theta, ParamGrads want, bool keep) const {
+    TORCH_CHECK(keep || want != ParamGrads::kNone, "pymeta: internal error: a backward() that computes nothing");
+    const std::vector<bool>& needed = keep || want == ParamGrads::kAll ? net_.after_param : net_.after_adapted;
     Params grads(theta.size());
     std::vector<at::Tensor>& gv = pass.grad_vals;
     for (int64_t l = static_cast<int64_t>(net_.layers.size()) - 1; l >= 0; --l) {
@@ -165,9 +172,10 @@ class NetTask {
       const NetLayer& L = net_.layers[l];
       auto [w, b] = layer_params(theta, L, pass.step);
       const bool need_x = needed[L.input] || (L.input2 >= 0 && needed[L.input2]);
-      LayerGrads g = layer_backward(L, tasks_, pass.vals[L.input], w, b, saved_of(pass, l), gy, need_x);
-      if (L.w_param >= 0 && (all_params || L.adapted)) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
-      if (L.b_param >= 0 && (all_params || L.adapted)) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
+      const bool need_w = want == ParamGrads::kAll || (want == ParamGrads::kAdapted && L.adapted);
+      LayerGrads g = layer_backward(L, tasks_, pass.vals[L.input], w, b, saved_of(pass, l), gy, need_x, need_w);
+      if (L.w_param >= 0 && need_w) grads[L.w_param] = place(theta[L.w_param], L, pass.step, g.w);
+      if (L.b_param >= 0 && need_w) grads[L.b_param] = place(theta[L.b_param], L, pass.step, g.b);
       if (needed[L.input]) add_to(gv[L.input], g.x);
       if (L.input2 >= 0 && needed[L.input2]) add_to(gv[L.input2], g.x2);
       if (!keep) release(pass, l + 1);
@@ -177,7 +185,7 @@ class NetTask {
   }
 
   // H u: the Hessian of the pass's loss at theta applied to u (undefined entries are zero), by
-  // forward-over-reverse differentiation. Needs forward(), loss(grad) and backward(all, keep).
+  // forward-over-reverse differentiation. Needs forward(), loss(grad) and backward(keep).
   Params hvp(const NetPass& pass, const Params& theta, const Params& u) const {
     const size_t n = net_.layers.size();
     for (size_t l = 0; l < n; ++l) TORCH_CHECK(!pass.fused[l], "pymeta: internal error: hvp() of a fused pass");
@@ -228,12 +236,12 @@ class NetTask {
 
  private:
   // Runs layers [from, to) of the pass's forward. replay: recompute them as the pass first ran
-  // them (its fused blocks), for backward(); checkpoint: see forward().
-  void run_layers(NetPass& pass, const Params& theta, size_t from, size_t to, bool fuse, bool replay,
-                  bool checkpoint) const {
+  // them (its fused blocks), for backward(); a checkpointed pass: see forward().
+  void run_layers(NetPass& pass, const Params& theta, size_t from, size_t to, bool fuse, bool replay) const {
     // A replay for backward() holds a quarter of the limit: the values of one long segment
     // (a residual block, whose shortcut reaches across it) then need not be alive at once.
-    const int64_t limit = activation_cache_limit().load() / (replay ? 4 : 1);
+    const bool checkpoint = pass.limit >= 0;
+    const int64_t limit = pass.limit / (replay ? 4 : 1);
     int64_t held = 0;
     for (size_t l = from; l < to; ++l) {
       const NetLayer& L = net_.layers[l];
@@ -269,16 +277,44 @@ class NetTask {
         }
       }
       if (checkpoint && held > limit && !(replay && l + 1 == to)) {
-        // Done with in this forward; the output (l + 1) stays, and in a replay becomes a restart
-        // point for the next one (the last layer's inputs stay: backward() reads them next).
-        for (size_t v = replay ? from + 1 : 1; v <= l; ++v) {
-          if (pass.vals[v].defined() && !net_.cut[v] && !pass.anchor[v] &&
-              net_.last_reader[v] <= static_cast<int64_t>(l)) {
-            held -= static_cast<int64_t>(pass.vals[v].nbytes());
-            pass.vals[v] = at::Tensor();
+        if (replay) {
+          // Done with in this replay; the output (l + 1) stays and becomes a restart point for
+          // the next one (the last layer's inputs stay: backward() reads them next).
+          for (size_t v = from + 1; v <= l; ++v) {
+            if (freeable(pass, v, l)) held -= release_value(pass, v);
           }
+          pass.anchor[l + 1] = true;
+        } else {
+          free_cheapest(pass, l, limit, held);
         }
-        if (replay) pass.anchor[l + 1] = true;
+      }
+    }
+  }
+
+  // Value v is freeable after layer l of a checkpointed forward: no later forward layer reads it,
+  // and it is no restart point (a cut or a replay's anchor).
+  bool freeable(const NetPass& pass, size_t v, size_t l) const {
+    return pass.vals[v].defined() && !net_.cut[v] && !pass.anchor[v] && net_.last_reader[v] <= static_cast<int64_t>(l);
+  }
+
+  static int64_t release_value(NetPass& pass, size_t v) {
+    const auto bytes = static_cast<int64_t>(pass.vals[v].nbytes());
+    pass.vals[v] = at::Tensor();
+    return bytes;
+  }
+
+  // A first forward over the limit after layer l frees values until it holds no more than the
+  // limit: first those that elementwise layers made (batch norm, activations, adds, pooling:
+  // backward() gets them back from a kept input below by a pass over memory), then convolution
+  // and linear outputs, earliest first (usually the fewest input channels: the least arithmetic
+  // per byte to recompute).
+  void free_cheapest(NetPass& pass, size_t l, int64_t limit, int64_t& held) const {
+    for (const bool products : {false, true}) {
+      for (size_t v = 1; v <= l && held > limit; ++v) {
+        const LayerKind kind = net_.layers[v - 1].kind;
+        if ((kind == LayerKind::kConv2d || kind == LayerKind::kLinear) == products && freeable(pass, v, l)) {
+          held -= release_value(pass, v);
+        }
       }
     }
   }
@@ -291,20 +327,24 @@ class NetTask {
   }
 
   // Before layer l's backward: when a value it reads was freed by a checkpointed forward, runs
-  // the layers from the nearest kept cut point below through l again.
+  // the layers from the nearest kept value below again: through l when its rules read its own
+  // output (an activation, a fused block), else up to its inputs.
   void restore_inputs(NetPass& pass, const Params& theta, int64_t l, bool fused_end) const {
-    const NetLayer& L = net_.layers[fused_end ? l - 2 : l];
-    bool missing = (fused_end || L.kind == LayerKind::kActivation) && !pass.vals[l + 1].defined();
+    const int64_t first = fused_end ? l - 2 : l;
+    const NetLayer& L = net_.layers[first];
+    const bool own = (fused_end || L.kind == LayerKind::kActivation) && !pass.vals[l + 1].defined();
+    bool missing = own;
     for (int64_t v : {L.input, L.input2}) {
       if (v >= 0 && (fused_end || L.reads_input_later()) && !pass.vals[v].defined()) missing = true;
     }
     if (!missing) return;
-    // The nearest value below from which layers c..l can run again: defined, with every earlier
-    // value they read defined too (value 0, the input, always is).
+    const int64_t to = own ? l + 1 : first;
+    // The nearest value below from which layers c..to-1 can run again: defined, with every
+    // earlier value they read defined too (value 0, the input, always is).
     int64_t c = std::min(L.input, L.input2 >= 0 ? L.input2 : L.input);
-    while (!restartable(pass, c, l)) --c;
-    recomputed_layers().fetch_add(l + 1 - c);
-    run_layers(pass, theta, c, l + 1, false, true, true);
+    while (!restartable(pass, c, to - 1)) --c;
+    recomputed_layers().fetch_add(to - c);
+    run_layers(pass, theta, c, to, false, true);
   }
 
   bool restartable(const NetPass& pass, int64_t c, int64_t l) const {
@@ -393,10 +433,12 @@ void record_bn_stats(const Net& net, const NetPass& pass, at::Tensor out) {
 
 // One task's inner loop, and the iterates, support passes and gradients its reverse sweep reads.
 // Kept for the sweep, within activation_cache_limit() bytes: the parameter iterates theta_j
-// (up to half the limit or one support pass's bytes, evenly spread; theta_0 and theta_J always),
-// then the support passes (a second-order sweep's; the rest of the limit). An iterate not kept is recomputed from the nearest kept one
-// by running the inner steps again, a pass not kept by one forward and backward: memory then
-// grows with the inner steps by the kept part only, at the price of that arithmetic.
+// (a quarter of the limit, evenly spread; theta_0 and theta_J always) and the support passes (a
+// second-order sweep's; half the limit), or only iterates, within the whole limit, when no pass
+// fits in half. An iterate not kept is recomputed from the nearest kept one by running the inner
+// steps again, a pass not kept by one forward and backward: memory then grows with the inner
+// steps by the kept part only (at few shots an iterate is as big as a pass), at the price of
+// that arithmetic.
 class InnerLoop {
  public:
   InnerLoop(const NetProblem& pb, const NetTask& task, const std::vector<Params>& lr, const at::Tensor& sx,
@@ -415,30 +457,29 @@ class InnerLoop {
     }
     theta_.assign(J + 1, Params());
     theta_[0] = theta0;
-    int64_t kept = 0, last = 0;  // bytes kept for the sweep (iterates and passes); of the last pass
+    const int64_t pass_limit = limit / 2;
+    int64_t kept = 0, last = 0;  // bytes of the passes kept for the sweep; of the last pass
     int64_t stride = 1;          // keep theta_j for j a multiple of it
     Params cur = theta0;
     for (int64_t j = 0; j < J; ++j) {
       // Kept passes are differentiated again by the sweep, through every layer (no fused
       // blocks); others run the fused blocks. A pass as big as the last one must fit.
-      const bool keep = sweep && (j == 0 || kept + last <= limit);
+      const bool keep = sweep && (j == 0 || kept + last <= pass_limit);
       NetPass pass;
       Params g;
       cur = step(cur, j, keep, pass, g, bn_stats.defined() ? bn_stats.select(1, j) : at::Tensor());
       if (j == 0 && iterates && J > 1) {
-        // Iterates may take half the limit, or as much as one support pass if more: recomputing
-        // one costs at least a pass. The ones kept are spread evenly, so that the sweep
-        // recomputes fewer than `stride` steps per iterate.
-        const int64_t budget = limit > 0 ? std::max(limit / 2, pass.bytes()) : 0;  // 0: keep none
+        // The ones kept are spread evenly, so that the sweep recomputes fewer than `stride`
+        // steps per iterate.
+        const int64_t budget = pass.bytes() > pass_limit ? limit : limit / 4;  // 0: keep none
         const int64_t fit = iterate_bytes > 0 ? budget / iterate_bytes : J;
         stride = fit >= J - 1 ? 1 : (J + fit) / (fit + 1);
       }
       if (j + 1 == J || (iterates && (j + 1) % stride == 0)) {
         theta_[j + 1] = cur;
-        if (j + 1 < J) kept += iterate_bytes;
       }
       if (keep) last = pass.bytes();
-      if (keep && kept + last <= limit) {
+      if (keep && kept + last <= pass_limit) {
         kept += last;
         passes_.push_back(std::move(pass));
       } else if (sweep) {
@@ -467,6 +508,15 @@ class InnerLoop {
     return recomputed_;
   }
 
+  // The sweep is past step j: frees the iterates above it (less memory for the rest).
+  void release_after(int64_t j) {
+    for (size_t k = static_cast<size_t>(j) + 1; k < theta_.size(); ++k) theta_[k] = Params();
+    if (recomputed_step_ > j) {
+      recomputed_ = Params();
+      recomputed_step_ = -1;
+    }
+  }
+
   // Step j's kept support pass, or an empty one (the caller recomputes it).
   NetPass take_pass(int64_t j) { return std::move(passes_[j]); }
   const Params& grad(int64_t j) const { return grads_[j]; }
@@ -475,10 +525,10 @@ class InnerLoop {
   // One inner step at theta = cur: the next iterate; the support pass (kept, differentiable
   // again, when keep) and gradient through the out-parameters.
   Params step(const Params& cur, int64_t j, bool keep, NetPass& pass, Params& g, const at::Tensor& stats_row) const {
-    pass = task_.forward(cur, sx_, j, !keep, !keep);
+    pass = task_.forward(cur, sx_, j, !keep, keep ? -1 : activation_cache_limit().load());
     if (stats_row.defined()) record_bn_stats(pb_.net, pass, stats_row);
     task_.loss(pass, sy_, true);
-    g = task_.backward(pass, cur, keep, keep);
+    g = task_.backward(pass, cur, ParamGrads::kAdapted, keep);
     Params next = cur;  // frozen params are shared, not copied
     const Params& rate = lr_[lr_row(pb_, j)];
     std::vector<at::Tensor> params, grads, rates;
@@ -626,13 +676,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     Params v(params.size());  // d(task loss) / d theta_j per task, from j = J down to 0
     auto query_term = [&](int64_t j, double w) {
       const Params& theta = inner.theta(j);
-      NetPass pass = task.forward(theta, qx, j, true, true);
+      NetPass pass = task.forward(theta, qx, j, true, activation_cache_limit().load());
       if (j == J && task_stats.defined()) record_bn_stats(pb.net, pass, task_stats.select(1, J));
       const at::Tensor l = task.loss(pass, qy, compute_grads) * w;
       task_loss = task_loss.defined() ? task_loss + l : l;
-      if (compute_grads) add_scaled(v, task.backward(pass, theta, true, false), w);
+      if (compute_grads) add_scaled(v, task.backward(pass, theta, ParamGrads::kAll, false), w);
     };
     auto step_back = [&](int64_t j) {
+      inner.release_after(j);  // the query terms and steps above j are done
       const Params& rate = lr[lr_row(pb, j)];
       if (compute_lr_grads) {
         // d theta_{j+1} / d rate = -g_j, elementwise; summed over the chunk's tasks.
@@ -659,7 +710,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
         sweep_recomputed_passes().fetch_add(1);
         pass = task.forward(theta, sx, j, false);
         task.loss(pass, sy, true);
-        task.backward(pass, theta, true, true);
+        task.backward(pass, theta, ParamGrads::kNone, true);  // hvp() reads dL/d(value) only
       }
       add_scaled(v, task.hvp(pass, theta, u), -1.0);
     };

@@ -25,12 +25,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from baselines import PerTaskLoopMAML
 from harness import rotated_timings
-from resnet12_step import rotated_step_times
+from resnet12_step import ab_script
 from workloads import OnednnConvolutionsMAML, OnednnWeightGradsMAML
 
 # (N, C in, C out, map size, kernel): ResNet-12's support (N = 5 at 1-shot, 25 at 5-shot) and
@@ -94,48 +91,14 @@ def shape_table(repeats: int) -> None:
         print(f"{shape} {f:.2f} ({gflops:.0f}) | {a:.2f} | {b:.2f} | {a / b:.2f}x | {rule} |")
 
 
-def step_table(shots_list, inner_steps_list, repeats: int) -> None:
-    print(
-        "| shots | inner steps | per-task loop s | ModelAwareMAML, oneDNN weight grads s "
-        "| ModelAwareMAML s (both without Winograd) | x faster than without the path "
-        "| x faster vs loop |"
-    )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for shots in shots_list:
-        for steps in inner_steps_list:
-            impls = {
-                "loop": PerTaskLoopMAML,
-                "onednn": OnednnWeightGradsMAML,
-                "aware": OnednnConvolutionsMAML,
-            }
-            t = rotated_step_times(shots, steps, impls, repeats)
-            print(
-                f"| {shots} | {steps} | {t['loop']:.2f} | {t['onednn']:.2f} | {t['aware']:.2f} | "
-                f"{t['onednn'] / t['aware']:.2f}x | {t['loop'] / t['aware']:.2f}x |",
-                flush=True,
-            )
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--inner-steps", type=int, nargs="+", default=[5])
-    parser.add_argument("--skip-shapes", action="store_true")
-    parser.add_argument("--skip-steps", action="store_true")
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads: expected >= 1, received {args.threads}")
-    if args.repeats < 2:  # rotated_timings reports a median and an interquartile range
-        parser.error(f"--repeats: expected >= 2, received {args.repeats}")
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} rounds, float32\n")
-    if not args.skip_shapes:
-        shape_table(args.repeats)
-        print()
-    if not args.skip_steps:
-        step_table(args.shots, args.inner_steps, args.repeats)
+    ab_script(
+        __doc__,
+        argv,
+        shape_table,
+        ("ModelAwareMAML, oneDNN weight grads", OnednnWeightGradsMAML),
+        ("ModelAwareMAML (both without Winograd)", OnednnConvolutionsMAML),
+    )
 
 
 if __name__ == "__main__":

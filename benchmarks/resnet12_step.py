@@ -98,6 +98,46 @@ def rotated_step_times(shots: int, steps: int, implementations: dict, repeats: i
     return {k: v["median"] for k, v in rotated_timings(fns, repeats, 0.0).items()}
 
 
+def ab_script(doc: str, argv, shape_table, without: tuple, with_: tuple) -> None:
+    """The main() of an A/B script of one core path (winograd_conv.py, conv_weight_grad.py):
+    shape_table(repeats) for the path's convolution shapes, then one second-order ResNet-12
+    meta-step per shots and inner steps in rotated rounds (rotated_step_times) of the per-task
+    loop, ModelAwareMAML without the path and with it; without and with_ are (label, class)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--inner-steps", type=int, nargs="+", default=[5])
+    parser.add_argument("--skip-shapes", action="store_true")
+    parser.add_argument("--skip-steps", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads: expected >= 1, received {args.threads}")
+    if args.repeats < 2:  # rotated_timings reports a median and an interquartile range
+        parser.error(f"--repeats: expected >= 2, received {args.repeats}")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} rounds, float32\n")
+    if not args.skip_shapes:
+        shape_table(args.repeats)
+        print()
+    if args.skip_steps:
+        return
+    print(
+        f"| shots | inner steps | per-task loop s | {without[0]} s | {with_[0]} s "
+        "| x faster than without the path | x faster vs loop |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    impls = {"loop": IMPLEMENTATIONS[REFERENCE], "without": without[1], "with": with_[1]}
+    for shots in args.shots:
+        for steps in args.inner_steps:
+            t = rotated_step_times(shots, steps, impls, args.repeats)
+            print(
+                f"| {shots} | {steps} | {t['loop']:.2f} | {t['without']:.2f} | {t['with']:.2f} | "
+                f"{t['without'] / t['with']:.2f}x | {t['loop'] / t['with']:.2f}x |",
+                flush=True,
+            )
+
+
 def child(cell: dict) -> dict:
     """Runs in the child process: one meta-step of one (implementation, shots, inner steps)."""
     limit = int(cell["mem_limit_gib"] * 2**30)

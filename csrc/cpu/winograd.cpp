@@ -20,75 +20,92 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 namespace pymeta {
 namespace {
 
-constexpr int64_t kBlock = 64;  // channels per inner loop: 16 rows of it stay in L1
+constexpr int64_t kBlock = 64;  // channels per call of a channel loop (the zero and discard rows)
 
 // ---- The channel loops: each is a non-template function per dtype with `restrict` pointer
-// parameters, built for AVX-512, AVX2 and baseline x86-64 (PYMETA_MULTIVERSION), like
-// bn_relu_pool.cpp's: GCC vectorises them only so. Rows are kBlock values apart unless said.
+// parameters (or, where it reads and writes rows through arrays of row pointers, `ivdep`), built
+// for AVX-512, AVX2 and baseline x86-64 (PYMETA_MULTIVERSION), like bn_relu_pool.cpp's: GCC
+// vectorises them only so. They read and write the tensors' rows in place: staging rows through
+// block buffers took variable-length copies that cost more than the arithmetic (perf: `rep movsq`
+// was half of input_transform's time).
 #define PYMETA_WINOGRAD_DEFS(T)                                                                                 \
   /* v = B^T d B for nb channels of one 4x4 tile: d and v, 16 rows (row-major points). */                      \
-  PYMETA_MULTIVERSION void input_points(int64_t nb, const T* __restrict d, T* __restrict v) {                  \
-    for (int64_t c = 0; c < nb; ++c) {                                                                          \
+  PYMETA_MULTIVERSION void input_points(int64_t nb, const T* const* rows_in, T* const* rows_out) {             \
+    const T* d[16];                                                                                             \
+    T* v[16];                                                                                                   \
+    for (int k = 0; k < 16; ++k) d[k] = rows_in[k], v[k] = rows_out[k];                                         \
+    _Pragma("GCC ivdep") for (int64_t c = 0; c < nb; ++c) {                                                     \
       T u[16];                                                                                                  \
       for (int j = 0; j < 4; ++j) { /* rows: B^T d */                                                          \
-        u[0 + j] = d[(0 + j) * kBlock + c] - d[(8 + j) * kBlock + c];                                           \
-        u[4 + j] = d[(4 + j) * kBlock + c] + d[(8 + j) * kBlock + c];                                           \
-        u[8 + j] = d[(8 + j) * kBlock + c] - d[(4 + j) * kBlock + c];                                           \
-        u[12 + j] = d[(4 + j) * kBlock + c] - d[(12 + j) * kBlock + c];                                         \
+        u[0 + j] = d[0 + j][c] - d[8 + j][c];                                                                   \
+        u[4 + j] = d[4 + j][c] + d[8 + j][c];                                                                   \
+        u[8 + j] = d[8 + j][c] - d[4 + j][c];                                                                   \
+        u[12 + j] = d[4 + j][c] - d[12 + j][c];                                                                 \
       }                                                                                                         \
       for (int i = 0; i < 16; i += 4) { /* columns: (.) B */                                                   \
-        v[(i + 0) * kBlock + c] = u[i + 0] - u[i + 2];                                                          \
-        v[(i + 1) * kBlock + c] = u[i + 1] + u[i + 2];                                                          \
-        v[(i + 2) * kBlock + c] = u[i + 2] - u[i + 1];                                                          \
-        v[(i + 3) * kBlock + c] = u[i + 1] - u[i + 3];                                                          \
+        v[i + 0][c] = u[i + 0] - u[i + 2];                                                                      \
+        v[i + 1][c] = u[i + 1] + u[i + 2];                                                                      \
+        v[i + 2][c] = u[i + 2] - u[i + 1];                                                                      \
+        v[i + 3][c] = u[i + 1] - u[i + 3];                                                                      \
       }                                                                                                         \
     }                                                                                                           \
   }                                                                                                             \
   /* m = A e A^T for nb channels of one 2x2 output block: e 4 rows, m 16 rows. */                              \
-  PYMETA_MULTIVERSION void adjoint_output_points(int64_t nb, const T* __restrict e, T* __restrict m) {         \
-    for (int64_t c = 0; c < nb; ++c) {                                                                          \
+  PYMETA_MULTIVERSION void adjoint_output_points(int64_t nb, const T* const* rows_in, T* const* rows_out) {    \
+    const T* e[4];                                                                                              \
+    T* m[16];                                                                                                   \
+    for (int k = 0; k < 4; ++k) e[k] = rows_in[k];                                                              \
+    for (int k = 0; k < 16; ++k) m[k] = rows_out[k];                                                            \
+    _Pragma("GCC ivdep") for (int64_t c = 0; c < nb; ++c) {                                                     \
       T h[8]; /* A e: 4 rows of 2 */                                                                            \
       for (int j = 0; j < 2; ++j) {                                                                             \
-        const T e0 = e[j * kBlock + c], e1 = e[(2 + j) * kBlock + c];                                           \
+        const T e0 = e[j][c], e1 = e[2 + j][c];                                                                 \
         h[0 + j] = e0;                                                                                          \
         h[2 + j] = e0 + e1;                                                                                     \
         h[4 + j] = e0 - e1;                                                                                     \
         h[6 + j] = -e1;                                                                                         \
       }                                                                                                         \
       for (int i = 0; i < 4; ++i) { /* (.) A^T */                                                              \
-        m[(i * 4 + 0) * kBlock + c] = h[i * 2];                                                                 \
-        m[(i * 4 + 1) * kBlock + c] = h[i * 2] + h[i * 2 + 1];                                                  \
-        m[(i * 4 + 2) * kBlock + c] = h[i * 2] - h[i * 2 + 1];                                                  \
-        m[(i * 4 + 3) * kBlock + c] = -h[i * 2 + 1];                                                            \
+        m[i * 4 + 0][c] = h[i * 2];                                                                             \
+        m[i * 4 + 1][c] = h[i * 2] + h[i * 2 + 1];                                                              \
+        m[i * 4 + 2][c] = h[i * 2] - h[i * 2 + 1];                                                              \
+        m[i * 4 + 3][c] = -h[i * 2 + 1];                                                                        \
       }                                                                                                         \
     }                                                                                                           \
   }                                                                                                             \
-  /* y = A^T m A + b for nb channels of one 2x2 output block: m 16 rows, y 4 rows. */                          \
-  PYMETA_MULTIVERSION void output_points(int64_t nb, const T* __restrict m, const T* __restrict b,             \
-                                         T* __restrict y) {                                                     \
-    for (int64_t c = 0; c < nb; ++c) {                                                                          \
+  /* y = A^T m A + b for nb channels of one 2x2 output block: m 16 rows, b 1, y 4 rows. */                     \
+  PYMETA_MULTIVERSION void output_points(int64_t nb, const T* const* rows_in, const T* __restrict b,           \
+                                         T* const* rows_out) {                                                  \
+    const T* m[16];                                                                                             \
+    T* y[4];                                                                                                    \
+    for (int k = 0; k < 16; ++k) m[k] = rows_in[k];                                                             \
+    for (int k = 0; k < 4; ++k) y[k] = rows_out[k];                                                             \
+    _Pragma("GCC ivdep") for (int64_t c = 0; c < nb; ++c) {                                                     \
       T s[8]; /* A^T m: 2 rows of 4 */                                                                          \
       for (int j = 0; j < 4; ++j) {                                                                             \
-        s[j] = m[j * kBlock + c] + m[(4 + j) * kBlock + c] + m[(8 + j) * kBlock + c];                           \
-        s[4 + j] = m[(4 + j) * kBlock + c] - m[(8 + j) * kBlock + c] - m[(12 + j) * kBlock + c];                \
+        s[j] = m[j][c] + m[4 + j][c] + m[8 + j][c];                                                             \
+        s[4 + j] = m[4 + j][c] - m[8 + j][c] - m[12 + j][c];                                                    \
       }                                                                                                         \
       for (int i = 0; i < 2; ++i) { /* (.) A */                                                                \
-        y[(i * 2 + 0) * kBlock + c] = s[i * 4] + s[i * 4 + 1] + s[i * 4 + 2] + b[c];                            \
-        y[(i * 2 + 1) * kBlock + c] = s[i * 4 + 1] - s[i * 4 + 2] - s[i * 4 + 3] + b[c];                        \
+        y[i * 2 + 0][c] = s[i * 4] + s[i * 4 + 1] + s[i * 4 + 2] + b[c];                                        \
+        y[i * 2 + 1][c] = s[i * 4 + 1] - s[i * 4 + 2] - s[i * 4 + 3] + b[c];                                    \
       }                                                                                                         \
     }                                                                                                           \
   }                                                                                                             \
-  /* u = G k G^T for nb 3x3 kernels k[i][c] = src[i*ld + c] (row-major taps): 16 rows. */                    \
-  PYMETA_MULTIVERSION void kernel_points(int64_t nb, const T* __restrict src, int64_t ld, T* __restrict u) {   \
-    for (int64_t c = 0; c < nb; ++c) {                                                                          \
+  /* u = G k G^T for nb 3x3 kernels: k 9 rows (row-major taps), u 16 rows. */                                 \
+  PYMETA_MULTIVERSION void kernel_points(int64_t nb, const T* const* rows_in, T* const* rows_out) {            \
+    const T* g[9];                                                                                              \
+    T* u[16];                                                                                                   \
+    for (int k = 0; k < 9; ++k) g[k] = rows_in[k];                                                              \
+    for (int k = 0; k < 16; ++k) u[k] = rows_out[k];                                                            \
+    _Pragma("GCC ivdep") for (int64_t c = 0; c < nb; ++c) {                                                     \
       T k[9], a[12]; /* a = G k: 4 rows of 3 */                                                                 \
-      for (int i = 0; i < 9; ++i) k[i] = src[i * ld + c];                                                       \
+      for (int i = 0; i < 9; ++i) k[i] = g[i][c];                                                               \
       for (int j = 0; j < 3; ++j) {                                                                             \
         a[0 + j] = k[j];                                                                                        \
         a[3 + j] = T(0.5) * (k[j] + k[3 + j] + k[6 + j]);                                                       \
@@ -97,30 +114,32 @@ constexpr int64_t kBlock = 64;  // channels per inner loop: 16 rows of it stay i
       }                                                                                                         \
       for (int i = 0; i < 4; ++i) { /* (.) G^T */                                                              \
         const T* r = a + 3 * i;                                                                                 \
-        u[(i * 4 + 0) * kBlock + c] = r[0];                                                                     \
-        u[(i * 4 + 1) * kBlock + c] = T(0.5) * (r[0] + r[1] + r[2]);                                            \
-        u[(i * 4 + 2) * kBlock + c] = T(0.5) * (r[0] - r[1] + r[2]);                                            \
-        u[(i * 4 + 3) * kBlock + c] = r[2];                                                                     \
+        u[i * 4 + 0][c] = r[0];                                                                                 \
+        u[i * 4 + 1][c] = T(0.5) * (r[0] + r[1] + r[2]);                                                        \
+        u[i * 4 + 2][c] = T(0.5) * (r[0] - r[1] + r[2]);                                                        \
+        u[i * 4 + 3][c] = r[2];                                                                                 \
       }                                                                                                         \
     }                                                                                                           \
   }                                                                                                             \
-  /* dst[i*ld + c] = (G^T d G)[i] for nb channels, d[k][c] = src[k*sk + c]: the 9 taps. */                     \
-  PYMETA_MULTIVERSION void kernel_adjoint_points(int64_t nb, const T* __restrict src, int64_t sk,              \
-                                                 T* __restrict dst, int64_t ld) {                               \
-    for (int64_t c = 0; c < nb; ++c) {                                                                          \
+  /* t = G^T d G for nb channels: d 16 rows (points), t 9 rows (the taps). */                                  \
+  PYMETA_MULTIVERSION void kernel_adjoint_points(int64_t nb, const T* const* rows_in, T* const* rows_out) {    \
+    const T* d[16];                                                                                             \
+    T* t[9];                                                                                                    \
+    for (int k = 0; k < 16; ++k) d[k] = rows_in[k];                                                             \
+    for (int k = 0; k < 9; ++k) t[k] = rows_out[k];                                                             \
+    _Pragma("GCC ivdep") for (int64_t c = 0; c < nb; ++c) {                                                     \
       T a[12]; /* G^T d: 3 rows of 4 */                                                                         \
       for (int j = 0; j < 4; ++j) {                                                                             \
-        const T d0 = src[j * sk + c], d1 = src[(4 + j) * sk + c], d2 = src[(8 + j) * sk + c],                   \
-                d3 = src[(12 + j) * sk + c];                                                                    \
+        const T d0 = d[j][c], d1 = d[4 + j][c], d2 = d[8 + j][c], d3 = d[12 + j][c];                            \
         a[0 + j] = d0 + T(0.5) * (d1 + d2);                                                                     \
         a[4 + j] = T(0.5) * (d1 - d2);                                                                          \
         a[8 + j] = T(0.5) * (d1 + d2) + d3;                                                                     \
       }                                                                                                         \
       for (int i = 0; i < 3; ++i) { /* (.) G */                                                                \
         const T* r = a + 4 * i;                                                                                 \
-        dst[(i * 3 + 0) * ld + c] = r[0] + T(0.5) * (r[1] + r[2]);                                              \
-        dst[(i * 3 + 1) * ld + c] = T(0.5) * (r[1] - r[2]);                                                     \
-        dst[(i * 3 + 2) * ld + c] = T(0.5) * (r[1] + r[2]) + r[3];                                              \
+        t[i * 3 + 0][c] = r[0] + T(0.5) * (r[1] + r[2]);                                                        \
+        t[i * 3 + 1][c] = T(0.5) * (r[1] - r[2]);                                                               \
+        t[i * 3 + 2][c] = T(0.5) * (r[1] + r[2]) + r[3];                                                        \
       }                                                                                                         \
     }                                                                                                           \
   }
@@ -187,13 +206,11 @@ int64_t chunk_tiles(int64_t tasks, int64_t width, size_t element_size) {
   return std::max<int64_t>(kMinTiles, kChunkBytes / (16 * tasks * width * static_cast<int64_t>(element_size)));
 }
 
-// Copies nb channels from each of rows source rows (nullptr: zeros) into rows of buf.
+// A row of kBlock zeros: what a transform reads for pixels outside the image (the padding).
 template <typename T>
-void gather_rows(const T* const* src, int rows, int64_t c0, int64_t nb, T* buf) {
-  for (int k = 0; k < rows; ++k) {
-    if (src[k]) std::memcpy(buf + k * kBlock, src[k] + c0, nb * sizeof(T));
-    else std::fill_n(buf + k * kBlock, nb, T(0));
-  }
+const T* zero_row() {
+  alignas(64) static const T zeros[kBlock] = {};
+  return zeros;
 }
 
 // V = B^T d B for every 4x4 input tile of the range (zero outside the image: the padding).
@@ -202,12 +219,14 @@ void input_transform(const T* x, const Grid& g, TileRange range, const DomainRow
   for_tiles(g, range, [&](int64_t t, int64_t p, int64_t n, int64_t r0, int64_t s0) {
     const T* src[16];
     for (int i = 0; i < 16; ++i) src[i] = g.pixel(x, t, n, r0 - 1 + i / 4, s0 - 1 + i % 4);
-    alignas(64) T d[16 * kBlock], v[16 * kBlock];
     for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
-      const int64_t nb = std::min(kBlock, g.c - c0);
-      gather_rows(src, 16, c0, nb, d);
-      input_points(nb, d, v);
-      for (int k = 0; k < 16; ++k) std::memcpy(out.at(k, t, p) + c0, v + k * kBlock, nb * sizeof(T));
+      const T* d[16];
+      T* v[16];
+      for (int k = 0; k < 16; ++k) {
+        d[k] = src[k] ? src[k] + c0 : zero_row<T>();
+        v[k] = out.at(k, t, p) + c0;
+      }
+      input_points(std::min(kBlock, g.c - c0), d, v);
     }
   });
 }
@@ -219,12 +238,12 @@ void output_adjoint(const T* gy, const Grid& g, TileRange range, const DomainRow
   for_tiles(g, range, [&](int64_t t, int64_t p, int64_t n, int64_t r0, int64_t s0) {
     const T* src[4];
     for (int i = 0; i < 4; ++i) src[i] = g.pixel(gy, t, n, r0 + i / 2, s0 + i % 2);
-    alignas(64) T e[4 * kBlock], m[16 * kBlock];
     for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
-      const int64_t nb = std::min(kBlock, g.c - c0);
-      gather_rows(src, 4, c0, nb, e);
-      adjoint_output_points(nb, e, m);
-      for (int k = 0; k < 16; ++k) std::memcpy(out.at(k, t, p) + c0, m + k * kBlock, nb * sizeof(T));
+      const T* e[4];
+      T* m[16];
+      for (int i = 0; i < 4; ++i) e[i] = src[i] ? src[i] + c0 : zero_row<T>();
+      for (int k = 0; k < 16; ++k) m[k] = out.at(k, t, p) + c0;
+      adjoint_output_points(std::min(kBlock, g.c - c0), e, m);
     }
   });
 }
@@ -235,20 +254,15 @@ template <typename T>
 void output_transform(const T* M, const int* slot, const T* bias, const Grid& g, TileRange range, T* y) {
   const DomainRows<T> in{const_cast<T*>(M), g.tasks * range.size() * g.c, range.size() * g.c, g.c, slot};
   for_tiles(g, range, [&](int64_t t, int64_t p, int64_t n, int64_t r0, int64_t s0) {
-    const T* src[16];
-    for (int k = 0; k < 16; ++k) src[k] = in.at(k, t, p);
-    alignas(64) T m[16 * kBlock], o[4 * kBlock], b[kBlock];
+    T* dst[4];
+    for (int i = 0; i < 4; ++i) dst[i] = const_cast<T*>(g.pixel(static_cast<const T*>(y), t, n, r0 + i / 2, s0 + i % 2));
+    alignas(64) T discard[kBlock];  // where outputs beyond the image's edge go
     for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
-      const int64_t nb = std::min(kBlock, g.c - c0);
-      gather_rows(src, 16, c0, nb, m);
-      if (bias) std::memcpy(b, bias + t * g.c + c0, nb * sizeof(T));
-      else std::fill_n(b, nb, T(0));
-      output_points(nb, m, b, o);
-      for (int i = 0; i < 4; ++i) {
-        if (T* dst = const_cast<T*>(g.pixel(static_cast<const T*>(y), t, n, r0 + i / 2, s0 + i % 2))) {
-          std::memcpy(dst + c0, o + i * kBlock, nb * sizeof(T));
-        }
-      }
+      const T* m[16];
+      T* o[4];
+      for (int k = 0; k < 16; ++k) m[k] = in.at(k, t, p) + c0;
+      for (int i = 0; i < 4; ++i) o[i] = dst[i] ? dst[i] + c0 : discard;
+      output_points(std::min(kBlock, g.c - c0), m, bias ? bias + t * g.c + c0 : zero_row<T>(), o);
     }
   });
 }
@@ -258,14 +272,12 @@ void output_transform(const T* M, const int* slot, const T* bias, const Grid& g,
 template <typename T>
 void weight_transform(const T* w, int64_t tasks, int64_t o, int64_t c, T* out, int64_t sk, int64_t st, int64_t so) {
   at::parallel_for(0, tasks * o, std::max<int64_t>(1, 4096 / c), [&](int64_t begin, int64_t end) {
-    alignas(64) T u[16 * kBlock];
     for (int64_t q = begin; q < end; ++q) {
-      T* dst = out + (q / o) * st + (q % o) * so;
-      for (int64_t c0 = 0; c0 < c; c0 += kBlock) {
-        const int64_t nb = std::min(kBlock, c - c0);
-        kernel_points(nb, w + q * 9 * c + c0, c, u);
-        for (int k = 0; k < 16; ++k) std::memcpy(dst + k * sk + c0, u + k * kBlock, nb * sizeof(T));
-      }
+      const T* taps[9];
+      T* points[16];
+      for (int i = 0; i < 9; ++i) taps[i] = w + (q * 9 + i) * c;
+      for (int k = 0; k < 16; ++k) points[k] = out + k * sk + (q / o) * st + (q % o) * so;
+      kernel_points(c, taps, points);
     }
   });
 }
@@ -275,14 +287,12 @@ template <typename T>
 void weight_adjoint(const T* dU, int64_t tasks, int64_t o, int64_t c, T* dw) {
   const int64_t sk = tasks * o * c;
   at::parallel_for(0, tasks * o, std::max<int64_t>(1, 4096 / c), [&](int64_t begin, int64_t end) {
-    alignas(64) T d[16 * kBlock], taps[9 * kBlock];
     for (int64_t q = begin; q < end; ++q) {
-      for (int64_t c0 = 0; c0 < c; c0 += kBlock) {
-        const int64_t nb = std::min(kBlock, c - c0);
-        for (int k = 0; k < 16; ++k) std::memcpy(d + k * kBlock, dU + k * sk + q * c + c0, nb * sizeof(T));
-        kernel_adjoint_points(nb, d, kBlock, taps, kBlock);
-        for (int i = 0; i < 9; ++i) std::memcpy(dw + (q * 9 + i) * c + c0, taps + i * kBlock, nb * sizeof(T));
-      }
+      const T* points[16];
+      T* taps[9];
+      for (int k = 0; k < 16; ++k) points[k] = dU + k * sk + q * c;
+      for (int i = 0; i < 9; ++i) taps[i] = dw + (q * 9 + i) * c;
+      kernel_adjoint_points(c, points, taps);
     }
   });
 }

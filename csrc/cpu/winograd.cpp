@@ -201,7 +201,7 @@ void for_tiles(const Grid& g, TileRange range, F f) {
 // `total`: the chunk's transform-domain values stay in the L2 cache between their transforms and
 // products; one chunk for all tiles would stream them through memory (at 16x16 maps with 75
 // images, that took 1.9x oneDNN's time). The chunks are of equal size: a short last chunk's
-// products run at about half the rate of full ones (12 rows against 68: 38 against 72 GFLOP/s).
+// products run at a much lower rate than full ones (a torch.profiler view of the 1-shot step).
 int64_t chunk_tiles(int64_t total, int64_t tasks, int64_t width, size_t element_size) {
   constexpr int64_t kChunkBytes = int64_t{2} << 20, kMinTiles = 64;
   const int64_t most = std::max<int64_t>(kMinTiles, kChunkBytes / (16 * tasks * width * static_cast<int64_t>(element_size)));

@@ -438,7 +438,9 @@ void record_bn_stats(const Net& net, const NetPass& pass, at::Tensor out) {
 // fits in half. An iterate not kept is recomputed from the nearest kept one by running the inner
 // steps again, a pass not kept by one forward and backward: memory then grows with the inner
 // steps by the kept part only (at few shots an iterate is as big as a pass), at the price of
-// that arithmetic.
+// that arithmetic. A step that the sweep runs again to recompute an iterate yields its support
+// pass too, so the passes kept are those of steps it does not run again (theta_{j+1} kept), the
+// highest first: the sweep reads and frees them first.
 class InnerLoop {
  public:
   InnerLoop(const NetProblem& pb, const NetTask& task, const std::vector<Params>& lr, const at::Tensor& sx,
@@ -457,64 +459,61 @@ class InnerLoop {
     }
     theta_.assign(J + 1, Params());
     theta_[0] = theta0;
-    const int64_t pass_limit = limit / 2;
-    int64_t kept = 0, last = 0;  // bytes of the passes kept for the sweep; of the last pass
     int64_t stride = 1;          // keep theta_j for j a multiple of it
+    int64_t keep_from = J;       // keep the passes of steps >= it whose next iterate is kept
+    auto next_kept = [&](int64_t j) { return j + 1 == J || (iterates && (j + 1) % stride == 0); };
     Params cur = theta0;
     for (int64_t j = 0; j < J; ++j) {
-      // Kept passes are differentiated again by the sweep, through every layer (no fused
-      // blocks); others run the fused blocks. A pass as big as the last one must fit.
-      const bool keep = sweep && (j == 0 || kept + last <= pass_limit);
+      // Step 0's pass is kept differentiable, to measure what a kept pass takes. Kept passes are
+      // differentiated again by the sweep, through every layer (no fused blocks); others run the
+      // fused blocks.
+      const bool keep = sweep && (j == 0 || (j >= keep_from && next_kept(j)));
       NetPass pass;
       Params g;
       cur = step(cur, j, keep, pass, g, bn_stats.defined() ? bn_stats.select(1, j) : at::Tensor());
-      if (j == 0 && iterates && J > 1) {
-        // The ones kept are spread evenly, so that the sweep recomputes fewer than `stride`
-        // steps per iterate.
-        const int64_t budget = pass.bytes() > pass_limit ? limit : limit / 4;  // 0: keep none
-        const int64_t fit = iterate_bytes > 0 ? budget / iterate_bytes : J;
-        stride = fit >= J - 1 ? 1 : (J + fit) / (fit + 1);
+      if (j == 0) {
+        const int64_t pass_bytes = std::max<int64_t>(pass.bytes(), 1), pass_limit = limit / 2;
+        if (iterates && J > 1) {
+          // The ones kept are spread evenly, so that the sweep recomputes fewer than `stride`
+          // steps per iterate.
+          const int64_t budget = pass_bytes > pass_limit ? limit : limit / 4;  // 0: keep none
+          const int64_t fit = iterate_bytes > 0 ? budget / iterate_bytes : J;
+          stride = fit >= J - 1 ? 1 : (J + fit) / (fit + 1);
+        }
+        // As many passes as fit in half the limit, of the highest steps not run again.
+        for (int64_t n = pass_limit / pass_bytes; n > 0 && keep_from > 0;) {
+          if (next_kept(--keep_from)) --n;
+        }
       }
-      if (j + 1 == J || (iterates && (j + 1) % stride == 0)) {
-        theta_[j + 1] = cur;
-      }
-      if (keep) last = pass.bytes();
-      if (keep && kept + last <= pass_limit) {
-        kept += last;
-        passes_.push_back(std::move(pass));
-      } else if (sweep) {
-        passes_.emplace_back();  // recomputed by the sweep
-      }
+      if (next_kept(j)) theta_[j + 1] = cur;
+      if (sweep) passes_.push_back(keep && j >= keep_from && next_kept(j) ? std::move(pass) : NetPass());
       if (keep_grads) grads_.push_back(std::move(g));
     }
   }
 
-  // theta_j, recomputed from the nearest kept iterate below when it was not kept (the last one
-  // recomputed is remembered: the sweep asks for each j twice).
+  // theta_j, recomputed from the nearest kept iterate below when it was not kept. The last step
+  // run again is step j - 1, whose support pass the sweep reads next: kept (differentiable) when
+  // the inner loop did not keep it, so that it is not computed a second time.
   const Params& theta(int64_t j) {
     if (!theta_[j].empty()) return theta_[j];
-    if (recomputed_step_ == j) return recomputed_;
     int64_t i = j;
     while (theta_[i].empty()) --i;
     sweep_recomputed_steps().fetch_add(j - i);
     Params cur = theta_[i];
     for (; i < j; ++i) {
-      NetPass unused_pass;
+      const bool keep = i + 1 == j && static_cast<size_t>(i) < passes_.size() && passes_[i].empty();
+      NetPass pass;
       Params unused_grad;
-      cur = step(cur, i, false, unused_pass, unused_grad, at::Tensor());
+      cur = step(cur, i, keep, pass, unused_grad, at::Tensor());
+      if (keep) passes_[i] = std::move(pass);
     }
-    recomputed_ = std::move(cur);
-    recomputed_step_ = j;
-    return recomputed_;
+    theta_[j] = std::move(cur);  // the sweep asks for each j twice; release_after frees it
+    return theta_[j];
   }
 
   // The sweep is past step j: frees the iterates above it (less memory for the rest).
   void release_after(int64_t j) {
     for (size_t k = static_cast<size_t>(j) + 1; k < theta_.size(); ++k) theta_[k] = Params();
-    if (recomputed_step_ > j) {
-      recomputed_ = Params();
-      recomputed_step_ = -1;
-    }
   }
 
   // Step j's kept support pass, or an empty one (the caller recomputes it).
@@ -555,8 +554,6 @@ class InnerLoop {
   std::vector<Params> theta_;  // an empty entry: not kept
   std::vector<NetPass> passes_;
   std::vector<Params> grads_;
-  Params recomputed_;
-  int64_t recomputed_step_ = -1;
 };
 
 // Image batches go through the network channels-last (N, H, W, C in memory) on the CPU: oneDNN

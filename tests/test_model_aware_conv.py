@@ -553,11 +553,10 @@ def test_a_sweep_that_recomputes_passes_gives_the_same_meta_gradient(net, limit,
     got = maml.meta_loss(batch)
     passes = _C.sweep_recomputed_passes() - before[0]
     steps = _C.sweep_recomputed_steps() - before[1]
-    # 3 tasks x 3 steps. Under 0 only theta_0 and theta_3 are kept, and per task the sweep runs
-    # 2 steps again for theta_2 and 1 for theta_1; those runs of steps 1 and 0 yield their
-    # passes, so only step 2's is recomputed on its own. Under 160 kB the iterates (tiny here)
-    # are all kept, the passes of the last steps too, and the others recomputed.
-    assert passes == 3 if limit == 0 else 0 < passes < 9, passes
+    # 3 tasks x 3 steps: all passes recomputed, or some of each. Iterates (tiny here) are kept
+    # under 160 kB (in a quarter of it); under 0 only theta_0 and theta_3 are, and per task the
+    # sweep runs 2 steps again for theta_2 and 1 for theta_1 (keeping no pass, as none fits).
+    assert passes == 9 if limit == 0 else 0 < passes < 9, passes
     assert steps == (9 if limit == 0 else 0), steps
     grads = grads_of(got, params)
     assert rel_err(got, kept) < 1e-13
@@ -565,3 +564,40 @@ def test_a_sweep_that_recomputes_passes_gives_the_same_meta_gradient(net, limit,
     want = reference_loss(maml, batch, lr_lookup(maml), F.cross_entropy)
     assert rel_err(got, want) < TOL
     assert_close_grads(grads, grads_of(want, params))
+
+
+def test_steps_run_again_keep_the_pass_the_sweep_reads_next(cache_limit):
+    """ResNet-12's case at 1 shot: iterates as big as support passes. A wide linear layer
+    (256 x 64 weights, 131 kB per iterate in float64) after a small convolution over 4 support
+    images (a pass of 60-70 kB: under limits up to 120 kB none fits in half the limit). Under
+    180 kB one pass fits in half of it and no iterate in a quarter, so the inner loop keeps
+    theta_0 and theta_3 and step 2's pass (the only step the sweep does not run again), and the
+    sweep runs steps 0 and 1 again for theta_2 and step 0 for theta_1: those runs keep the
+    passes of steps 1 and 0, and no pass is recomputed on its own (the earlier rule kept step
+    0's pass in the inner loop and none from the runs again: 2 recomputed per task). The
+    meta-gradient is that of the run that keeps everything."""
+    from pymeta import _C
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), bn(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(256, 64), nn.Tanh(), nn.Linear(64, 3),
+    ).double()  # fmt: skip
+    maml = pymeta.ModelAwareMAML(
+        model, inner_steps=3, loss="cross_entropy", lr_mode="per_layer_step"
+    )
+    randomize_lrs(maml, seed=4, low=0.05, width=0.3)
+    batch = batch_for((1, 8, 8), "cross_entropy")
+    params = list(maml.parameters())
+    kept = maml.meta_loss(batch)
+    kept_grads = grads_of(kept, params)
+    cache_limit(180_000)
+    before = _C.sweep_recomputed_passes(), _C.sweep_recomputed_steps()
+    got = maml.meta_loss(batch)
+    assert _C.sweep_recomputed_steps() - before[1] == 9  # 3 tasks x (2 + 1)
+    assert _C.sweep_recomputed_passes() - before[0] == 0
+    assert rel_err(got, kept) < 1e-13
+    assert_close_grads(grads_of(got, params), kept_grads)
+    want = reference_loss(maml, batch, lr_lookup(maml), F.cross_entropy)
+    assert rel_err(got, want) < TOL
+    assert_close_grads(grads_of(got, params), grads_of(want, params))

@@ -480,7 +480,9 @@ class InnerLoop {
           const int64_t fit = iterate_bytes > 0 ? budget / iterate_bytes : J;
           stride = fit >= J - 1 ? 1 : (J + fit) / (fit + 1);
         }
-        // As many passes as fit in half the limit, of the highest steps not run again.
+        // As many passes as fit in half the limit, of the highest steps not run again. When
+        // none fits, steps run again keep none either: the sweep holds one pass at a time.
+        rerun_keeps_pass_ = pass_limit / pass_bytes > 0;
         for (int64_t n = pass_limit / pass_bytes; n > 0 && keep_from > 0;) {
           if (next_kept(--keep_from)) --n;
         }
@@ -493,7 +495,8 @@ class InnerLoop {
 
   // theta_j, recomputed from the nearest kept iterate below when it was not kept. The last step
   // run again is step j - 1, whose support pass the sweep reads next: kept (differentiable) when
-  // the inner loop did not keep it, so that it is not computed a second time.
+  // the inner loop did not keep it and a pass fits the limit, so that it is not computed a
+  // second time. The sweep then holds at most one pass more than the inner loop keeps.
   const Params& theta(int64_t j) {
     if (!theta_[j].empty()) return theta_[j];
     int64_t i = j;
@@ -501,7 +504,8 @@ class InnerLoop {
     sweep_recomputed_steps().fetch_add(j - i);
     Params cur = theta_[i];
     for (; i < j; ++i) {
-      const bool keep = i + 1 == j && static_cast<size_t>(i) < passes_.size() && passes_[i].empty();
+      const bool keep =
+          rerun_keeps_pass_ && i + 1 == j && static_cast<size_t>(i) < passes_.size() && passes_[i].empty();
       NetPass pass;
       Params unused_grad;
       cur = step(cur, i, keep, pass, unused_grad, at::Tensor());
@@ -554,6 +558,7 @@ class InnerLoop {
   std::vector<Params> theta_;  // an empty entry: not kept
   std::vector<NetPass> passes_;
   std::vector<Params> grads_;
+  bool rerun_keeps_pass_ = false;  // theta() keeps the pass of the last step it runs again
 };
 
 // Image batches go through the network channels-last (N, H, W, C in memory) on the CPU: oneDNN

@@ -527,6 +527,28 @@ def cache_limit():
     _C.set_activation_cache_limit(default)
 
 
+def recomputed_under(limit, maml, batch, cache_limit):
+    """(support passes, inner steps) the reverse sweep recomputed in one meta-step under the
+    activation cache limit, after checking that its meta-loss and meta-gradient are those of
+    the run that keeps everything (the default limit) and of the per-task reference."""
+    from pymeta import _C
+
+    params = list(maml.parameters())
+    kept = maml.meta_loss(batch)
+    kept_grads = grads_of(kept, params)
+    before = _C.sweep_recomputed_passes(), _C.sweep_recomputed_steps()
+    cache_limit(limit)
+    got = maml.meta_loss(batch)
+    counts = (_C.sweep_recomputed_passes() - before[0], _C.sweep_recomputed_steps() - before[1])
+    grads = grads_of(got, params)
+    assert rel_err(got, kept) < 1e-13
+    assert_close_grads(grads, kept_grads)
+    want = reference_loss(maml, batch, lr_lookup(maml), F.cross_entropy)
+    assert rel_err(got, want) < TOL
+    assert_close_grads(grads, grads_of(want, params))
+    return counts
+
+
 @pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("limit", [0, 160_000])
 def test_a_sweep_that_recomputes_passes_gives_the_same_meta_gradient(net, limit, cache_limit):
@@ -535,8 +557,6 @@ def test_a_sweep_that_recomputes_passes_gives_the_same_meta_gradient(net, limit,
     kB), and the reverse sweep recomputes the others; under 0 it also recomputes the parameter
     iterates from theta_0. The meta-gradient is the same, also with learned per-step rates, a
     multi-step loss and per-step batch norm."""
-    from pymeta import _C
-
     model, example = conv_net(net, seed=6)
     kwargs = dict(
         inner_steps=3, loss="cross_entropy", lr_mode="per_layer_step", learn_inner_lr=True,
@@ -544,26 +564,12 @@ def test_a_sweep_that_recomputes_passes_gives_the_same_meta_gradient(net, limit,
     )  # fmt: skip
     maml = pymeta.ModelAwareMAML(model, **kwargs)
     randomize_lrs(maml, seed=2, low=0.05, width=0.3)
-    batch = batch_for(example, "cross_entropy")
-    params = list(maml.parameters())
-    kept = maml.meta_loss(batch)
-    kept_grads = grads_of(kept, params)
-    before = _C.sweep_recomputed_passes(), _C.sweep_recomputed_steps()
-    cache_limit(limit)
-    got = maml.meta_loss(batch)
-    passes = _C.sweep_recomputed_passes() - before[0]
-    steps = _C.sweep_recomputed_steps() - before[1]
+    passes, steps = recomputed_under(limit, maml, batch_for(example, "cross_entropy"), cache_limit)
     # 3 tasks x 3 steps: all passes recomputed, or some of each. Iterates (tiny here) are kept
     # under 160 kB (in a quarter of it); under 0 only theta_0 and theta_3 are, and per task the
     # sweep runs 2 steps again for theta_2 and 1 for theta_1 (keeping no pass, as none fits).
     assert passes == 9 if limit == 0 else 0 < passes < 9, passes
     assert steps == (9 if limit == 0 else 0), steps
-    grads = grads_of(got, params)
-    assert rel_err(got, kept) < 1e-13
-    assert_close_grads(grads, kept_grads)
-    want = reference_loss(maml, batch, lr_lookup(maml), F.cross_entropy)
-    assert rel_err(got, want) < TOL
-    assert_close_grads(grads, grads_of(want, params))
 
 
 def test_steps_run_again_keep_the_pass_the_sweep_reads_next(cache_limit):
@@ -576,8 +582,6 @@ def test_steps_run_again_keep_the_pass_the_sweep_reads_next(cache_limit):
     passes of steps 1 and 0, and no pass is recomputed on its own (the earlier rule kept step
     0's pass in the inner loop and none from the runs again: 2 recomputed per task). The
     meta-gradient is that of the run that keeps everything."""
-    from pymeta import _C
-
     torch.manual_seed(3)
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), bn(4), nn.ReLU(), nn.Flatten(),
@@ -587,17 +591,8 @@ def test_steps_run_again_keep_the_pass_the_sweep_reads_next(cache_limit):
         model, inner_steps=3, loss="cross_entropy", lr_mode="per_layer_step"
     )
     randomize_lrs(maml, seed=4, low=0.05, width=0.3)
-    batch = batch_for((1, 8, 8), "cross_entropy")
-    params = list(maml.parameters())
-    kept = maml.meta_loss(batch)
-    kept_grads = grads_of(kept, params)
-    cache_limit(180_000)
-    before = _C.sweep_recomputed_passes(), _C.sweep_recomputed_steps()
-    got = maml.meta_loss(batch)
-    assert _C.sweep_recomputed_steps() - before[1] == 9  # 3 tasks x (2 + 1)
-    assert _C.sweep_recomputed_passes() - before[0] == 0
-    assert rel_err(got, kept) < 1e-13
-    assert_close_grads(grads_of(got, params), kept_grads)
-    want = reference_loss(maml, batch, lr_lookup(maml), F.cross_entropy)
-    assert rel_err(got, want) < TOL
-    assert_close_grads(grads_of(got, params), grads_of(want, params))
+    passes, steps = recomputed_under(
+        180_000, maml, batch_for((1, 8, 8), "cross_entropy"), cache_limit
+    )
+    assert steps == 9  # 3 tasks x (2 + 1)
+    assert passes == 0

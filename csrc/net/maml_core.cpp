@@ -459,15 +459,16 @@ class InnerLoop {
     }
     theta_.assign(J + 1, Params());
     theta_[0] = theta0;
-    int64_t stride = 1;          // keep theta_j for j a multiple of it
-    int64_t keep_from = J;       // keep the passes of steps >= it whose next iterate is kept
+    int64_t stride = 1;  // keep theta_j for j a multiple of it
+    keep_from_ = J;
     auto next_kept = [&](int64_t j) { return j + 1 == J || (iterates && (j + 1) % stride == 0); };
+    auto pass_kept = [&](int64_t j) { return j >= keep_from_ && next_kept(j); };
     Params cur = theta0;
     for (int64_t j = 0; j < J; ++j) {
       // Step 0's pass is kept differentiable, to measure what a kept pass takes. Kept passes are
       // differentiated again by the sweep, through every layer (no fused blocks); others run the
       // fused blocks.
-      const bool keep = sweep && (j == 0 || (j >= keep_from && next_kept(j)));
+      const bool keep = sweep && (j == 0 || pass_kept(j));
       NetPass pass;
       Params g;
       cur = step(cur, j, keep, pass, g, bn_stats.defined() ? bn_stats.select(1, j) : at::Tensor());
@@ -480,23 +481,22 @@ class InnerLoop {
           const int64_t fit = iterate_bytes > 0 ? budget / iterate_bytes : J;
           stride = fit >= J - 1 ? 1 : (J + fit) / (fit + 1);
         }
-        // As many passes as fit in half the limit, of the highest steps not run again. When
-        // none fits, steps run again keep none either: the sweep holds one pass at a time.
-        rerun_keeps_pass_ = pass_limit / pass_bytes > 0;
-        for (int64_t n = pass_limit / pass_bytes; n > 0 && keep_from > 0;) {
-          if (next_kept(--keep_from)) --n;
+        // As many passes as fit in half the limit, of the highest steps not run again.
+        for (int64_t n = pass_limit / pass_bytes; n > 0 && keep_from_ > 0;) {
+          if (next_kept(--keep_from_)) --n;
         }
       }
       if (next_kept(j)) theta_[j + 1] = cur;
-      if (sweep) passes_.push_back(keep && j >= keep_from && next_kept(j) ? std::move(pass) : NetPass());
+      if (sweep) passes_.push_back(pass_kept(j) ? std::move(pass) : NetPass());
       if (keep_grads) grads_.push_back(std::move(g));
     }
   }
 
   // theta_j, recomputed from the nearest kept iterate below when it was not kept. The last step
   // run again is step j - 1, whose support pass the sweep reads next: kept (differentiable) when
-  // the inner loop did not keep it and a pass fits the limit, so that it is not computed a
-  // second time. The sweep then holds at most one pass more than the inner loop keeps.
+  // the inner loop did not keep it and a pass fits the limit (the inner loop keeps one: step
+  // J - 1 never runs again), so that it is not computed a second time. When none fits, these
+  // runs keep none either: the sweep holds at most one pass more than the inner loop keeps.
   const Params& theta(int64_t j) {
     if (!theta_[j].empty()) return theta_[j];
     int64_t i = j;
@@ -505,7 +505,7 @@ class InnerLoop {
     Params cur = theta_[i];
     for (; i < j; ++i) {
       const bool keep =
-          rerun_keeps_pass_ && i + 1 == j && static_cast<size_t>(i) < passes_.size() && passes_[i].empty();
+          keep_from_ < pb_.steps && i + 1 == j && static_cast<size_t>(i) < passes_.size() && passes_[i].empty();
       NetPass pass;
       Params unused_grad;
       cur = step(cur, i, keep, pass, unused_grad, at::Tensor());
@@ -558,7 +558,7 @@ class InnerLoop {
   std::vector<Params> theta_;  // an empty entry: not kept
   std::vector<NetPass> passes_;
   std::vector<Params> grads_;
-  bool rerun_keeps_pass_ = false;  // theta() keeps the pass of the last step it runs again
+  int64_t keep_from_ = 0;  // run() keeps the passes of steps >= it whose next iterate is kept
 };
 
 // Image batches go through the network channels-last (N, H, W, C in memory) on the CPU: oneDNN

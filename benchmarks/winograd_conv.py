@@ -1,16 +1,17 @@
-"""Winograd F(2x2, 3x3) convolutions, the model-aware core's fourth CPU fast path
-(``conv_by_winograd`` in csrc/net/layers.cpp, csrc/cpu/winograd.cpp), against oneDNN's direct
-convolutions.
+"""Winograd convolutions, F(2x2, 3x3) and F(4x4, 3x3), the model-aware core's fourth CPU fast
+path (``winograd_block_by_shape`` in csrc/cpu/winograd.cpp, called from csrc/net/layers.cpp),
+against oneDNN's direct convolutions.
 
 Two tables, each measured in this one process in rotated rounds (harness.rotated_timings,
 medians), float32, channels-last:
 
 1. Per convolution shape (3x3 kernels, stride 1, padding 1): all of one convolution layer's
    rules that a second-order meta-step runs (forward, input and weight gradients, and the
-   R-operator's forward and backward: ``pymeta::net_layer_rules``), with the path and without it,
-   for one task, and whether the core's shape rule takes the path there. The shapes are
-   ResNet-12's (``resnet12_step.py``: support N = 5 or 25, queries N = 75) and conv4's (64
-   channels at 14x14, 7x7 and 3x3). The rule's channel threshold comes from this table.
+   R-operator's forward and backward: ``pymeta::net_layer_rules``) by oneDNN, by F(2x2) and by
+   F(4x4) (each forced: ``pymeta._C.set_winograd_blocks``), for one task, and the block the
+   core's shape rule picks. The shapes are ResNet-12's (``resnet12_step.py``: support N = 5 or
+   25, queries N = 75) and conv4's (64 channels at 14x14, 7x7 and 3x3). The rule's thresholds
+   come from this table.
 2. One second-order meta-step of ``resnet12_step.py``'s workload (widths 32-80-160-320, 3x32x32,
    2 tasks, 5-way, 15 queries per class): ModelAwareMAML with the path, without it
    (``OnednnConvolutionsMAML``), and the per-task autograd loop.
@@ -34,36 +35,34 @@ from pymeta.model_aware.encoding import CONV_INTS, KINDS, NUM_INTS, layer_ints, 
 # (N, C in, C out, map size): ResNet-12's support (N = 5 at 1-shot, 25 at 5-shot) and query
 # (N = 75) convolutions, and conv4's (64 channels).
 SHAPES = [
-    (5, 32, 32, 32), (75, 32, 32, 32), (5, 32, 80, 16), (5, 80, 80, 16), (75, 80, 80, 16),
-    (5, 80, 160, 8), (5, 160, 160, 8), (75, 160, 160, 8), (5, 160, 320, 4), (5, 320, 320, 4),
-    (25, 320, 320, 4), (75, 320, 320, 4), (5, 64, 64, 14), (25, 64, 64, 14), (5, 64, 64, 7),
-    (25, 64, 64, 7), (5, 64, 64, 3), (75, 64, 64, 3), (5, 48, 48, 8), (75, 80, 80, 3),
+    (5, 32, 32, 32), (25, 32, 32, 32), (75, 32, 32, 32), (5, 32, 80, 16), (75, 32, 80, 16),
+    (5, 80, 80, 16), (25, 80, 80, 16), (75, 80, 80, 16), (5, 80, 160, 8), (5, 160, 160, 8),
+    (25, 160, 160, 8), (75, 160, 160, 8), (5, 160, 320, 4), (5, 320, 320, 4), (25, 320, 320, 4),
+    (75, 320, 320, 4), (5, 64, 64, 14), (25, 64, 64, 14), (75, 64, 64, 14), (5, 64, 64, 7),
+    (25, 64, 64, 7), (75, 64, 64, 7), (5, 64, 64, 3), (75, 64, 64, 3), (5, 48, 48, 8),
+    (75, 80, 80, 3),
 ]  # fmt: skip
-MIN_CHANNELS = 80  # net/layers.cpp, kWinogradMinChannels
+PATHS = {"oneDNN": (False, 0), "F(2x2)": (True, 2), "F(4x4)": (True, 4)}  # (winograd, block)
 
 
-def takes_winograd(c: int, o: int, size: int) -> bool:
-    """The core's shape rule (conv_by_winograd) for 3x3, stride 1, padding 1, channels-last."""
-    blocks = ((size + 1) // 2) ** 2
-    return c >= MIN_CHANNELS and o >= MIN_CHANNELS and 2 * 9 * size * size >= 3 * 16 * blocks
-
-
-def paths(winograd: bool) -> tuple[bool, bool, bool, bool]:
-    """The CPU fast paths with Winograd on or off, the others as by default."""
+def set_path(winograd: bool, block: int) -> None:
+    """The Winograd path on or off and its block forced (0: by shape), the other paths as by
+    default."""
     channels_last, fused, gemm, _ = pymeta._C.cpu_fast_paths()
-    return channels_last, fused, gemm, winograd
+    pymeta._C.set_cpu_fast_paths(channels_last, fused, gemm, winograd)
+    pymeta._C.set_winograd_blocks(block)
 
 
 def shape_table(repeats: int) -> None:
     print(
-        "| N | C in | C out | map | forward ms (GFLOP/s) | layer rules: oneDNN ms | Winograd ms "
-        "| x faster | rule |"
+        "| N | C in | C out | map | forward ms (GFLOP/s) | layer rules: oneDNN ms | F(2x2) ms "
+        "| F(4x4) ms | rule | x faster by the rule |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     cl = torch.channels_last
     ints = layer_ints(CONV_INTS, stride=(1, 1), padding=(1, 1))
     row = layer_row(KINDS["conv2d"], 1, True, list(ints) + [0] * (NUM_INTS - len(ints)), (0,))
-    saved = pymeta._C.cpu_fast_paths()
+    saved = pymeta._C.cpu_fast_paths(), pymeta._C.winograd_blocks()
     try:
         for n, c, o, size in SHAPES:
             g = torch.Generator().manual_seed(0)
@@ -75,30 +74,33 @@ def shape_table(repeats: int) -> None:
             )
             args = (row, 0.0, x, None, w, b, gy, rx, None, uw, ub, rgy)
 
-            def rules(winograd):
+            def rules(path):
                 def run():
-                    pymeta._C.set_cpu_fast_paths(*paths(winograd))
+                    set_path(*path)
                     return torch.ops.pymeta.net_layer_rules(*args)
 
                 return run
 
             forward = lambda: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
-            want, got = rules(False)(), rules(True)()
-            for a, e in zip(got, want):
-                if e is not None:
-                    assert torch.allclose(a, e, rtol=1e-3, atol=1e-4 * e.abs().max().item())
-            fns = {"onednn": rules(False), "winograd": rules(True), "forward": forward}
-            t = rotated_timings(fns, repeats, 0.1)
-            a, b_, f = (t[k]["median"] * 1e3 for k in ("onednn", "winograd", "forward"))
-            gflops = 2 * n * size * size * c * o * 9 / f / 1e6
-            rule = "Winograd" if takes_winograd(c, o, size) else "oneDNN"
+            want = rules(PATHS["oneDNN"])()
+            for name in ("F(2x2)", "F(4x4)"):
+                for a, e in zip(rules(PATHS[name])(), want):
+                    if e is not None:
+                        assert torch.allclose(a, e, rtol=1e-3, atol=1e-4 * e.abs().max().item())
+            fns = {name: rules(path) for name, path in PATHS.items()} | {"forward": forward}
+            t = {k: v["median"] * 1e3 for k, v in rotated_timings(fns, repeats, 0.1).items()}
+            block = pymeta._C.winograd_block_by_shape(n, c, o, size, size)
+            chosen = {0: "oneDNN", 2: "F(2x2)", 4: "F(4x4)"}[block]
+            gflops = 2 * n * size * size * c * o * 9 / t["forward"] / 1e6
             print(
-                f"| {n} | {c} | {o} | {size}x{size} | {f:.2f} ({gflops:.0f}) | {a:.2f} | {b_:.2f} "
-                f"| {a / b_:.2f}x | {rule} |",
+                f"| {n} | {c} | {o} | {size}x{size} | {t['forward']:.2f} ({gflops:.0f}) "
+                f"| {t['oneDNN']:.2f} | {t['F(2x2)']:.2f} | {t['F(4x4)']:.2f} | {chosen} "
+                f"| {t['oneDNN'] / t[chosen]:.2f}x |",
                 flush=True,
             )
     finally:
-        pymeta._C.set_cpu_fast_paths(*saved)
+        pymeta._C.set_cpu_fast_paths(*saved[0])
+        pymeta._C.set_winograd_blocks(saved[1])
 
 
 def main(argv=None) -> None:

@@ -51,10 +51,18 @@ inline std::atomic<bool>& cpu_gemm_weight_grads() {
 }
 
 // The fourth: 3x3 convolutions (stride 1, padding 1) with enough channels by Winograd's
-// F(2x2, 3x3) (cpu/winograd.h, chosen in net/layers.cpp by conv_by_winograd) instead of oneDNN.
+// F(2x2, 3x3) or F(4x4, 3x3) (cpu/winograd.h, chosen in net/layers.cpp by winograd_block)
+// instead of oneDNN.
 inline std::atomic<bool>& cpu_winograd() {
   static std::atomic<bool> on{true};
   return on;
+}
+// Its output block size: 0 (the default) chooses by shape (winograd_block_by_shape); 2 or 4 forces
+// F(2x2) or F(4x4) on every convolution the path takes (3x3, stride 1, padding 1, channels-last):
+// tests check both on every shape, and benchmarks/winograd_conv.py times both.
+inline std::atomic<int>& winograd_blocks() {
+  static std::atomic<int> block{0};
+  return block;
 }
 
 // The fused CUDA kernels of batch norm and the activations (cuda/fused_layers.h), on by default

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "core_settings.h"
+#include "cpu/winograd.h"
 #include "cpu/workspace.h"
 #include "net/codes.h"
 #include "net/mlp_net.h"
@@ -138,6 +139,22 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("winograd"),
         "Switches the layered core's CPU fast paths (all on by default); off, every layer runs in ATen "
         "ops in the default layout, convolutions through the library's kernels. For tests and benchmarks.");
+  m.def("winograd_blocks", [] { return pymeta::winograd_blocks().load(); },
+        "The Winograd path's output block size: 0 chooses by shape (winograd_block_by_shape), 2 or 4 forces it.");
+  m.def("set_winograd_blocks",
+        [](int block) {
+          if (block != 0 && block != 2 && block != 4) {
+            throw pybind11::value_error("block: expected 0 (by shape), 2 or 4, received " + std::to_string(block));
+          }
+          pymeta::winograd_blocks().store(block);
+        },
+        pybind11::arg("block"),
+        "Forces F(2x2, 3x3) (2) or F(4x4, 3x3) (4) on every convolution the Winograd path takes, or "
+        "chooses by shape (0, the default). For tests and benchmarks.");
+  m.def("winograd_block_by_shape", &pymeta::winograd_block_by_shape, pybind11::arg("n"), pybind11::arg("c"),
+        pybind11::arg("o"), pybind11::arg("h"), pybind11::arg("w"),
+        "The Winograd path's rule: output block size 4 or 2 for a 3x3 convolution (stride 1, padding 1) of n "
+        "images of h x w, c channels in and o out per task, or 0 for oneDNN.");
   m.def("cuda_fused_kernels", [] { return pymeta::cuda_fused_kernels().load(); },
         "Whether the layered core's fused CUDA kernels (batch norm, activations) are on, where built.");
   m.def("set_cuda_fused_kernels", [](bool on) { pymeta::cuda_fused_kernels().store(on); }, pybind11::arg("on"),

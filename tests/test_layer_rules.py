@@ -469,47 +469,78 @@ def test_conv_weight_gradients_by_either_path_match_autograd(name, layout, tasks
             assert torch.equal(runs[True][k], runs[False][k]), out_name
 
 
-# ------------------------------------------------------------- Winograd F(2x2, 3x3) convolutions
-# (case, whether the core's shape rule takes Winograd's path): 3x3 kernels, stride 1, padding 1,
-# at least 80 channels in and out per task, channels-last values, and maps that 2x2 blocks cover
-# with little waste; the rest stays with oneDNN. "many-tiles" takes several chunks of products.
+# ------------------------------------------ Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions
+# (case, the output block the core's shape rule picks: 4, 2, or 0 for oneDNN): 3x3 kernels,
+# stride 1, padding 1, channels-last values. F(4x4) from 32 channels in and out per task with at
+# least 64 of its 4x4 blocks per task, F(2x2) from 80 channels; both where their blocks cover the
+# map with little waste. "many-tiles" takes several chunks of products.
 WINOGRAD_PATHS = {
-    "80-channels": (conv_case(3, 80, 80, 6, 3), True),
-    "odd-map-more-out": (conv_case(2, 80, 96, 5, 3), True),
-    "one-block-map": (conv_case(2, 80, 80, 2, 3), True),
-    "odd-channels": (conv_case(1, 81, 80, 4, 3), True),
-    "many-tiles": (conv_case(8, 80, 80, 12, 3), True),
-    "narrow-in": (conv_case(2, 79, 80, 6, 3), False),
-    "narrow-out": (conv_case(2, 80, 8, 6, 3), False),
-    "3x3-map": (conv_case(2, 80, 80, 3, 3), False),
-    "1x1-map": (conv_case(2, 80, 80, 1, 3), False),
-    "stride-2": (conv_case(2, 80, 80, 6, 3, stride=2), False),
-    "no-padding": (conv_case(2, 80, 80, 6, 3, padding=0), False),
-    "5x5-kernel": (conv_case(2, 80, 80, 6, 5, padding=2), False),
+    "80-channels": (conv_case(3, 80, 80, 6, 3), 2),
+    "odd-map-more-out": (conv_case(2, 80, 96, 5, 3), 2),
+    "one-block-map": (conv_case(2, 80, 80, 2, 3), 2),
+    "odd-channels": (conv_case(1, 81, 80, 4, 3), 2),
+    "many-tiles": (conv_case(8, 80, 80, 12, 3), 4),
+    "4x4-blocks-narrow": (conv_case(4, 32, 40, 16, 3), 4),
+    "4x4-blocks-odd-map": (conv_case(8, 33, 32, 11, 3), 4),
+    "4x4-blocks-many-tiles": (conv_case(12, 32, 32, 20, 3), 4),
+    "few-4x4-blocks-narrow": (conv_case(3, 32, 32, 16, 3), 0),
+    "narrow-in": (conv_case(2, 79, 80, 6, 3), 0),
+    "narrow-out": (conv_case(2, 80, 8, 6, 3), 0),
+    "3x3-map": (conv_case(2, 80, 80, 3, 3), 0),
+    "1x1-map": (conv_case(2, 80, 80, 1, 3), 0),
+    "stride-2": (conv_case(2, 80, 80, 6, 3, stride=2), 0),
+    "no-padding": (conv_case(2, 80, 80, 6, 3, padding=0), 0),
+    "5x5-kernel": (conv_case(2, 80, 80, 6, 5, padding=2), 0),
 }
 # The outputs that go through a convolution (the bias gradients are sums in either path).
 CONV_OUTPUTS = ["y", "dx", "dw", "R{y}", "R{dx}", "R{dw}"]
+
+
+@contextmanager
+def winograd_blocks(block):
+    """The Winograd path's output block forced to block (2 or 4; 0: by shape), restored after."""
+    saved = pymeta._C.winograd_blocks()
+    pymeta._C.set_winograd_blocks(block)
+    try:
+        yield
+    finally:
+        pymeta._C.set_winograd_blocks(saved)
+
+
+def test_winograd_block_rule_is_the_cores():
+    for name, (case, block) in WINOGRAD_PATHS.items():
+        n, c, h, w = case.x
+        o, _, kh, _ = case.w
+        if kh == 3 and name not in ("stride-2", "no-padding"):
+            assert pymeta._C.winograd_block_by_shape(n, c, o, h, w) == block, name
+    with pytest.raises(ValueError, match="block: expected 0 .by shape., 2 or 4, received 3"):
+        pymeta._C.set_winograd_blocks(3)
+    assert pymeta._C.winograd_blocks() == 0
 
 
 @pytest.mark.parametrize("name", list(WINOGRAD_PATHS))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("tasks", [1, 2])
 def test_conv_by_winograd_or_onednn_matches_autograd(name, layout, tasks):
-    """Every output of a convolution's rules by Winograd's F(2x2, 3x3) (the fast path) or by
-    oneDNN (switched off) matches autograd, per task and task-batched, and the shape rule picks
-    the path: the two differ in the last bits exactly where it takes Winograd's (channels-last
-    values only)."""
-    case, by_winograd = WINOGRAD_PATHS[name]
+    """Every output of a convolution's rules by Winograd's F(2x2, 3x3) or F(4x4, 3x3) (the fast
+    path: the block by shape, and each block forced) or by oneDNN (switched off) matches autograd,
+    per task and task-batched, and the shape rule picks the path: the path by shape gives
+    exactly the forced block's results, which differ in the last bits from oneDNN's exactly where
+    it takes Winograd's (channels-last values only)."""
+    case, block = WINOGRAD_PATHS[name]
     per_task = [in_layout(layout, *inputs_for(case, seed=30 + t)) for t in range(tasks)]
     # Values in the channels-last layout only.
-    by_winograd = by_winograd and per_task[0][0][0].is_contiguous(memory_format=torch.channels_last)
+    if not per_task[0][0][0].is_contiguous(memory_format=torch.channels_last):
+        block = 0
     runs = {}
-    for winograd in (True, False):
-        with cpu_fast_paths((True, True, True, winograd)):
+    # (winograd on, block): oneDNN, the block by shape, each block forced.
+    for winograd, forced in ((False, 0), (True, 0), (True, 2), (True, 4)):
+        with cpu_fast_paths((True, True, True, winograd)), winograd_blocks(forced):
+            what = f"{name} ({layout}, winograd {winograd}, block {forced})"
             for t, inputs in enumerate(per_task):
-                check(case, *inputs, f"{name} ({layout}, task {t}, winograd {winograd})")
+                check(case, *inputs, f"{what}, task {t}")
             if tasks == 1:
-                runs[winograd] = run_op(case, *per_task[0])
+                runs[winograd, forced] = run_op(case, *per_task[0])
                 continue
             x, w, b, rx, uw, ub = (
                 (fold if i == 0 else torch.stack)([pt[part][i] for pt in per_task])
@@ -528,11 +559,13 @@ def test_conv_by_winograd_or_onednn_matches_autograd(name, layout, tasks):
                 want = (
                     fold(parts) if out_name in ("y", "dx", "R{y}", "R{dx}") else torch.stack(parts)
                 )
-                assert rel_err(got[k], want) < 1e-13, (out_name, winograd)
-            runs[winograd] = got
+                assert rel_err(got[k], want) < 1e-13, (out_name, what)
+            runs[winograd, forced] = got
+    chosen = runs[False, 0] if block == 0 else runs[True, block]
     for out_name in CONV_OUTPUTS:
         k = OUTPUTS.index(out_name)
-        same = torch.equal(runs[True][k], runs[False][k])
-        assert same != by_winograd, (
-            f"{name} {out_name}: expected {'Winograd' if by_winograd else 'oneDNN'}"
+        by_shape = runs[True, 0][k]
+        assert torch.equal(by_shape, chosen[k]), f"{name} {out_name}: expected block {block}"
+        assert torch.equal(by_shape, runs[False, 0][k]) == (block == 0), (
+            f"{name} {out_name}: expected {'oneDNN' if block == 0 else 'Winograd'}"
         )

@@ -173,15 +173,16 @@ def test_deep_small_convolutions_take_the_matrix_product_weight_gradients(steps,
 
 
 class WideResidualBlock(nn.Module):
-    """Two 3x3 convolutions of 80 channels with a residual add (the torchvision way)."""
+    """Two 3x3 convolutions of `width` channels (80 by default) with a residual add (the
+    torchvision way)."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, width=80):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 80, 3, padding=1), bn(80), nn.ReLU(),
-            nn.Conv2d(80, 80, 3, padding=1, bias=False), bn(80),
+            nn.Conv2d(channels, width, 3, padding=1), bn(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), bn(width),
         )  # fmt: skip
-        self.shortcut = nn.Conv2d(channels, 80, 1)
+        self.shortcut = nn.Conv2d(channels, width, 1)
 
     def forward(self, x):
         return torch.relu(self.body(x) + self.shortcut(x))
@@ -189,17 +190,23 @@ class WideResidualBlock(nn.Module):
 
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_wide_3x3_convolutions_take_winograd(steps, first_order):
-    # 80 channels in and out: the block's two 3x3 convolutions run by Winograd's F(2x2, 3x3)
-    # (net/layers.cpp, conv_by_winograd) in the inner steps, the query passes and the
-    # Hessian-vector products, on 5x5 maps (an odd size: partial tiles). Exact with the path and
+@pytest.mark.parametrize(("width", "size", "block"), [(80, 5, 2), (32, 16, 4)], ids=["2x2", "4x4"])
+def test_3x3_convolutions_take_winograd(steps, first_order, width, size, block):
+    # The block's two 3x3 convolutions run by Winograd (cpu/winograd.h, winograd_block_by_shape)
+    # in the inner steps, the query passes and the Hessian-vector products: F(2x2, 3x3) at 80
+    # channels on 5x5 maps (an odd size: partial tiles), F(4x4, 3x3) at 32 channels on 16x16 maps
+    # (4 support and 5 query images per task: 64 and 80 of its blocks). Exact with the path and
     # without it, and the two differ in the last bits, which shows that the path ran.
+    for n in (4, 5):
+        assert pymeta._C.winograd_block_by_shape(n, width, width, size, size) == block
     torch.manual_seed(0)
-    body = nn.Sequential(nn.Conv2d(2, 80, 3, padding=1), WideResidualBlock(80), nn.MaxPool2d(2))
-    model = with_head(body, (2, 5, 5), 3).double()
+    body = nn.Sequential(
+        nn.Conv2d(2, width, 3, padding=1), WideResidualBlock(width, width), nn.MaxPool2d(2)
+    )
+    model = with_head(body, (2, size, size), 3).double()
     paths = [(True, True, True, winograd) for winograd in (True, False)]
-    params, runs = grads_with_each_paths(model, (2, 5, 5), steps, first_order, paths)
-    wide = [i for i, p in enumerate(params) if p.shape == (80, 80, 3, 3)]
+    params, runs = grads_with_each_paths(model, (2, size, size), steps, first_order, paths)
+    wide = [i for i, p in enumerate(params) if p.shape == (width, width, 3, 3)]
     assert len(wide) == 2  # the block's two convolutions
     for i in wide:
         assert not torch.equal(runs[0][i], runs[1][i])

@@ -243,18 +243,22 @@ FAST_PATHS = {"all": (True, True, True, True), "none": (False, False, False, Fal
               "fused only": (False, True, False, False),
               "channels-last only": (True, False, False, False),
               "gemm weight grads only": (False, False, True, False),
-              "channels-last and winograd": (True, False, False, True)}  # fmt: skip
+              "channels-last and winograd": (True, False, False, True),
+              "channels-last and winograd 4x4": (True, False, False, True)}  # fmt: skip
 
 
 @pytest.fixture(params=list(FAST_PATHS))
 def fast_paths(request):
     """The layered core's CPU fast paths (channels-last, fused kernels, matrix-product weight
     gradients, Winograd convolutions): all, none, and each on its own (Winograd needs the
-    channels-last layout)."""
-    default = _C.cpu_fast_paths()
+    channels-last layout); "4x4" forces F(4x4, 3x3) on every 3x3 convolution Winograd's path
+    can take, whatever its channels and batch."""
+    default = _C.cpu_fast_paths(), _C.winograd_blocks()
     _C.set_cpu_fast_paths(*FAST_PATHS[request.param])
+    _C.set_winograd_blocks(4 if request.param.endswith("4x4") else 0)
     yield request.param
-    _C.set_cpu_fast_paths(*default)
+    _C.set_cpu_fast_paths(*default[0])
+    _C.set_winograd_blocks(default[1])
 
 
 @pytest.mark.parametrize("name", ["bn", "pool", "smooth", "wide"])

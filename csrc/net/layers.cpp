@@ -60,28 +60,22 @@ struct ConvGeometry {
         padding{L.ints[kConvPaddingInt], L.ints[kConvPaddingInt + 1]} {}
 };
 
-// Winograd convolutions need, per task, at least this many channels in and out: with fewer, the
-// transforms' memory traffic outweighs the multiply-adds saved (conv4's 64 channels gain nothing
-// measurable: benchmarks/winograd_conv.py's per-shape table).
-constexpr int64_t kWinogradMinChannels = 80;
-
-// 3x3 convolutions with stride 1 and padding 1 on channels-last CPU values, wide enough, run by
-// Winograd's F(2x2, 3x3) (cpu/winograd.h): forward, both gradients and the R-operator terms. Its
-// 2x2 output blocks must cover the map with little waste: at least 1.5x fewer multiply-adds
-// than the direct convolution's 9 per output once partial blocks count (3x3 and 1x1 maps fail).
-bool conv_by_winograd(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, const at::Tensor& w) {
-  if (!x.is_cpu() || !cpu_winograd() || x.dim() != 4 || w.size(2) != 3 || w.size(3) != 3) return false;
-  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
-  if (g.stride != std::vector<int64_t>{1, 1} || g.padding != std::vector<int64_t>{1, 1}) return false;
-  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
-  if (w.size(1) < kWinogradMinChannels || w.size(0) / tasks < kWinogradMinChannels) return false;
-  const int64_t h = x.size(2), wd = x.size(3), blocks = ((h + 1) / 2) * ((wd + 1) / 2);
-  return 2 * 9 * h * wd >= 3 * 16 * blocks;
+// 3x3 convolutions with stride 1 and padding 1 on channels-last CPU values run by Winograd's
+// F(4x4, 3x3) or F(2x2, 3x3) (cpu/winograd.h) where winograd_block_by_shape (or the block that
+// set_winograd_blocks forces) says: forward, both gradients and the R-operator terms. Returns the
+// output block size, 4 or 2, or 0 for oneDNN.
+int winograd_block(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, const at::Tensor& w) {
+  if (!x.is_cpu() || !cpu_winograd() || x.dim() != 4 || w.size(2) != 3 || w.size(3) != 3) return 0;
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return 0;
+  if (g.stride != std::vector<int64_t>{1, 1} || g.padding != std::vector<int64_t>{1, 1}) return 0;
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast)) return 0;
+  if (const int forced = winograd_blocks()) return forced;
+  return winograd_block_by_shape(x.size(0), w.size(1), w.size(0) / tasks, x.size(2), x.size(3));
 }
 
 // One grouped convolution for T tasks: w and b are folded ((T*O, C, kh, kw) and (T*O)).
 at::Tensor conv(const ConvGeometry& g, int64_t tasks, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (conv_by_winograd(g, tasks, x, w)) return winograd_conv({{&x, &w}}, b, tasks, false);
+  if (const int block = winograd_block(g, tasks, x, w)) return winograd_conv({{&x, &w}}, b, tasks, false, block);
   return at::convolution(x, w, optional(b), g.stride, g.padding, g.dilation, false, g.output_padding, tasks);
 }
 
@@ -164,9 +158,9 @@ at::Tensor gemm_weight_grad(const ConvGeometry& g, int64_t tasks, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_vjp(const ConvGeometry& g, int64_t tasks, const at::Tensor& gy,
                                                         const at::Tensor& x, const at::Tensor& w,
                                                         std::array<bool, 3> mask) {
-  if (conv_by_winograd(g, tasks, x, w)) {
-    return {mask[0] ? winograd_conv({{&gy, &w}}, at::Tensor(), tasks, true) : at::Tensor(),
-            mask[1] ? winograd_conv_weight_grad({{&gy, &x}}, w, tasks) : at::Tensor(),
+  if (const int block = winograd_block(g, tasks, x, w)) {
+    return {mask[0] ? winograd_conv({{&gy, &w}}, at::Tensor(), tasks, true, block) : at::Tensor(),
+            mask[1] ? winograd_conv_weight_grad({{&gy, &x}}, w, tasks, block) : at::Tensor(),
             mask[2] ? gy.sum({0, 2, 3}) : at::Tensor()};
   }
   at::Tensor gw;
@@ -495,9 +489,9 @@ at::Tensor layer_r_forward(const NetLayer& L, int64_t tasks, const at::Tensor& x
     case LayerKind::kConv2d: {
       const ConvGeometry g(L);
       const at::Tensor fw = conv_weight(w, x), fub = fold_tasks(ub);
-      if (conv_by_winograd(g, tasks, x, fw)) {  // both terms in one batch of products
+      if (const int block = winograd_block(g, tasks, x, fw)) {  // both terms in one batch of products
         const at::Tensor fuw = conv_weight(uw, x);
-        ry = winograd_conv({{&rx, &fw}, {&x, &fuw}}, fub, tasks, false);
+        ry = winograd_conv({{&rx, &fw}, {&x, &fuw}}, fub, tasks, false, block);
         if (ry.defined() || !ub.defined()) return ry;
         return add_bias(ry, fub, {x.size(0), fw.size(0), x.size(2), x.size(3)});
       }
@@ -580,10 +574,10 @@ LayerGrads layer_r_backward(const NetLayer& L, int64_t tasks, const at::Tensor& 
     case LayerKind::kConv2d: {
       const ConvGeometry g(L);
       const at::Tensor fw = conv_weight(w, x);
-      if (conv_by_winograd(g, tasks, x, fw)) {  // each sum of two terms in one batch of products
+      if (const int block = winograd_block(g, tasks, x, fw)) {  // each sum of two terms in one batch of products
         const at::Tensor fuw = conv_weight(uw, x);
-        if (need_x) r.x = winograd_conv({{&rgy, &fw}, {&gy, &fuw}}, at::Tensor(), tasks, true);
-        r.w = unfold_tasks(winograd_conv_weight_grad({{&rgy, &x}, {&gy, &rx}}, fw, tasks), w);
+        if (need_x) r.x = winograd_conv({{&rgy, &fw}, {&gy, &fuw}}, at::Tensor(), tasks, true, block);
+        r.w = unfold_tasks(winograd_conv_weight_grad({{&rgy, &x}, {&gy, &rx}}, fw, tasks, block), w);
         if (rgy.defined() && L.b_param >= 0) r.b = rgy.sum({0, 2, 3}).view({tasks, -1});
         return r;
       }

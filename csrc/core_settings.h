@@ -65,6 +65,13 @@ inline std::atomic<int>& winograd_blocks() {
   return block;
 }
 
+// The layered core's float32 matrix products on the CPU (cpu/batched_gemm.h) through oneDNN,
+// on by default; off, through at::bmm (BLAS), as float64's: benchmarks compare the two.
+inline std::atomic<bool>& cpu_onednn_gemm() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
 // The fused CUDA kernels of batch norm and the activations (cuda/fused_layers.h), on by default
 // where they are built. Off, those layers run in ATen ops, their twins: tests compare the two.
 inline std::atomic<bool>& cuda_fused_kernels() {

@@ -155,6 +155,11 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("o"), pybind11::arg("h"), pybind11::arg("w"),
         "The Winograd path's rule: output block size 4 or 2 for a 3x3 convolution (stride 1, padding 1) of n "
         "images of h x w, c channels in and o out per task, or 0 for oneDNN.");
+  m.def("onednn_gemm", [] { return pymeta::cpu_onednn_gemm().load(); },
+        "Whether the layered core's float32 matrix products on the CPU go through oneDNN (else BLAS).");
+  m.def("set_onednn_gemm", [](bool on) { pymeta::cpu_onednn_gemm().store(on); }, pybind11::arg("on"),
+        "Switches them (on by default); off, at::bmm (BLAS) runs them, as it runs float64's. For tests and "
+        "benchmarks.");
   m.def("cuda_fused_kernels", [] { return pymeta::cuda_fused_kernels().load(); },
         "Whether the layered core's fused CUDA kernels (batch norm, activations) are on, where built.");
   m.def("set_cuda_fused_kernels", [](bool on) { pymeta::cuda_fused_kernels().store(on); }, pybind11::arg("on"),

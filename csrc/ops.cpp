@@ -57,6 +57,9 @@ TORCH_LIBRARY(pymeta, m) {
   // The core's per-task matrix product on its own, for tests (csrc/cpu/small_gemm_op.cpp):
   // op(a) op(b), plus c when given, with op a transpose where asked; row-major float32/float64.
   m.def("small_gemm(Tensor a, Tensor b, bool transpose_a, bool transpose_b, Tensor? c=None) -> Tensor");
+  // The layered core's batched matrix product on its own, for tests (cpu/batched_gemm_op.cpp):
+  // a (B, M, K) @ b (B, K, N), plus c (B, M, N) when given; any strides.
+  m.def("batched_gemm(Tensor a, Tensor b, Tensor? c=None) -> Tensor");
   // The outer update of a compiled meta-step (csrc/optim/outer_step.cpp), in place: torch's
   // Adam (decoupled_weight_decay: AdamW) and SGD with momentum, in the operation order of their
   // single-tensor implementations, after clipping the grads (in place) to a total 2-norm of

@@ -131,25 +131,28 @@ def test_without_the_cpu_fast_paths(paths, net, first_order):
         pymeta._C.set_cpu_fast_paths(*saved)
 
 
-def grads_with_each_paths(model, example, steps, first_order, paths_list):
+def grads_with_each_paths(model, example, steps, first_order, paths_list, count_op=None):
     """ModelAwareMAML's meta-gradients (2 tasks) under each CPU fast-path setting in paths_list,
-    each checked against pymeta.MAML; returns (params, [grads per setting])."""
+    each checked against pymeta.MAML; returns (params, [grads per setting]), and with count_op
+    (an ATen op name, e.g. "aten::bmm") also [calls of it per setting] (torch.profiler)."""
     kwargs = dict(inner_lr=0.3, inner_steps=steps, first_order=first_order, loss="cross_entropy")
     batch = batch_for(example, "cross_entropy", tasks=2)
     params = list(model.parameters())
     agnostic = pymeta.MAML(model, **kwargs).meta_loss(batch)
     want = grads_of(agnostic, params)
-    saved, runs = pymeta._C.cpu_fast_paths(), []
+    saved, runs, calls = pymeta._C.cpu_fast_paths(), [], []
     try:
         for paths in paths_list:
             pymeta._C.set_cpu_fast_paths(*paths)
-            loss = pymeta.ModelAwareMAML(model, **kwargs).meta_loss(batch)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                loss = pymeta.ModelAwareMAML(model, **kwargs).meta_loss(batch)
+                runs.append(grads_of(loss, params))
+            calls.append(sum(e.count for e in prof.key_averages() if e.key == count_op))
             assert rel_err(loss, agnostic) < TOL
-            runs.append(grads_of(loss, params))
             assert_close_grads(runs[-1], want)
     finally:
         pymeta._C.set_cpu_fast_paths(*saved)
-    return params, runs
+    return (params, runs) if count_op is None else (params, runs, calls)
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -157,8 +160,10 @@ def grads_with_each_paths(model, example, steps, first_order, paths_list):
 def test_deep_small_convolutions_take_the_matrix_product_weight_gradients(steps, first_order):
     # 80 channels on 4x4 maps: every weight gradient after the first convolution takes the
     # matrix-product path (net/layers.cpp, weight_grad_by_gemm), in the inner steps, the query
-    # passes and the Hessian-vector products. Exact with the path and without it, and the two
-    # differ in the last bits, which shows that the path ran.
+    # passes and the Hessian-vector products. Exact with the path and without it; the path's
+    # batched matrix products (aten::bmm in float64) show that it ran: the two can agree to the
+    # last bit where BLAS and ATen's direct convolution add in the same order (they do here in
+    # first order on an AMD Zen 5 with MKL).
     torch.manual_seed(0)
     body = nn.Sequential(
         nn.Conv2d(2, 80, 3, padding=1), bn(80), nn.LeakyReLU(0.1),
@@ -166,10 +171,13 @@ def test_deep_small_convolutions_take_the_matrix_product_weight_gradients(steps,
     )  # fmt: skip
     model = with_head(body, (2, 4, 4), 3).double()
     paths = [(True, True, gemm, False) for gemm in (True, False)]
-    params, runs = grads_with_each_paths(model, (2, 4, 4), steps, first_order, paths)
+    params, _, bmm_calls = grads_with_each_paths(
+        model, (2, 4, 4), steps, first_order, paths, count_op="aten::bmm"
+    )
     conv2_weight = 4  # after conv1 (w, b) and bn (w, b)
     assert params[conv2_weight].shape == (80, 80, 3, 3)
-    assert not torch.equal(runs[0][conv2_weight], runs[1][conv2_weight])
+    # The head's products are bmm calls in both runs; the path adds one per weight gradient.
+    assert bmm_calls[0] > bmm_calls[1], bmm_calls
 
 
 class WideResidualBlock(nn.Module):
@@ -603,3 +611,34 @@ def test_steps_run_again_keep_the_pass_the_sweep_reads_next(cache_limit):
     )
     assert steps == 9  # 3 tasks x (2 + 1)
     assert passes == 0
+
+
+@pytest.mark.parametrize("onednn_gemm", [True, False], ids=["onednn", "blas"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_one_example_per_task_leaves_the_parameters_alone(dtype, onednn_gemm):
+    """With one support and one query example per task, a linear layer's output has one row per
+    task, the bias broadcast to it is the bias's own shape, and a product that adds into it must
+    add into a copy (a bias changed by meta_loss or adapt was a bug the fuzz tests found)."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.ReLU())
+    model = with_head(body, (1, 3, 3), 1).to(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    x = lambda: torch.randn(1, 1, 1, 3, 3, generator=g, dtype=dtype)  # noqa: E731
+    y = lambda: torch.randn(1, 1, 1, generator=g, dtype=dtype)  # noqa: E731
+    batch = pymeta.TaskBatch(x(), y(), x(), y())
+    kwargs = dict(inner_lr=0.3, inner_steps=2, loss="mse")
+    saved = pymeta._C.onednn_gemm()
+    pymeta._C.set_onednn_gemm(onednn_gemm)
+    try:
+        aware = pymeta.ModelAwareMAML(model, **kwargs)
+        loss = aware.meta_loss(batch)
+        adapted = aware.adapt(batch.support_x, batch.support_y, batched=True)(batch.query_x)
+    finally:
+        pymeta._C.set_onednn_gemm(saved)
+    for p, p0 in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), p0)
+    want = pymeta.MAML(model, **kwargs).meta_loss(batch)
+    tol = TOL if dtype == torch.float64 else 1e-5
+    assert rel_err(loss, want) < tol
+    assert rel_err(F.mse_loss(adapted[0], batch.query_y[0]), want) < tol

@@ -42,6 +42,9 @@ void small_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double*
 
 // The AVX2+FMA float kernel (small_gemm_avx2.cpp), for CPUs that have those instructions.
 bool small_gemm_avx2_available();
+// out (cols x rows, row stride ld_out) = in (rows x cols, row stride ld_in)^T, float32: 8 x 8
+// blocks in AVX2 registers where the CPU has them (small_gemm_avx2.cpp).
+void transpose(int64_t rows, int64_t cols, const float* in, int64_t ld_in, float* out, int64_t ld_out);
 void small_gemm_avx2(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, const float* B,
                      float beta, float* C);
 

@@ -126,14 +126,15 @@ PYMETA_AVX2 void nt_avx2(int64_t m, int64_t n, int64_t k, const float* A, const 
   for (; i < m; ++i) nt_rows<1>(i, n, k, A, B, accumulate, C);
 }
 
-// out (cols x rows) = in (rows x cols)^T, both row-major: 8 x 8 blocks in registers, the
-// edges scalar.
-PYMETA_AVX2 void transpose_avx2(int64_t rows, int64_t cols, const float* in, float* out) {
+// out (cols x rows, row stride ld_out) = in (rows x cols, row stride ld_in)^T: 8 x 8 blocks in
+// registers, the edges scalar.
+PYMETA_AVX2 void transpose_avx2(int64_t rows, int64_t cols, const float* in, int64_t ld_in, float* out,
+                                int64_t ld_out) {
   const int64_t r8 = rows - rows % 8, c8 = cols - cols % 8;
   for (int64_t i = 0; i < r8; i += 8) {
     for (int64_t j = 0; j < c8; j += 8) {
       __m256 r[8], t[8];
-      for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(in + (i + q) * cols + j);
+      for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(in + (i + q) * ld_in + j);
       for (int q = 0; q < 8; q += 2) {
         t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
         t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
@@ -145,13 +146,13 @@ PYMETA_AVX2 void transpose_avx2(int64_t rows, int64_t cols, const float* in, flo
         r[q + 3] = _mm256_shuffle_ps(t[q + 1], t[q + 3], _MM_SHUFFLE(3, 2, 3, 2));
       }
       for (int q = 0; q < 4; ++q) {
-        _mm256_storeu_ps(out + (j + q) * rows + i, _mm256_permute2f128_ps(r[q], r[q + 4], 0x20));
-        _mm256_storeu_ps(out + (j + q + 4) * rows + i, _mm256_permute2f128_ps(r[q], r[q + 4], 0x31));
+        _mm256_storeu_ps(out + (j + q) * ld_out + i, _mm256_permute2f128_ps(r[q], r[q + 4], 0x20));
+        _mm256_storeu_ps(out + (j + q + 4) * ld_out + i, _mm256_permute2f128_ps(r[q], r[q + 4], 0x31));
       }
     }
   }
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = i < r8 ? c8 : 0; j < cols; ++j) out[j * rows + i] = in[i * cols + j];
+    for (int64_t j = i < r8 ? c8 : 0; j < cols; ++j) out[j * ld_out + i] = in[i * ld_in + j];
   }
 }
 
@@ -172,7 +173,7 @@ void small_gemm_avx2(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const fl
     // m n k FMAs.
     thread_local std::vector<float> bt;
     bt.resize(static_cast<size_t>(n * k));
-    transpose_avx2(n, k, B, bt.data());
+    transpose_avx2(n, k, B, k, bt.data(), n);
     nn_avx2<false>(m, n, k, A, bt.data(), accumulate, C);
   } else if (tb) {  // only A B^T reaches here with tb (never A^T B^T)
     nt_avx2(m, n, k, A, B, accumulate, C);
@@ -193,3 +194,19 @@ void small_gemm_avx2(bool, bool, int64_t, int64_t, int64_t, const float*, const 
 }  // namespace pymeta
 
 #endif
+
+namespace pymeta {
+
+void transpose(int64_t rows, int64_t cols, const float* in, int64_t ld_in, float* out, int64_t ld_out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (small_gemm_avx2_available()) {
+    transpose_avx2(rows, cols, in, ld_in, out, ld_out);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) out[j * ld_out + i] = in[i * ld_in + j];
+  }
+}
+
+}  // namespace pymeta

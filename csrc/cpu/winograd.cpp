@@ -12,6 +12,7 @@
 // with dM = A dy A^T per 2x2 output block, and dg = G^T dU G.
 #include "cpu/winograd.h"
 
+#include "cpu/batched_gemm.h"
 #include "cpu/multiversion.h"
 
 #include <ATen/Dispatch.h>
@@ -32,7 +33,7 @@ constexpr int64_t kBlock = 64;  // channels per call of a channel loop (the zero
 // Winograd convolutions need, per task, at least this many channels in and out: with fewer, the
 // transforms' memory traffic outweighs the multiply-adds saved (benchmarks/winograd_conv.py's
 // per-shape table). F(4x4, 3x3) moves fewer values per pixel, so it pays from fewer channels.
-constexpr int64_t kWinograd2x2MinChannels = 80, kWinograd4x4MinChannels = 32;
+constexpr int64_t kWinograd2x2MinChannels = 48, kWinograd4x4MinChannels = 32;
 // F(4x4, 3x3) needs at least this many 4x4 output blocks per task (images x blocks per map): its
 // kernels have 36 transform points, which few blocks do not amortise.
 constexpr int64_t kWinograd4x4MinBlocks = 64;
@@ -446,21 +447,21 @@ void output_transform(const T* M, const int* slot, const T* bias, const Grid& g,
   });
 }
 
-// The transformed kernels of folded weights w (T*O, 3, 3, C) (channels innermost), one row of
-// C per output channel: U[k, t, o, :] at out + k*sk + t*st + o*so; with `flip`, those of the
-// kernels turned by 180 degrees (the transposed convolution's, for F(4x4, 3x3)).
+// The transformed kernels of weights w (T*R, 3, 3, S), the last dim innermost: U[k, t, r, :]
+// (S values) at out + k*sk + t*st + r*so; with `flip`, those of the kernels turned by 180
+// degrees (the transposed convolution's, for F(4x4, 3x3)).
 template <typename T, int M>
-void weight_transform(const T* w, int64_t tasks, int64_t o, int64_t c, T* out, int64_t sk, int64_t st, int64_t so,
-                      bool flip) {
+void weight_transform(const T* w, int64_t tasks, int64_t rows, int64_t cols, T* out, int64_t sk, int64_t st,
+                      int64_t so, bool flip) {
   constexpr int kPoints = (M + 2) * (M + 2);
-  at::parallel_for(0, tasks * o, std::max<int64_t>(1, 4096 / c), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks * rows, std::max<int64_t>(1, 4096 / cols), [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       const T* taps[9];
       T* points[kPoints];
-      for (int i = 0; i < 9; ++i) taps[i] = w + (q * 9 + (flip ? 8 - i : i)) * c;
-      for (int k = 0; k < kPoints; ++k) points[k] = out + k * sk + (q / o) * st + (q % o) * so;
-      if constexpr (M == 2) kernel_points(c, taps, points);
-      else kernel_points6(c, taps, points);
+      for (int i = 0; i < 9; ++i) taps[i] = w + (q * 9 + (flip ? 8 - i : i)) * cols;
+      for (int k = 0; k < kPoints; ++k) points[k] = out + k * sk + (q / rows) * st + (q % rows) * so;
+      if constexpr (M == 2) kernel_points(cols, taps, points);
+      else kernel_points6(cols, taps, points);
     }
   });
 }
@@ -486,6 +487,10 @@ void weight_adjoint(const T* dU, int64_t tasks, int64_t o, int64_t c, T* dw) {
 at::Tensor nhwc(const at::Tensor& v) { return v.permute({0, 2, 3, 1}).contiguous(); }
 // Folded weights with channels innermost, (T*O, 3, 3, C).
 at::Tensor ohwc(const at::Tensor& w) { return w.permute({0, 2, 3, 1}).contiguous(); }
+// Folded weights with output channels innermost, (T*C, 3, 3, O).
+at::Tensor ihwo(const at::Tensor& w, int64_t tasks) {
+  return w.view({tasks, w.size(0) / tasks, w.size(1), 3, 3}).permute({0, 2, 3, 4, 1}).contiguous();
+}
 
 std::vector<WinogradTerm> defined_terms(std::initializer_list<WinogradTerm> terms) {
   std::vector<WinogradTerm> used;
@@ -508,14 +513,14 @@ at::Tensor winograd_conv_blocks(const std::vector<WinogradTerm>& used, const at:
   const int64_t c = transposed ? o_w : c_w, o = transposed ? c_w : o_w, nt = static_cast<int64_t>(used.size());
   const int64_t kdepth = nt * c, tiles = g.tiles();
   const int64_t chunk = chunk_tiles(tiles, tasks, kdepth + o, x0.element_size(), kPoints);
-  // The right operand U[k, t]: for the convolution (o, nt*c), the terms side by side, which the
-  // product takes transposed (BLAS reads it in place, cheaper than a transposed copy); for the
-  // transposed convolution (nt*c, o), the terms stacked: rows of w are its input channels. Its
-  // kernels are the flipped ones: F(2x2)'s points of a flipped kernel are the unflipped one's in
-  // permuted order, so its values' points go to permuted slots (kSlots) and it needs no kernels of
-  // its own; F(4x4)'s points (0, +-1, +-2) have no such symmetry, so it transforms flipped taps.
-  at::Tensor U = transposed ? at::empty({kPoints * tasks, kdepth, o}, x0.options())
-                            : at::empty({kPoints * tasks, o, kdepth}, x0.options());
+  // The right operand U[k, t] (nt*c, o): the terms stacked, one row per input channel, so the
+  // products read both operands row-major (cpu/batched_gemm.h). The convolution's kernels come
+  // from weights turned to (T*C, 3, 3, O); the transposed convolution's rows are w's own (its input
+  // channels are w's outputs), and its kernels are the flipped ones: F(2x2)'s points of a flipped
+  // kernel are the unflipped one's in permuted order, so its values' points go to permuted slots
+  // (kSlots) and it needs no kernels of its own; F(4x4)'s points (0, +-1, +-2) have no such
+  // symmetry, so it transforms flipped taps.
+  const at::Tensor U = at::empty({kPoints * tasks, kdepth, o}, x0.options());
   const at::Tensor V = at::empty({kPoints * tasks, chunk, kdepth}, x0.options());
   at::Tensor y = at::empty({g.n, g.h, g.w, tasks * o}, x0.options());
   const Grid gy(y.permute({0, 3, 1, 2}), tasks, M);
@@ -524,12 +529,10 @@ at::Tensor winograd_conv_blocks(const std::vector<WinogradTerm>& used, const at:
   for (const auto& term : used) values.push_back(nhwc(*term.first));
   AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "winograd_conv", [&] {
     for (int64_t i = 0; i < nt; ++i) {
-      const at::Tensor wi = ohwc(*used[i].second);
-      scalar_t* u = U.data_ptr<scalar_t>() + (transposed ? i * c * o : i * c);
-      weight_transform<scalar_t, M>(wi.data_ptr<scalar_t>(), tasks, o_w, c_w, u, tasks * o * kdepth, o * kdepth,
-                                    transposed ? o : kdepth, M == 4 && transposed);
+      const at::Tensor rows = transposed ? ohwc(*used[i].second) : ihwo(*used[i].second, tasks);
+      weight_transform<scalar_t, M>(rows.data_ptr<scalar_t>(), tasks, c, o, U.data_ptr<scalar_t>() + i * c * o,
+                                    tasks * kdepth * o, kdepth * o, o, M == 4 && transposed);
     }
-    const at::Tensor right = transposed ? U : U.transpose(1, 2);
     const scalar_t* bias = b.defined() ? b.contiguous().data_ptr<scalar_t>() : nullptr;
     for (int64_t p0 = 0; p0 < tiles; p0 += chunk) {
       const TileRange range{p0, std::min(tiles, p0 + chunk)};
@@ -539,7 +542,7 @@ at::Tensor winograd_conv_blocks(const std::vector<WinogradTerm>& used, const at:
             values[i].data_ptr<scalar_t>(), g, range,
             {V.data_ptr<scalar_t>() + i * c, tasks * chunk * kdepth, chunk * kdepth, kdepth, slot});
       }
-      const at::Tensor prod = at::bmm(v, right);  // (P*T, range, o)
+      const at::Tensor prod = batched_gemm(v, U);  // (P*T, range, o)
       output_transform<scalar_t, M>(prod.data_ptr<scalar_t>(), slot, bias, gy, range, y.data_ptr<scalar_t>());
     }
   });
@@ -574,8 +577,8 @@ at::Tensor winograd_weight_grad_blocks(const std::vector<WinogradTerm>& used, co
   
     }
       const at::Tensor v = V.narrow(1, 0, rows), m = dM.narrow(1, 0, rows).transpose(1, 2);
-      if (dU.defined()) dU.baddbmm_(m, v);
-      else dU = at::bmm(m, v);
+      if (dU.defined()) batched_gemm_add(m, v, dU);
+      else dU = batched_gemm(m, v);
     }
   });
   at::Tensor dw = at::empty({tasks * o, 3, 3, c}, opts);

@@ -3,6 +3,7 @@
 #include "net/layers.h"
 
 #include "core_settings.h"
+#include "cpu/batched_gemm.h"
 #include "cpu/bn_tangent.h"
 #include "cpu/winograd.h"
 #include "net/activation_math.h"
@@ -149,7 +150,7 @@ at::Tensor gemm_weight_grad(const ConvGeometry& g, int64_t tasks, const at::Tens
         gy.reshape({gy.size(0), tasks, o, ho, wo}).permute({1, 2, 0, 3, 4}));
   }
   // (T, O, kh*kw*C) is (T*O, kh, kw, C) in memory: the folded weight, channels-last.
-  at::Tensor gw = at::bmm(grads, patches).view({tasks * o, w.size(2), w.size(3), w.size(1)}).permute({0, 3, 1, 2});
+  at::Tensor gw = batched_gemm(grads, patches).view({tasks * o, w.size(2), w.size(3), w.size(1)}).permute({0, 3, 1, 2});
   return w.is_contiguous(at::MemoryFormat::ChannelsLast) ? gw : gw.contiguous();
 }
 
@@ -194,10 +195,15 @@ at::Tensor conv_weight(const at::Tensor& w, const at::Tensor& x) {
 // ---- linear layers: values (N, T*F) seen as (T, N, F) (task_major) for batched matrix products
 // x w^T (+ b) per task, for x (T, N, F), w (T, O, F), b (T, O): (T, N, O).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return b.defined() ? at::baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)) : at::bmm(x, w.transpose(1, 2));
+  if (!b.defined()) return batched_gemm(x, w.transpose(1, 2));
+  // A copy, never a view: with one row, contiguous() would return b itself, and the product
+  // would add into the bias.
+  at::Tensor y = b.unsqueeze(1).expand({x.size(0), x.size(1), w.size(1)}).clone(at::MemoryFormat::Contiguous);
+  batched_gemm_add(x, w.transpose(1, 2), y);
+  return y;
 }
 // gy^T x per task, (T, O, F): the weight gradient of linear().
-at::Tensor linear_w_grad(const at::Tensor& gy, const at::Tensor& x) { return at::bmm(gy.transpose(1, 2), x); }
+at::Tensor linear_w_grad(const at::Tensor& gy, const at::Tensor& x) { return batched_gemm(gy.transpose(1, 2), x); }
 
 // t + b broadcast over the channels (dim 1) of an output of the given shape; t may be undefined.
 at::Tensor add_bias(const at::Tensor& t, const at::Tensor& b, const std::vector<int64_t>& shape) {
@@ -404,7 +410,7 @@ LayerGrads layer_backward(const NetLayer& L, int64_t tasks, const at::Tensor& x,
   switch (L.kind) {
     case LayerKind::kLinear: {
       const at::Tensor gyt = task_major(gy, tasks);
-      if (need_x) g.x = task_folded(at::bmm(gyt, w));
+      if (need_x) g.x = task_folded(batched_gemm(gyt, w));
       if (!need_w) return g;
       g.w = linear_w_grad(gyt, task_major(x, tasks));
       if (b.defined()) g.b = gyt.sum(1);
@@ -562,11 +568,11 @@ LayerGrads layer_r_backward(const NetLayer& L, int64_t tasks, const at::Tensor& 
       const at::Tensor xt = task_major(x, tasks), gyt = task_major(gy, tasks);
       if (rgy.defined()) {
         const at::Tensor rgyt = task_major(rgy, tasks);
-        if (need_x) r.x = at::bmm(rgyt, w);
+        if (need_x) r.x = batched_gemm(rgyt, w);
         r.w = linear_w_grad(rgyt, xt);
         if (L.b_param >= 0) r.b = rgyt.sum(1);
       }
-      if (need_x && uw.defined()) accumulate(r.x, at::bmm(gyt, uw));
+      if (need_x && uw.defined()) accumulate(r.x, batched_gemm(gyt, uw));
       if (rx.defined()) accumulate(r.w, linear_w_grad(gyt, task_major(rx, tasks)));
       if (r.x.defined()) r.x = task_folded(r.x);
       return r;

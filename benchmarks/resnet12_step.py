@@ -19,22 +19,25 @@ one thread of the 2-core development machine (measured: 4 tasks took 49 s). ``--
 ``--implementations`` for more; measured here: 229 s and a peak of 10.9 GiB, under
 ``--mem-limit-gib 14``).
 
-Every cell runs in two fresh child processes under an address-space limit (``--mem-limit-gib``,
-RLIMIT_AS), so a workload that does not fit fails alone, reporting the resident peak it reached,
-instead of taking the shared machine down. Each child warms the implementation up on a 1-task,
-1-shot, 1-step batch of the same network, then runs ``--meta-steps`` meta-steps (default 2) of
-the measured batch.
+Each cell (shots, inner steps) runs in fresh child processes under an address-space limit
+(``--mem-limit-gib``, RLIMIT_AS), so a workload that does not fit fails alone, reporting the
+resident peak it reached, instead of taking the shared machine down:
 
-- **Time** comes from a child with glibc's default malloc, as a user's process runs: the seconds
-  of the last meta-step (a training run's steady state).
-- **Memory** comes from a child under memory_scaling.py's fixed mmap threshold (repeatable RSS
-  peaks): the resident-set peak over those steps beyond the RSS at their start
+- **Time** comes from one child per cell with glibc's default malloc, as a user's process runs:
+  every implementation warms up on the measured batch, then they take turns, one meta-step each
+  per round in an order rotated from round to round (``harness.rotated_timings``), for
+  ``--repeats`` rounds (default 5), and the table has each one's median. The machine's drift
+  (+-15% between processes here, and more between minutes) then hits all of them alike, and the
+  ratios are the same run's.
+- **Memory** comes from one child per implementation, under memory_scaling.py's fixed mmap
+  threshold (repeatable RSS peaks), which warms it up on a 1-task, 1-shot, 1-step batch of the
+  same network and runs ``--meta-steps`` meta-steps (default 2) of the measured batch: the
+  resident-set peak over those steps beyond the RSS at their start
   (``harness.peak_rss_bytes``). That threshold makes every large allocation page-fault on each
-  use; it nearly doubles the loop's time here (``--timing-malloc fixed``: 7.14 s against 3.95 s
-  for the 1-shot, 5-step cell), which is why it is not used for timing.
+  use, which is why it is not used for timing.
 
-One measured step per cell, not a median: with steps of seconds, noise is small next to the
-ratios shown, but it is about +-10% between runs on this shared machine.
+``--full-size`` times each implementation in its own child instead: one cold meta-step (a
+full-size step takes minutes), with glibc's default malloc.
 """
 
 from __future__ import annotations
@@ -76,13 +79,22 @@ def make_batch(tasks: int, shots: int, queries: int, image_size: int, seed: int 
     return pymeta.TaskBatch(x(shots), y(shots), x(queries), y(queries))
 
 
-def rotated_step_times(shots: int, steps: int, implementations: dict, repeats: int) -> dict:
-    """{name: median seconds} of one second-order meta-step of the default workload (2 tasks,
-    widths 32-80-160-320, 3x32x32) per implementation class, all in this process, in rotated
-    rounds (harness.rotated_timings): for A/B tables of one path against another."""
+def rotated_step_times(
+    shots: int,
+    steps: int,
+    implementations: dict,
+    repeats: int,
+    widths=DEFAULT_WIDTHS,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    tasks: int = DEFAULT_TASKS,
+) -> dict:
+    """{name: median seconds} of one second-order meta-step (by default of the default
+    workload: 2 tasks, widths 32-80-160-320, 3x32x32) per implementation class, all in this
+    process, in rotated rounds (harness.rotated_timings): the table's timing, and A/B tables of
+    one path against another."""
     torch.manual_seed(0)
-    model = pymeta.models.resnet12(N_WAY, widths=DEFAULT_WIDTHS, image_size=DEFAULT_IMAGE_SIZE)
-    batch = make_batch(DEFAULT_TASKS, shots, QUERIES_PER_CLASS, DEFAULT_IMAGE_SIZE)
+    model = pymeta.models.resnet12(N_WAY, widths=tuple(widths), image_size=image_size)
+    batch = make_batch(tasks, shots, QUERIES_PER_CLASS, image_size)
     kwargs = dict(inner_lr=INNER_LR, inner_steps=steps, loss="cross_entropy")
 
     def step(maml):
@@ -138,14 +150,37 @@ def ab_script(doc: str, argv, shape_table, without: tuple, with_: tuple) -> None
             )
 
 
-def child(cell: dict) -> dict:
-    """Runs in the child process: one meta-step of one (implementation, shots, inner steps)."""
+def child_settings(cell: dict) -> None:
+    """The child's address-space limit and the core's cache limits, from the cell."""
     limit = int(cell["mem_limit_gib"] * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if cell.get("activation_cache_mib") is not None:
         pymeta._C.set_activation_cache_limit(int(cell["activation_cache_mib"] * 2**20))
     if cell.get("core_workspace_mib") is not None:
         pymeta.memory.set_core_workspace_limit(int(cell["core_workspace_mib"] * 2**20))
+
+
+def timing_child(cell: dict) -> dict:
+    """Runs in the child process: {implementation: median seconds} of one (shots, inner steps)
+    cell, all implementations in rotated rounds."""
+    child_settings(cell)
+    impls = {name: IMPLEMENTATIONS[name] for name in cell["implementations"]}
+    try:
+        return rotated_step_times(
+            cell["shots"], cell["inner_steps"], impls, cell["repeats"], cell["widths"],
+            cell["size"], cell["tasks"],
+        )  # fmt: skip
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "memory" not in str(error).lower():
+            raise
+        return {"error": f"out of memory under {cell['mem_limit_gib']:g} GiB"}
+
+
+def child(cell: dict) -> dict:
+    """Runs in the child process: the meta-steps of one (implementation, shots, inner steps)."""
+    if "implementations" in cell:
+        return timing_child(cell)
+    child_settings(cell)
     torch.manual_seed(0)
     model = pymeta.models.resnet12(N_WAY, widths=tuple(cell["widths"]), image_size=cell["size"])
     cls = IMPLEMENTATIONS[cell["implementation"]]
@@ -239,9 +274,13 @@ def main(argv=None) -> None:
         help=f"default: all ({REFERENCE} only with --full-size); {REFERENCE} is always run",
     )  # fmt: skip
     parser.add_argument(
+        "--repeats", type=int, default=5,
+        help="timed rounds per cell, the implementations in rotated order (default 5)",
+    )  # fmt: skip
+    parser.add_argument(
         "--meta-steps", type=int, default=2,
-        help="meta-steps measured per cell: the time is the last one's (a training run's steady "
-        "state), the peak memory the most over all of them (default 2; 1: a cold first step)",
+        help="meta-steps of each memory process: the peak is the most over all of them "
+        "(default 2; 1: a cold first step)",
     )  # fmt: skip
     parser.add_argument(
         "--timing-malloc", choices=["default", "fixed"], default="default",
@@ -261,6 +300,10 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per child")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats < 2:  # rotated_timings reports a median and an interquartile range
+        parser.error(f"--repeats: expected >= 2, received {args.repeats}")
+    if args.meta_steps < 1:
+        parser.error(f"--meta-steps: expected >= 1, received {args.meta_steps}")
     torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(json.loads(sys.stdin.read()))))
@@ -274,30 +317,52 @@ def main(argv=None) -> None:
     wanted = args.implementations or list(IMPLEMENTATIONS)
     names = [n for n in IMPLEMENTATIONS if n in wanted or n == REFERENCE]
     rows = []
+    fixed = args.timing_malloc == "fixed"
     for shots in args.shots:
         for steps in args.inner_steps:
-            for name in names:
-                cell = dict(
-                    implementation=name, shots=shots, inner_steps=steps, tasks=args.tasks,
-                    widths=list(args.widths), size=args.image_size,
-                    mem_limit_gib=args.mem_limit_gib, meta_steps=args.meta_steps,
+            cells = [
+                dict(
+                    implementation=name,
+                    shots=shots,
+                    inner_steps=steps,
+                    tasks=args.tasks,
+                    widths=list(args.widths),
+                    size=args.image_size,
+                    mem_limit_gib=args.mem_limit_gib,
+                    meta_steps=args.meta_steps,
                     activation_cache_mib=args.activation_cache_mib,
                     core_workspace_mib=args.core_workspace_mib,
                 )  # fmt: skip
-                print(f"measuring {name}, {shots}-shot, {steps} inner steps ...", file=sys.stderr)
-                fixed = args.timing_malloc == "fixed"
-                timed = run_child(cell, args.threads, args.timeout_s, fixed_mmap_threshold=fixed)
+                for name in names
+            ]
+            if args.full_size:  # one cold step per implementation, each in its own process
+                times = {}
+                for cell in cells:
+                    print(f"timing {cell['implementation']} ...", file=sys.stderr)
+                    timed = run_child(cell, args.threads, args.timeout_s, fixed)
+                    times[cell["implementation"]] = timed.get("seconds", timed.get("error"))
+            else:
+                print(f"timing {shots}-shot, {steps} inner steps ...", file=sys.stderr)
+                rounds = dict(cells[0], implementations=names, repeats=args.repeats)
+                times = run_child(rounds, args.threads, args.timeout_s, fixed)
+            for cell in cells:
+                name = cell["implementation"]
+                print(f"memory of {name}, {shots}-shot, {steps} inner steps ...", file=sys.stderr)
                 peak = run_child(cell, args.threads, args.timeout_s, fixed_mmap_threshold=True)
-                result = {"seconds": timed.get("seconds"), "rss": peak.get("rss")}
-                if "error" in timed or "error" in peak:
-                    result["error"] = timed.get("error") or peak.get("error")
+                seconds = times.get(name, times.get("error", "not timed"))
+                result = {"seconds": seconds if isinstance(seconds, float) else None}
+                result["rss"] = peak.get("rss")
+                if result["seconds"] is None or "error" in peak:
+                    result["error"] = peak.get("error") or seconds
                 rows.append((cell, result))
     widths = "-".join(map(str, args.widths))
-    timing_malloc = "fixed mmap threshold" if args.timing_malloc == "fixed" else "default malloc"
+    timing_malloc = "fixed mmap threshold" if fixed else "default malloc"
+    rounds = f"medians of {args.repeats} rotated rounds"
+    timing = "one cold step per process" if args.full_size else rounds
     print(
         f"ResNet-12 (widths {widths}, 3x{args.image_size}x{args.image_size}), {N_WAY}-way, "
         f"{QUERIES_PER_CLASS} queries per class, {args.tasks} task(s), second order, float32; "
-        f"time: {timing_malloc}, memory: fixed mmap threshold; "
+        f"time: {timing}, {timing_malloc}; memory: fixed mmap threshold; "
         f"torch {torch.__version__}, {args.threads} thread(s)\n"
     )
     print(markdown_table(rows))

@@ -46,6 +46,19 @@ class CorePathsMAML(pymeta.ModelAwareMAML):
             pymeta._C.set_cpu_fast_paths(*saved)
 
 
+class BlasGemmMAML(pymeta.ModelAwareMAML):
+    """ModelAwareMAML with the layered core's float32 matrix products through at::bmm (BLAS)
+    instead of oneDNN's brgemm (``pymeta._C.set_onednn_gemm(False)``) for its own meta-steps."""
+
+    def meta_loss(self, batch):
+        saved = pymeta._C.onednn_gemm()
+        pymeta._C.set_onednn_gemm(False)
+        try:
+            return super().meta_loss(batch)
+        finally:
+            pymeta._C.set_onednn_gemm(saved)
+
+
 class ChannelsLastOnlyMAML(CorePathsMAML):
     paths = (True, False, False, False)
 

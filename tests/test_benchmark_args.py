@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
-@pytest.mark.parametrize("script", ["winograd_conv", "conv_weight_grad"])
+@pytest.mark.parametrize("script", ["winograd_conv", "conv_weight_grad", "batched_gemm"])
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -14,6 +14,7 @@
 
 #include "cpu/batched_gemm.h"
 #include "cpu/multiversion.h"
+#include "cpu/small_gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -487,9 +488,25 @@ void weight_adjoint(const T* dU, int64_t tasks, int64_t o, int64_t c, T* dw) {
 at::Tensor nhwc(const at::Tensor& v) { return v.permute({0, 2, 3, 1}).contiguous(); }
 // Folded weights with channels innermost, (T*O, 3, 3, C).
 at::Tensor ohwc(const at::Tensor& w) { return w.permute({0, 2, 3, 1}).contiguous(); }
-// Folded weights with output channels innermost, (T*C, 3, 3, O).
+// Folded weights with output channels innermost, (T*C, 3, 3, O): per task and tap, the (O, C)
+// matrix of ohwc(w) (a view of channels-last weights) transposed; float32 by 8 x 8 register
+// blocks (an ATen permuted copy took several percent of a ResNet-12 meta-step).
 at::Tensor ihwo(const at::Tensor& w, int64_t tasks) {
-  return w.view({tasks, w.size(0) / tasks, w.size(1), 3, 3}).permute({0, 2, 3, 4, 1}).contiguous();
+  const int64_t o = w.size(0) / tasks, c = w.size(1);
+  if (w.scalar_type() != at::kFloat) {
+    return w.view({tasks, o, c, 3, 3}).permute({0, 2, 3, 4, 1}).contiguous();
+  }
+  const at::Tensor rows = ohwc(w);
+  at::Tensor out = at::empty({tasks * c, 3, 3, o}, w.options());
+  const float* src = rows.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  at::parallel_for(0, tasks * 9, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t t = q / 9, tap = q % 9;
+      transpose(o, c, src + t * o * 9 * c + tap * c, 9 * c, dst + t * c * 9 * o + tap * o, 9 * o);
+    }
+  });
+  return out;
 }
 
 std::vector<WinogradTerm> defined_terms(std::initializer_list<WinogradTerm> terms) {

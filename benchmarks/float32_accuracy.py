@@ -9,8 +9,9 @@ largest float64 gradient.
 conv4 (64 channels, 28x28, 5-way 1-shot, 15 queries per class), one inner step at 0.4.
 ``--network tanh-avg`` swaps ReLU and max pooling for tanh and average pooling: no comparisons
 that float32 can decide differently from float64 (ties), so what remains is rounding.
-``--hidden 96`` (or more) puts the 14x14 and 7x7 convolutions on the Winograd path (80 channels
-and up; the ``pymeta_aware_no_winograd`` row keeps them in oneDNN).
+``--hidden`` sets conv4's width: from 48 channels its 3x3 convolutions take the Winograd path
+where the core's shape rule picks it (conv4's 64 channels do; the ``pymeta_aware_no_winograd``
+row keeps them in oneDNN).
 """
 
 from __future__ import annotations

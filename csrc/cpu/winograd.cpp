@@ -4,12 +4,13 @@
 // Lavin & Gray (2016), a 2x2 output block of one channel pair is A^T [(G g G^T) ⊙ (B^T d B)] A for the
 // 4x4 input tile d under it and the 3x3 kernel g. Summed over input channels, the ⊙ becomes 16
 // matrix products (one per point of the 4x4 transform domain) per task:
-//   M[k, t] = V[k, t] U[k, t]^T,  V (P tiles, C), U (O, C), M (P, O),
-// which one at::bmm runs as a batch of 16*T. The transposed convolution (input gradient) is the
-// convolution with each kernel flipped and its channel pair swapped; flipping g permutes the
-// transform domain (G R = Π G with Π swapping rows 0 and 3), so it multiplies the same U, met in
-// permuted order, untransposed. The weight gradient is the adjoint: dU[k, t] = dM[k, t]^T V[k, t]
-// with dM = A dy A^T per 2x2 output block, and dg = G^T dU G.
+//   M[k, t] = V[k, t] U[k, t],  V (P tiles, C), U (C, O), M (P, O),
+// which batched_gemm (cpu/batched_gemm.h) runs as a batch of 16*T. The transposed convolution
+// (input gradient) is the convolution with each kernel flipped and its channel pair swapped;
+// flipping g permutes the transform domain (G R = Π G with Π swapping rows 0 and 3), so its
+// U[k, t] is the forward's U transposed, met in permuted order (transformed from w's own rows).
+// The weight gradient is the adjoint: dU[k, t] = dM[k, t]^T V[k, t] with dM = A dy A^T per 2x2
+// output block, and dg = G^T dU G.
 #include "cpu/winograd.h"
 
 #include "cpu/batched_gemm.h"
@@ -18,8 +19,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 

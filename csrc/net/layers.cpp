@@ -13,8 +13,6 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/avg_pool2d.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/avg_pool2d_backward.h>
 #include <ATen/ops/cat.h>

@@ -332,7 +332,7 @@ def main(argv=None) -> None:
                     meta_steps=args.meta_steps,
                     activation_cache_mib=args.activation_cache_mib,
                     core_workspace_mib=args.core_workspace_mib,
-                )  # fmt: skip
+                )
                 for name in names
             ]
             if args.full_size:  # one cold step per implementation, each in its own process

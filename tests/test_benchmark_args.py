@@ -22,3 +22,18 @@ def test_bad_settings_are_refused_before_any_timing(script, args, message, capsy
         module.main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repeats", "1"], "--repeats: expected >= 2, received 1"),
+        (["--meta-steps", "0"], "--meta-steps: expected >= 1, received 0"),
+    ],
+)
+def test_resnet12_step_refuses_settings_before_any_child(args, message, capsys):
+    module = __import__("resnet12_step")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

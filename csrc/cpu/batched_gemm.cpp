@@ -9,7 +9,6 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 
-#include <algorithm>
 #include <vector>
 
 namespace pymeta {
@@ -47,7 +46,7 @@ struct Operand {
     transpose(cols, rows, m, ld, buffer.data(), cols);  // stays in cache for the product
     return buffer.data();
   }
-  int64_t leading() const { return copy ? cols : std::max<int64_t>(ld, cols); }
+  int64_t leading() const { return copy ? cols : ld; }
 };
 
 bool by_onednn(const at::Tensor& a, const at::Tensor& b) {
@@ -56,7 +55,7 @@ bool by_onednn(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // out (contiguous) = a @ b, or += with `add`: float32 on the CPU, by brgemm, oneDNN's
-// micro-kernel (well under a microsecond of overhead per matrix).
+// micro-kernel, one call per matrix.
 void onednn_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool add) {
   const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
   if (out.numel() == 0) return;
@@ -67,7 +66,9 @@ void onednn_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out
   const Operand A(a), B(b);
   float* pc = out.mutable_data_ptr<float>();
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer_a, buffer_b;
+    // Per thread and kept between calls: a transposed copy can pass malloc's mmap threshold,
+    // and a fresh one per call would page-fault in every time.
+    thread_local std::vector<float> buffer_a, buffer_b;
     for (int64_t i = begin; i < end; ++i) {
       at::native::cpublas::brgemm(m, n, k, A.leading(), B.leading(), n, add, A.matrix(i, buffer_a),
                                   B.matrix(i, buffer_b), pc + i * m * n, false);
